@@ -1,0 +1,337 @@
+"""The run configuration: a pydantic schema, YAML loading, dotted overrides, friendly errors.
+
+Configuration is data validated here, at the edge; everything inside works with these typed objects.
+This module imports no torch: `tunelab validate` and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one clear message, never a traceback."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- model / adapter
+
+class InitConfig(Section):
+    """Build a model from an architecture config instead of loading weights (pretraining from scratch)."""
+
+    architecture: Literal["llama", "bert"] = "llama"
+    hidden_size: int = Field(256, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    max_position: int = Field(1024, gt=0)
+    tie_embeddings: bool = True
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal["nf4", "fp4"] | None = None
+    double_quant: bool = True
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    init: InitConfig | None = None
+
+    @model_validator(mode="after")
+    def _path_or_init(self):
+        if self.path is None and self.init is None:
+            raise ValueError("set model.path (a model dir or hub id) or model.init (build from an architecture)")
+        return self
+
+
+class TokenizerConfig(Section):
+    """Train a byte-level BPE tokenizer on the training text (used with model.init)."""
+
+    train: bool = False
+    vocab_size: int = Field(8192, gt=256)
+    path: str | None = None  # a tokenizer dir to use instead of the model's
+
+
+class AdapterConfig(Section):
+    type: Literal["lora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = []
+    rslora: bool = False
+    dora: bool = False
+
+
+# ---------------------------------------------------------------- data
+
+Format = Literal["alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt"]
+
+
+class DataSource(Section):
+    path: str
+    format: Format = "chat"
+    text_field: str = "text"
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = []
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    template: str = "auto"  # auto | alpaca | chatml | none | a Jinja string
+    max_length: int = Field(1024, gt=1)
+    train_on_prompt: bool = False
+    skip_bad_rows: bool = False
+    packing: bool = False
+
+
+# ---------------------------------------------------------------- training
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(50, gt=0)
+    save_every: int | None = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    max_bad_steps: int = Field(5, ge=1)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    progress: bool = True
+
+
+class LogConfig(Section):
+    tensorboard: bool = True
+    wandb: dict[str, Any] | None = None
+    mlflow: dict[str, Any] | None = None
+    plot: bool = True
+
+
+# ---------------------------------------------------------------- method-specific sections
+
+class DPOConfig(Section):
+    loss: Literal["sigmoid", "ipo", "label_smoothing", "simpo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    gamma: float = 0.5  # SimPO target margin
+    precompute_reference: bool = False
+
+
+class RewardConfig(Section):
+    margin: float = 0.0
+
+
+class RolloutConfig(Section):
+    """Shared by ppo and grpo: how responses are sampled and scored."""
+
+    reward_model: str | None = None  # an HF dir with a scalar head
+    reward_function: str | None = None  # module:function
+    judge: dict[str, Any] | None = None  # {path: ..., template: ...}
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    missing_eos_penalty: float | None = None
+
+
+class PPOConfig(RolloutConfig):
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    vf_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    ppo_epochs: int = Field(4, gt=0)
+    minibatches: int = Field(1, gt=0)
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0)
+    whiten_rewards: bool = False
+
+
+class GRPOConfig(RolloutConfig):
+    group_size: int = Field(4, gt=1)
+    clip_range: float = Field(0.2, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+
+
+class TeacherConfig(Section):
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DistillConfig(Section):
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the distillation term; 1 - alpha goes to plain CE
+    beta: float = Field(0.5, gt=0, lt=1)  # JSD interpolation
+    on_policy: bool = False
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class MLMConfig(Section):
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    whole_word: bool = False
+
+
+Method = Literal["sft", "pretrain", "mlm", "reward", "dpo", "ppo", "grpo", "distill"]
+
+
+class Config(Section):
+    model: ModelConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    adapter: AdapterConfig | None = None
+    data: DataConfig
+    method: Method = "sft"
+    train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
+    output_dir: str = "runs/default"
+    dpo: DPOConfig = DPOConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    teacher: TeacherConfig | None = None
+    distill: DistillConfig = DistillConfig()
+    mlm: MLMConfig = MLMConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.model.quantize and self.adapter is None:
+            raise ValueError(
+                "model.quantize needs an adapter: 4-bit weights cannot be trained directly "
+                "(QLoRA trains a LoRA adapter on top of the quantized base); add an `adapter:` section"
+            )
+        if self.model.quantize and self.model.init is not None:
+            raise ValueError("model.quantize cannot be combined with model.init: there are no weights to quantize")
+        if self.method == "distill" and self.teacher is None:
+            raise ValueError("method: distill needs a `teacher: {path: ...}` section")
+        if self.method in ("ppo", "grpo"):
+            section = self.ppo if self.method == "ppo" else self.grpo
+            sources = [section.reward_model, section.reward_function, section.judge]
+            if sum(s is not None for s in sources) != 1:
+                raise ValueError(
+                    f"method: {self.method} needs exactly one of {self.method}.reward_model, "
+                    f"{self.method}.reward_function or {self.method}.judge"
+                )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+
+# ---------------------------------------------------------------- loading
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Field names valid at the location of an error, for 'did you mean' suggestions."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return []
+        cls = _section_class(field.annotation)
+    return list(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
+
+
+def _section_class(annotation: Any):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            lines.append(f"unknown config key '{path}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"missing config key '{path}'")
+        elif e["type"] == "value_error":
+            where = f"'{path}': " if loc else ""
+            lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"'{path}': {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> Config:
+    """Read YAML (or take a dict), apply `key=value` overrides, validate. Raises UserError."""
+    source = str(path) if path is not None else "(dict)"
+    if data is None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: the config must be a mapping of sections (model:, data:, train: ...)")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
