@@ -1,0 +1,214 @@
+"""Command line: each command parses its arguments and calls one function. No logic, no heavy imports here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tunelab.config import UserError
+
+
+def _config(args):
+    from tunelab.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    nproc = args.nproc
+    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from tunelab.launch import launch
+
+        return launch(nproc, sys.argv[1:])
+    cfg = _config(args)
+    from tunelab.trainer import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    cfg = _config(args)
+    missing = [s.path for s in cfg.data.train + cfg.data.eval if not Path(s.path).exists() and not any(c in s.path for c in "*?[")]
+    if missing:
+        raise UserError(f"data file not found: {missing[0]}")
+    print(f"{args.config}: ok (method {cfg.method}, "
+          f"{'adapter ' + cfg.adapter.type if cfg.adapter else 'full fine-tuning'}"
+          f"{', ' + cfg.model.quantize if cfg.model.quantize else ''}, output_dir {cfg.output_dir})")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    cfg = _config(args)
+    from tunelab.preprocess import preprocess
+
+    print(preprocess(cfg, show=args.show))
+    return 0
+
+
+def cmd_modules(args) -> int:
+    from tunelab.model import linear_module_names, load_pretrained
+
+    model, _ = load_pretrained(args.model)
+    names = sorted(linear_module_names(model))
+    print("linear layers a LoRA adapter can target (adapter.target_modules):")
+    for name in names:
+        print(f"  {name}")
+    print("all-linear = all of the above (the output head is left out)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from tunelab.model import merge
+
+    out = merge(args.run, args.out, dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _inference(args):
+    from tunelab.infer import Sampling
+    from tunelab.model import load_pretrained, resolve_model_dir
+
+    model, tokenizer = load_pretrained(args.model, dtype=args.dtype)
+    template = args.template or _run_template(resolve_model_dir(args.model))
+    s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, template=template)
+    return model, tokenizer, s
+
+
+def _run_template(model_dir: Path) -> str:
+    """The template the model was trained with, when its run config is beside it."""
+    import yaml
+
+    for cfg_path in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
+        if cfg_path.is_file():
+            data = yaml.safe_load(cfg_path.read_text()) or {}
+            if isinstance(data.get("data"), dict) and "template" in data["data"]:
+                return data["data"]["template"]
+    return "auto"
+
+
+def cmd_generate(args) -> int:
+    from tunelab.infer import generate
+
+    model, tokenizer, s = _inference(args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for prompt in prompts:
+        print(generate(model, tokenizer, prompt, s, system=args.system))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tunelab.infer import chat
+
+    model, tokenizer, s = _inference(args)
+    chat(model, tokenizer, s, system=args.system)
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    cfg = _config(args)
+    from tunelab.estimate import estimate, format_estimate
+
+    print(format_estimate(estimate(cfg, device=args.device, memory_gb=args.memory_gb)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = _config(args)
+    from tunelab.evaluate import run_eval
+
+    run_eval(cfg, model_path=args.model, out=args.out)
+    return 0
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the run's YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run dir (uses its final/), an adapter dir, or a model dir")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--template", default=None, help="override the chat template (default: the run's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune language models from one YAML file.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train as the config says")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--nproc", type=int, default=None, help="processes on this machine (runs torchrun)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a config without loading anything heavy")
+    _add_config(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preprocess", help="show tokens, which carry loss, and length statistics")
+    _add_config(p)
+    p.add_argument("--show", type=int, default=3, help="examples to print")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("modules", help="list the linear layers a LoRA adapter can target")
+    p.add_argument("model", help="a model dir (or run dir)")
+    p.set_defaults(func=cmd_modules)
+
+    p = sub.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base: a standalone model dir")
+    p.add_argument("run", help="a run dir or adapter dir")
+    p.add_argument("--out", required=True, help="where to write the merged model")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="complete prompts (from --prompt or stdin, one per line)")
+    _add_sampling(p)
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("estimate", help="predict memory and time before loading any weights")
+    _add_config(p)
+    p.add_argument("--device", default=None, help="e.g. cpu, h100, a100-80gb, rtx4090")
+    p.add_argument("--memory-gb", type=float, default=None, help="memory to fit in; suggests switches if it does not")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("eval", help="evaluate a model on the config's eval data; writes eval.json")
+    _add_config(p)
+    p.add_argument("--model", default=None, help="model/run dir to evaluate (default: the config's output_dir)")
+    p.add_argument("--out", default=None, help="where to write eval.json")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # training-time conditions with their own message
+        from tunelab.trainer import Interrupted, TooManyBadSteps
+
+        if isinstance(e, (Interrupted, TooManyBadSteps)):
+            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+            return 130 if isinstance(e, Interrupted) else 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""generate and chat: greedy or sampled decoding with the run's chat template, stopping at the end of a turn."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    template: str = "auto"  # how a chat turn is rendered; "none" feeds the prompt as raw text
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """EOS plus end-of-turn markers the template may use, so generation ends with the assistant's turn."""
+    ids = {tokenizer.eos_token_id}
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return [i for i in ids if i is not None]
+
+
+def prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
+    from tunelab.data import render
+
+    segments = render(messages, template, tokenizer, add_generation_prompt=True)
+    text = "".join(text for text, _ in segments)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, ids: list[int], s: Sampling) -> list[int]:
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    if s.temperature > 0:
+        kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def decode_reply(tokenizer, new_ids: list[int]) -> str:
+    stops = set(stop_ids(tokenizer))
+    while new_ids and new_ids[-1] in stops:
+        new_ids = new_ids[:-1]
+    return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+
+def generate(model, tokenizer, prompt: str, s: Sampling, system: str | None = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, messages, s.template), s))
+
+
+def chat(model, tokenizer, s: Sampling, system: str | None = None, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """A multi-turn session: the whole history goes through the template each turn."""
+    history = [{"role": "system", "content": system}] if system else []
+    interactive = stdin.isatty()
+    print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=stdout)
+    while True:
+        if interactive:
+            print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, history, s.template), s))
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}", file=stdout, flush=True)

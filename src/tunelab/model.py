@@ -1,0 +1,301 @@
+"""Load or build a model and tokenizer, quantize, attach a LoRA adapter, save, merge.
+
+Everything a run writes is in formats other tools read: `save_pretrained` model dirs (safetensors
+only) and PEFT adapter dirs (`adapter_config.json` + `adapter_model.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from tunelab.config import AdapterConfig, Config, ModelConfig, UserError
+
+log = logging.getLogger("tunelab")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_KINDS = ("causal_lm", "sequence_classification", "masked_lm")
+
+
+def quiet_imports() -> None:
+    """bitsandbytes logs a missing optional CPU kernel package on every import; it is harmless here."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.default.ops"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(__import__("os").environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` keeps full precision on CPU (no fast bf16 matmul there) and uses bf16 on GPUs that have it."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _auto_class(kind: str):
+    import transformers
+
+    return {
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "sequence_classification": transformers.AutoModelForSequenceClassification,
+        "masked_lm": transformers.AutoModelForMaskedLM,
+    }[kind]
+
+
+def check_model_dir(path: str, allow_pickle: bool) -> None:
+    p = Path(path)
+    if not p.exists():
+        if p.is_absolute() or path.startswith((".", "~")) or p.parent != Path(".") and not _looks_like_hub_id(path):
+            raise UserError(f"model path not found: {path}")
+        return  # a hub id: transformers resolves it (needs network or a warm cache)
+    if not (p / "config.json").is_file():
+        raise UserError(f"{path}: not a model dir (no config.json)")
+    has_safetensors = any(p.glob("*.safetensors"))
+    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise UserError(
+            f"{path}: holds only pickle weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors, or set model.allow_pickle: true if you trust the source"
+        )
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: could not load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        # Padding positions never carry loss or attention, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: Config, kind: str = "causal_lm", device: torch.device | None = None, tokenizer=None):
+    """The base model named by `cfg.model`, quantized if asked, on `device`, not yet adapted."""
+    quiet_imports()
+    mc: ModelConfig = cfg.model
+    device = device or pick_device()
+    dtype = resolve_dtype(mc.dtype, device)
+    if mc.init is not None:
+        from tunelab.init import build_model  # pretraining from scratch
+
+        model = build_model(mc.init, tokenizer, kind).to(device=device, dtype=dtype)
+        return model
+    check_model_dir(mc.path, mc.allow_pickle)
+    kwargs = dict(dtype=dtype, trust_remote_code=mc.trust_remote_code, use_safetensors=not mc.allow_pickle or None)
+    if kind == "sequence_classification":
+        kwargs["num_labels"] = 1
+    if mc.quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=mc.quantize,
+            bnb_4bit_use_double_quant=mc.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = _auto_class(kind).from_pretrained(mc.path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{mc.path}: could not load the model ({str(e).splitlines()[0]})") from None
+    if not mc.quantize:
+        model.to(device)
+    if tokenizer is not None and kind == "sequence_classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # the scalar head reads the last non-pad token
+    return model
+
+
+def attach_adapter(model, ac: AdapterConfig, *, quantized: bool, gradient_checkpointing: bool, kind: str = "causal_lm"):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    task_type = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "masked_lm": None}[kind]
+    lora = LoraConfig(
+        r=ac.r,
+        lora_alpha=ac.alpha,
+        lora_dropout=ac.dropout,
+        target_modules=ac.target_modules,
+        bias=ac.bias,
+        modules_to_save=ac.modules_to_save or None,
+        use_rslora=ac.rslora,
+        use_dora=ac.dora,
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        names = ", ".join(sorted(linear_module_names(model))[:20])
+        raise UserError(f"adapter.target_modules: {e} (linear layers in this model: {names})") from None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        # With a frozen embedding nothing before the first checkpointed block needs grad; checkpointing
+        # then sees no input requiring grad and would drop the adapter's gradients.
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = None):
+    """Tokenizer + trainable model as `cfg` describes: base, quantized, adapted, checkpointed."""
+    tokenizer = load_run_tokenizer(cfg)
+    model = load_model(cfg, kind, device, tokenizer)
+    if cfg.adapter is not None:
+        model = attach_adapter(
+            model, cfg.adapter, quantized=bool(cfg.model.quantize),
+            gradient_checkpointing=cfg.train.gradient_checkpointing, kind=kind,
+        )
+    if cfg.train.gradient_checkpointing and not cfg.model.quantize:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
+
+
+def load_run_tokenizer(cfg: Config):
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    if cfg.model.init is not None:
+        from tunelab.init import train_tokenizer
+
+        return train_tokenizer(cfg)
+    return load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+
+
+def linear_module_names(model) -> set[str]:
+    """Leaf names of linear layers (what `target_modules` matches), excluding the output head."""
+    import torch.nn as nn
+
+    names = set()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and module is not out:
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def unwrap(model):
+    """The transformers model under any PEFT / DDP wrapping."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """Adapter dir for PEFT models, full `save_pretrained` dir otherwise; tokenizer beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------- inference-side loading
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def resolve_model_dir(path: str) -> Path:
+    """Accept a run dir (uses its final/), an adapter dir, or a plain model dir."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model path not found: {path}")
+    if (p / "final").is_dir():
+        p = p / "final"
+    if not (is_adapter_dir(p) or (p / "config.json").is_file()):
+        raise UserError(f"{path}: neither a run dir, an adapter dir nor a model dir")
+    return p
+
+
+def load_pretrained(path: str, *, dtype: str = "auto", device: torch.device | None = None, kind: str = "causal_lm",
+                    allow_pickle: bool = False):
+    """(model, tokenizer) for inference: base + adapter when `path` is an adapter dir."""
+    quiet_imports()
+    p = resolve_model_dir(path)
+    device = device or pick_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if is_adapter_dir(p):
+        from peft import PeftModel
+
+        base_path = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+        check_model_dir(base_path, allow_pickle)
+        base = _auto_class(kind).from_pretrained(base_path, dtype=torch_dtype)
+        model = PeftModel.from_pretrained(base, p)
+    else:
+        check_model_dir(str(p), allow_pickle)
+        model = _auto_class(kind).from_pretrained(p, dtype=torch_dtype)
+    tok_dir = p if (p / "tokenizer_config.json").is_file() else base_path
+    tokenizer = load_tokenizer(str(tok_dir))
+    return model.to(device).eval(), tokenizer
+
+
+def merge(path: str, out: str, dtype: str = "auto") -> Path:
+    """Fold a LoRA/QLoRA adapter into its base: a standalone model dir.
+
+    A QLoRA run's adapter was trained against the NF4-rounded base, so the merge goes into the
+    dequantized NF4 weights (not the original full-precision ones) to reproduce the trained model.
+    """
+    quiet_imports()
+    from peft import PeftModel
+
+    p = resolve_model_dir(path)
+    if not is_adapter_dir(p):
+        raise UserError(f"{path}: holds no adapter to merge (it is already a full model dir)")
+    run_cfg = _run_config(p)
+    base_path = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+    device = torch.device("cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    base = _auto_class("causal_lm").from_pretrained(base_path, dtype=torch_dtype)
+    if run_cfg is not None and run_cfg.model.quantize:
+        _round_to_quantized(base, run_cfg.model.quantize, run_cfg.model.double_quant)
+    model = PeftModel.from_pretrained(base, p).merge_and_unload()
+    tokenizer = load_tokenizer(str(p) if (p / "tokenizer_config.json").is_file() else base_path)
+    out_dir = Path(out)
+    save_model(model, tokenizer, out_dir)
+    return out_dir
+
+
+def _run_config(adapter_dir: Path) -> Config | None:
+    from tunelab.config import load_config
+
+    for candidate in (adapter_dir / "config.yaml", adapter_dir.parent / "config.yaml"):
+        if candidate.is_file():
+            return load_config(candidate)
+    return None
+
+
+@torch.no_grad()
+def _round_to_quantized(model, quant_type: str, double_quant: bool) -> None:
+    """Replace each linear weight (except the head) by its 4-bit round trip, as QLoRA training saw it."""
+    import bitsandbytes.functional as bnbf
+
+    out = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not out:
+            w = module.weight.data
+            q, state = bnbf.quantize_4bit(w.float(), quant_type=quant_type, compress_statistics=double_quant)
+            module.weight.data = bnbf.dequantize_4bit(q, state).to(w.dtype)

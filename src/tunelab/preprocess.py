@@ -1,0 +1,17 @@
+"""`tunelab preprocess`: what the model will see, before any training."""
+
+from __future__ import annotations
+
+from tunelab.config import Config
+
+
+def preprocess(cfg: Config, show: int = 3) -> str:
+    from tunelab.model import load_run_tokenizer
+    from tunelab.objectives import make_objective
+
+    tokenizer = load_run_tokenizer(cfg)
+    objective = make_objective(cfg, tokenizer)
+    train, evals = objective.datasets()
+    lines = [objective.preview(train, show), f"train items: {len(train)}, eval items: {len(evals)}"]
+    lines += [f"{k}: {v}" for k, v in objective.log_stats().items()]
+    return "\n".join(lines)
