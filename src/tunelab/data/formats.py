@@ -1,0 +1,201 @@
+"""Row formats -> messages. Every error names the row's file and line.
+
+A message is {"role": "system" | "user" | "assistant", "content": str}, content non-empty.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config import UserError
+
+if TYPE_CHECKING:
+    from .readers import Row
+
+Message = dict
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[Message]
+    chosen: list[Message]  # the response turns only
+    rejected: list[Message]
+
+
+@dataclass
+class PromptRow:
+    messages: list[Message]
+    answer: Any | None
+
+
+def to_messages(row: Row, fmt: str) -> list[Message] | str:
+    """alpaca, chat, sharegpt and completion rows -> a conversation; text rows -> their text (data["text"]).
+
+    Completion rows become [user(prompt), assistant(completion)]; build_sft_examples renders them with
+    template "none" (plain concatenation) whatever data.template says.
+    """
+    if fmt == "alpaca":
+        instruction, output = _field(row, "instruction", "alpaca"), _field(row, "output", "alpaca")
+        extra, system = _optional(row, "input", "alpaca"), _optional(row, "system", "alpaca")
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    elif fmt == "chat":
+        messages = _messages(row, _field(row, "messages", "chat", list), "messages")
+    elif fmt == "sharegpt":
+        turns = _field(row, "conversations", "sharegpt", list)
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES:
+                got = t.get("from") if isinstance(t, dict) else t
+                raise UserError(f"{row.where}: conversations[{i}] needs 'from' in {list(SHAREGPT_ROLES)}, got {got!r}")
+        turns = [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
+        messages = _messages(row, turns, "conversations")
+    elif fmt == "completion":
+        prompt, completion = _field(row, "prompt", "completion"), _field(row, "completion", "completion")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    elif fmt == "text":
+        return _field(row, "text", "text")
+    elif fmt in ("preference", "prompt"):
+        raise UserError(f"{row.where}: format {fmt} rows are for methods dpo/reward (preference) or ppo/grpo (prompt), "
+                        "not for supervised training")
+    else:
+        raise UserError(f"{row.where}: unknown format {fmt!r}")
+    _check_conversation(row, messages)
+    return messages
+
+
+def to_preference(row: Row) -> PreferencePair:
+    """{prompt, chosen, rejected}, each a string or a list of messages; or, without a prompt, chosen and rejected as
+    whole dialogues (Anthropic hh-rlhf "\\n\\nHuman: ...\\n\\nAssistant: ..." strings, or message lists) whose shared
+    turns up to the last differing assistant reply become the prompt."""
+    chosen = _field(row, "chosen", "preference", (str, list))
+    rejected = _field(row, "rejected", "preference", (str, list))
+    if "prompt" in row.data:
+        prompt = _as_messages(row, _field(row, "prompt", "preference", (str, list)), "prompt", "user")
+        chosen = _drop_prefix(_as_messages(row, chosen, "chosen", "assistant"), prompt)
+        rejected = _drop_prefix(_as_messages(row, rejected, "rejected", "assistant"), prompt)
+    else:
+        if type(chosen) is not type(rejected):
+            raise UserError(f"{row.where}: 'chosen' and 'rejected' must both be strings or both message lists")
+        if isinstance(chosen, str):
+            chosen, rejected = _parse_dialogue(row, chosen, "chosen"), _parse_dialogue(row, rejected, "rejected")
+        else:
+            chosen, rejected = _messages(row, chosen, "chosen"), _messages(row, rejected, "rejected")
+        prompt, chosen, rejected = _split_shared_prompt(row, chosen, rejected)
+    if chosen == rejected:
+        raise UserError(f"{row.where}: 'chosen' and 'rejected' are identical")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise UserError(f"{row.where}: the prompt must end with a user message")
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply or reply[0]["role"] != "assistant":
+            raise UserError(f"{row.where}: '{name}' must be a reply starting with an assistant message")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def to_prompt(row: Row) -> PromptRow:
+    """{prompt: str | messages} or {messages: [...]}, with an optional `answer` passed on to reward functions."""
+    if "messages" in row.data:
+        messages = _messages(row, _field(row, "messages", "prompt", list), "messages")
+    else:
+        messages = _as_messages(row, _field(row, "prompt", "prompt", (str, list)), "prompt", "user")
+    if messages[-1]["role"] == "assistant":
+        raise UserError(f"{row.where}: a prompt must not end with an assistant message")
+    return PromptRow(messages, row.data.get("answer"))
+
+
+def check_row(row: Row, fmt: str) -> None:
+    """Raise UserError if the row does not fit its format."""
+    if fmt == "preference":
+        to_preference(row)
+    elif fmt == "prompt":
+        to_prompt(row)
+    else:
+        to_messages(row, fmt)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _field(row: Row, name: str, fmt: str, kind: type | tuple = str):
+    if name not in row.data or row.data[name] is None:
+        raise UserError(f"{row.where}: {fmt} row needs '{name}' (has: {', '.join(map(str, row.data)) or 'nothing'})")
+    value = row.data[name]
+    if not isinstance(value, kind):
+        want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise UserError(f"{row.where}: '{name}' must be a {want}, got {type(value).__name__}")
+    if isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value):
+        raise UserError(f"{row.where}: '{name}' is empty")
+    return value
+
+
+def _optional(row: Row, name: str, fmt: str) -> str:
+    value = row.data.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{row.where}: '{name}' must be a string, got {type(value).__name__}")
+    return value if value.strip() else ""
+
+
+def _messages(row: Row, raw: list, name: str) -> list[Message]:
+    if not raw:
+        raise UserError(f"{row.where}: '{name}' is empty")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise UserError(f"{row.where}: {name}[{i}] must be an object with role and content, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise UserError(f"{row.where}: {name}[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            what = "empty" if isinstance(content, str) or content is None else type(content).__name__
+            raise UserError(f"{row.where}: {name}[{i}] ({role}) has {what} content; content must be a non-empty string")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _check_conversation(row: Row, messages: list[Message]) -> None:
+    """A supervised conversation needs a user turn before the first reply and at least one reply to learn."""
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if "assistant" not in roles:
+        raise UserError(f"{row.where}: conversation has no assistant message to train on")
+    if roles[0] != "user":
+        raise UserError(f"{row.where}: conversation must start with a user message (after any system message)")
+
+
+def _as_messages(row: Row, value: str | list, name: str, role: str) -> list[Message]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(row, value, name)
+
+
+def _drop_prefix(reply: list[Message], prompt: list[Message]) -> list[Message]:
+    # Some datasets (e.g. UltraFeedback) repeat the prompt inside chosen/rejected
+    return reply[len(prompt):] if reply[: len(prompt)] == prompt else reply
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def _parse_dialogue(row: Row, text: str, name: str) -> list[Message]:
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise UserError(f"{row.where}: '{name}' is a string but not a '\\n\\nHuman: ... \\n\\nAssistant: ...' "
+                        "dialogue; add a 'prompt' field for plain-string responses")
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+             for who, said in zip(parts[1::2], parts[2::2])]
+    return _messages(row, turns, name)
+
+
+def _split_shared_prompt(row: Row, chosen: list[Message], rejected: list[Message]):
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if chosen == rejected:
+        raise UserError(f"{row.where}: 'chosen' and 'rejected' are identical")
+    while shared and chosen[shared - 1]["role"] != "user":  # the prompt ends where the assistant starts replying
+        shared -= 1
+    if not shared:
+        raise UserError(f"{row.where}: 'chosen' and 'rejected' share no prompt (no common turns ending in a user turn)")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
