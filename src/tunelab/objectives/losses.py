@@ -1,0 +1,503 @@
+"""Loss functions for the training objectives: pure tensor maths, no model code.
+
+Shapes: B batch, T sequence, V vocabulary, H hidden size. Label tensors use -100 for "no target".
+Causal-LM label convention: `labels` is aligned with `input_ids`; the logits at position t predict
+`labels[:, t + 1]`, so per-token outputs have length T - 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # softmax statistics in at least fp32: bf16 logsumexp over a 100k vocabulary loses several digits
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked reductions
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Sum of `x` where `mask` is true/non-zero (over all elements when `dim` is None)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))  # where, not x * mask: keeps inf/nan out of padding
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of `x` over masked elements; 0 (not nan) when the mask is empty."""
+    count = mask.bool().sum() if dim is None else mask.bool().sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Masked whitening: (x - mean) / std over the masked elements; 0 outside the mask.
+
+    The variance is the unbiased (Bessel-corrected) one, as in the PPO-for-RLHF reference code
+    (Huang et al., "The N implementation details of RLHF with PPO", 2022/2024). With
+    `shift_mean=False` the mean is added back, so only the scale changes (used for rewards).
+    """
+    m = mask.bool()
+    mean = masked_mean(x, m)
+    n = m.sum()
+    var = masked_mean((x - mean) ** 2, m) * n / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token log-probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(labels[t+1] | logits[t]) computed chunk by chunk over the sequence.
+
+    Saves only the logits (already alive) and one log-normaliser per token; the backward pass
+    recomputes the softmax per chunk and writes straight into one gradient buffer, so neither
+    pass holds an fp32 copy of the whole [B, T, V] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk_size, temperature):
+        cdt = _compute_dtype(logits.dtype)
+        target = labels[:, 1:]
+        valid = target != IGNORE_INDEX
+        index = target.masked_fill(~valid, 0).unsqueeze(-1)
+        n = target.shape[1]
+        out = torch.zeros(target.shape, dtype=cdt, device=logits.device)
+        lse = torch.zeros(target.shape, dtype=cdt, device=logits.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = logits[:, s:e].to(cdt) / temperature
+            lse[:, s:e] = z.logsumexp(-1)
+            out[:, s:e] = z.gather(-1, index[:, s:e]).squeeze(-1) - lse[:, s:e]
+        out = out.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(logits, index, valid, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, index, valid, lse = ctx.saved_tensors
+        cdt = lse.dtype
+        g = (grad_out.to(cdt) * valid / ctx.temperature).unsqueeze(-1)
+        grad = torch.zeros_like(logits)  # the last position predicts nothing: its gradient stays 0
+        n = lse.shape[1]
+        for s in range(0, n, ctx.chunk_size):
+            e = min(s + ctx.chunk_size, n)
+            z = logits[:, s:e].to(cdt) / ctx.temperature
+            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
+            gz = -torch.exp(z - lse[:, s:e].unsqueeze(-1)) * g[:, s:e]
+            gz.scatter_add_(-1, index[:, s:e], g[:, s:e])
+            grad[:, s:e] = gz.to(logits.dtype)
+        return grad, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 64, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-token log-probabilities of the shifted labels, [B, T-1]; 0 where the label is -100.
+
+    Computed as `gather(z) - logsumexp(z)` with z = logits / temperature, `chunk_size` sequence
+    positions at a time (the log-softmax over [B, T, V] is never materialised). Output is fp32
+    (fp64 for fp64 logits) whatever the logits dtype. Differentiable w.r.t. `logits`.
+    """
+    return _TokenLogprobs.apply(logits, labels, chunk_size, temperature)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 64, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's labelled tokens and their count: ([B], [B])."""
+    lp = token_logprobs(logits, labels, chunk_size, temperature)
+    return lp.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, mask: torch.Tensor | None = None, chunk_size: int = 64
+) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits) per position, [B, T]; 0 outside `mask`.
+
+    H = logsumexp(z) - sum_v softmax(z)_v z_v, chunked over the sequence to bound fp32 temporaries.
+    """
+    cdt = _compute_dtype(logits.dtype)
+    parts = []
+    for z in logits.split(chunk_size, dim=1):
+        z = z.to(cdt)
+        lse = z.logsumexp(-1)
+        parts.append(lse - (torch.softmax(z, -1) * z).sum(-1))
+    ent = torch.cat(parts, dim=1)
+    return ent if mask is None else torch.where(mask.bool(), ent, torch.zeros_like(ent))
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT cross-entropy from hidden states
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed CE of (h @ W^T + b) against y, in row chunks, gradients formed during the forward.
+
+    Each chunk's logits live only inside the loop: the forward computes the loss and, when needed,
+    the gradients of h, W and b; the backward only scales them by the incoming scalar gradient.
+    This is the "fused linear cross-entropy" of Liger Kernel (Hsu et al. 2024) and Cut Cross-Entropy
+    (Wijmans et al. 2024), in plain PyTorch.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_size, softcap, need_h, need_w, need_b):
+        cdt = _compute_dtype(h.dtype)
+        loss = torch.zeros((), dtype=cdt, device=h.device)
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=cdt, device=h.device) if need_w else None
+        gb = torch.zeros(bias.shape, dtype=cdt, device=h.device) if need_b else None
+        for s in range(0, h.shape[0], chunk_size):
+            hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
+            z = F.linear(hc, weight, bias).to(cdt)
+            if softcap is not None:  # Gemma-2 style cap * tanh(z / cap)
+                t = torch.tanh(z / softcap)
+                z = softcap * t
+            lse = z.logsumexp(-1)
+            loss += (lse - z.gather(-1, yc.unsqueeze(-1)).squeeze(-1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            g = torch.exp(z - lse.unsqueeze(-1))  # d loss / dz = softmax(z) - onehot(y)
+            g[torch.arange(len(yc), device=g.device), yc] -= 1
+            if softcap is not None:
+                g *= 1 - t * t
+            if need_h:
+                gh[s:s + chunk_size] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                gw.addmm_(g.t(), hc.to(cdt))
+            if need_b:
+                gb += g.sum(0)
+        ctx.save_for_backward(*(x for x in (gh, gw, gb) if x is not None))
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for need, dtype in zip(ctx.needs, ctx.dtypes):
+            grads.append((next(saved) * grad_loss).to(dtype) if need else None)
+        return (*grads, None, None, None, None, None, None)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy from final hidden states, and the number of target tokens.
+
+    hidden [B, T, H], lm_head_weight [V, H], labels [B, T] (unshifted, -100 = ignore). Only rows whose
+    shifted label is kept go through the LM head, `chunk_size` rows at a time, so the [tokens, V]
+    logits never exist at once. Equals
+    `F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")`.
+    `softcap` applies cap * tanh(logits / cap) (Gemma 2, Team et al. 2024). A logit scale can be
+    folded into `hidden` by the caller. Differentiable w.r.t. hidden, weight and bias.
+    """
+    target = labels[:, 1:]
+    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    keep[:, :-1] = target != IGNORE_INDEX
+    h = hidden[keep]  # [N, H], row-major over (b, t), same order as target[target != -100]
+    y = target[target != IGNORE_INDEX]
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad for t in (h, lm_head_weight, bias)]
+    loss = _LinearCrossEntropy.apply(h, lm_head_weight, bias, y, chunk_size, softcap, *need)
+    return loss, keep.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _smoothed_logsigmoid_loss(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    # conservative loss: the preference label is flipped with probability eps
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+    chosen_len: torch.Tensor | None = None,
+    rejected_len: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses on summed response log-probs; returns (losses, chosen_rewards, rejected_rewards).
+
+    With h = beta * [(pi_c - ref_c) - (pi_r - ref_r)]:
+    - "sigmoid" (DPO, Rafailov et al. 2023): -log sigma(h); also applies `label_smoothing` if non-zero.
+    - "label_smoothing" (cDPO, Mitchell 2023): -(1 - eps) log sigma(h) - eps log sigma(-h).
+    - "ipo" (IPO, Azar et al. 2023, Eq. 17): (g - 1/(2 beta))^2 with g the *length-averaged* log-ratio gap
+      (pi_c - ref_c)/|y_w| - (pi_r - ref_r)/|y_l|. Length averaging is TRL's convention (DPOTrainer,
+      loss_type="ipo"; confirmed with the IPO authors per TRL); needs chosen_len / rejected_len.
+      For the unnormalised paper form pass lengths of 1.
+    - "simpo" (SimPO, Meng et al. 2024): -log sigma(beta * (pi_c/|y_w| - pi_r/|y_l|) - gamma), reference-free
+      (ref_* are ignored), `label_smoothing` applied as above. `gamma` is the paper's reward margin gamma, which
+      equals TRL CPOConfig.simpo_gamma (TRL subtracts simpo_gamma / beta inside, then multiplies by beta).
+
+    Rewards (detached, for logging) are beta * (pi - ref), or beta * pi / |y| for SimPO (as TRL reports them).
+    """
+    eps = label_smoothing
+    if loss_type == "simpo":
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("simpo needs chosen_len and rejected_len")
+        avg_c = policy_chosen / torch.as_tensor(chosen_len).clamp(min=1)
+        avg_r = policy_rejected / torch.as_tensor(rejected_len).clamp(min=1)
+        losses = _smoothed_logsigmoid_loss(beta * (avg_c - avg_r) - gamma, eps)
+        return losses, beta * avg_c.detach(), beta * avg_r.detach()
+
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    if loss_type in ("sigmoid", "label_smoothing"):
+        losses = _smoothed_logsigmoid_loss(beta * (chosen_ratio - rejected_ratio), eps)
+    elif loss_type == "ipo":
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("ipo needs chosen_len and rejected_len (TRL length-averages the log-ratios)")
+        gap = chosen_ratio / torch.as_tensor(chosen_len).clamp(min=1) - rejected_ratio / torch.as_tensor(
+            rejected_len
+        ).clamp(min=1)
+        losses = (gap - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: sigmoid, label_smoothing, ipo, simpo")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin=0.0) -> torch.Tensor:
+    """Reward-model pairwise loss -log sigma(r_c - r_r - margin), per pair (Bradley & Terry 1952;
+    Ouyang et al. 2022; margin as in Llama 2, Touvron et al. 2023)."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin)
+
+
+# ---------------------------------------------------------------------------------------------
+# RL: advantages, PPO, KL, GRPO
+# ---------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), per row of [B, T] tensors.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = sum_l (gamma * lam)^l delta_{t+l}, returns = A + V.
+    `mask` marks each row's valid steps as one contiguous block; the value after the last valid step
+    is 0 (episode end). Advantages and returns are 0 outside the mask.
+    """
+    m = mask.to(values.dtype)
+    T = rewards.shape[1]
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(T)):
+        # m[t+1] = 0 past the last valid step: no bootstrap value and no advantage carried back
+        m_next = m[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        v_next = values[:, t + 1] * m_next if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * v_next - values[:, t]
+        last = delta + gamma * lam * m_next * last
+        adv[:, t] = last
+    adv = adv * m
+    return adv, (adv + values) * m
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017): masked token mean of max(-A rho, -A clip(rho, 1-eps, 1+eps)).
+
+    rho = exp(logp - old_logp). Returns (loss, clipfrac, approx_kl), where clipfrac is the fraction of
+    tokens whose clipped term is the active (larger) one and approx_kl = mean((rho - 1) - log rho), the
+    non-negative k3 estimator of KL(pi_old || pi) (Schulman, "Approximating KL divergence", 2020).
+    `advantages` may be per token [B, T] or per sequence [B] (GRPO).
+    """
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(unclipped.dtype), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)) over masked tokens
+    (Huang et al., "The N implementation details of RLHF with PPO"). Returns (loss, clipfrac)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(unclipped.dtype), mask)
+    return loss, clipfrac
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence", 2020).
+
+    k1 = logp - ref_logp (unbiased, can be negative); k2 = 0.5 (logp - ref_logp)^2;
+    k3 = exp(q) - q - 1 with q = ref_logp - logp (unbiased, non-negative; GRPO, Shao et al. 2024).
+    """
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if kind == "k3":
+        q = ref_logp - logp
+        return torch.exp(q) - q - 1
+    raise ValueError(f"unknown KL estimator {kind!r}: k1, k2, k3")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024): (r - group mean) / (group std + eps), for N = groups * group_size
+    rewards laid out group after group.
+
+    Matches TRL GRPOTrainer (scale_rewards="group"): unbiased (Bessel-corrected) std, eps added to the
+    std, and std taken as 0 when group_size == 1. `scale=False` skips the division (Dr. GRPO,
+    Liu et al. 2025; TRL scale_rewards="none").
+    """
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(adv)
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation
+# ---------------------------------------------------------------------------------------------
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    # KL(p || q) per row
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float, beta: float):
+    cdt = _compute_dtype(student.dtype)
+    log_s = F.log_softmax(student.to(cdt) / temperature, -1)
+    log_t = F.log_softmax(teacher.to(cdt) / temperature, -1)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        div = _kl(log_t, log_s)
+    elif kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        div = _kl(log_s, log_t)
+    elif kind == "jsd":
+        # log m with m = beta p_T + (1 - beta) p_S, in log space for stability
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
+        div = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    else:
+        raise ValueError(f"unknown distillation loss {kind!r}: forward_kl, reverse_kl, jsd")
+    return div.sum() * temperature**2
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level distillation divergence summed over positions where `mask` is set, and their count.
+
+    Distributions are softmax(logits / temperature); every kind is multiplied by temperature^2 so
+    gradient scale does not depend on temperature (Hinton et al. 2015).
+    - "forward_kl": KL(p_T || p_S) (Hinton et al. 2015).
+    - "reverse_kl": KL(p_S || p_T) (mode-seeking; Gu et al. 2024, MiniLLM).
+    - "jsd": generalised JSD (Agarwal et al. 2024, GKD, Eq. 1) in TRL GKDTrainer.generalized_jsd_loss's
+      convention: m = beta p_T + (1 - beta) p_S, loss = beta KL(p_T || m) + (1 - beta) KL(p_S || m), and the
+      end points beta = 0 / 1 mean forward / reverse KL. TRL applies no temperature^2 factor; we do, so
+      ours = TRL * temperature^2 (equal at temperature 1).
+    The teacher is treated as a constant (detached). Rows are processed `chunk_size` at a time and each
+    chunk is recomputed in the backward pass, so fp32 softmax temporaries exist for one chunk only.
+    """
+    m = mask.bool()
+    s = student_logits[m]
+    t = teacher_logits.detach()[m]
+    total = torch.zeros((), dtype=_compute_dtype(student_logits.dtype), device=s.device)
+    recompute = torch.is_grad_enabled() and s.requires_grad
+    for sc, tc in zip(s.split(chunk_size), t.split(chunk_size)):
+        if recompute:
+            total = total + checkpoint(_divergence, sc, tc, kind, temperature, beta, use_reentrant=False)
+        else:
+            total = total + _divergence(sc, tc, kind, temperature, beta)
+    return total, m.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked language modelling
+# ---------------------------------------------------------------------------------------------
+
+
+def mlm_mask(
+    input_ids: torch.Tensor,
+    *,
+    special_mask: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    mask_prob: float = 0.15,
+    whole_word_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (Devlin et al. 2019): returns (masked_input_ids, labels).
+
+    Each non-special token is selected with probability `mask_prob`; with `whole_word_ids` ([B, T] word
+    index per token, any integers >= 0 within a row; negative for none) whole words are selected together
+    (whole-word masking, Devlin et al. 2019 repository update). Of the selected tokens 80 % become
+    `mask_token_id`, 10 % a uniformly random token id in [0, vocab_size), 10 % stay unchanged, decided per
+    token. `labels` holds the original id at selected positions and -100 elsewhere.
+    """
+    special = special_mask.bool()
+    dev = input_ids.device
+
+    def rand(shape):
+        return torch.rand(shape, generator=generator, device=dev)
+
+    if whole_word_ids is None:
+        selected = rand(input_ids.shape) < mask_prob
+    else:
+        words = whole_word_ids.long()
+        # one draw per (row, word index); tokens look up their word's draw
+        draws = rand((words.shape[0], int(words.max().clamp(min=0)) + 1))
+        selected = (draws.gather(1, words.clamp(min=0)) < mask_prob) & (words >= 0)
+    selected &= ~special
+
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    u = rand(input_ids.shape)
+    to_mask = selected & (u < 0.8)
+    to_random = selected & (u >= 0.8) & (u < 0.9)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev, dtype=input_ids.dtype)
+    out = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    out = torch.where(to_random, random_ids, out)
+    return out, labels
