@@ -222,8 +222,11 @@ class Config(Section):
                 "model.quantize needs an adapter: 4-bit weights cannot be trained directly "
                 "(QLoRA trains a LoRA adapter on top of the quantized base); add an `adapter:` section"
             )
-        if self.model.quantize and self.model.init is not None:
-            raise ValueError("model.quantize cannot be combined with model.init: there are no weights to quantize")
+        if self.model.init is not None and self.adapter is not None:
+            raise ValueError(
+                "model.init builds random weights, which an adapter cannot usefully adapt; train the new model "
+                "fully (leave out `adapter:`), then fine-tune its output with an adapter in a second run"
+            )
         if self.method == "distill" and self.teacher is None:
             raise ValueError("method: distill needs a `teacher: {path: ...}` section")
         if self.method in ("ppo", "grpo"):

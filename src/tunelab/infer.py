@@ -16,32 +16,22 @@ class Sampling:
     template: str = "auto"  # how a chat turn is rendered; "none" feeds the prompt as raw text
 
 
-def stop_ids(tokenizer) -> list[int]:
-    """EOS plus end-of-turn markers the template may use, so generation ends with the assistant's turn."""
-    ids = {tokenizer.eos_token_id}
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return [i for i in ids if i is not None]
-
-
 def prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
-    from tunelab.data import render
+    """The prompt exactly as training tokenized it (same template, BOS and special-token handling)."""
+    from tunelab.data import render, tokenize_example
 
     segments = render(messages, template, tokenizer, add_generation_prompt=True)
-    text = "".join(text for text, _ in segments)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+    return tokenize_example(segments, tokenizer, max_length=10**9, train_on_prompt=True).input_ids
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, ids: list[int], s: Sampling) -> list[int]:
+    from tunelab.data import stop_token_ids
+
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
-    kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=stop_token_ids(s.template, tokenizer),
+                  pad_token_id=tokenizer.pad_token_id)
     if s.temperature > 0:
         kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
     else:
@@ -51,9 +41,6 @@ def generate_ids(model, tokenizer, ids: list[int], s: Sampling) -> list[int]:
 
 
 def decode_reply(tokenizer, new_ids: list[int]) -> str:
-    stops = set(stop_ids(tokenizer))
-    while new_ids and new_ids[-1] in stops:
-        new_ids = new_ids[:-1]
     return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
 

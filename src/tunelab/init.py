@@ -119,6 +119,9 @@ def _swiglu_width(hidden: int) -> int:
 
 def save_tiny_model(out: Path, tokenizer, init: InitConfig) -> Path:
     """Build and save a model + tokenizer dir (used by tests and the demo to make a local base model)."""
+    from tunelab.model import quiet_imports
+
+    quiet_imports()
     model = build_model(init, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

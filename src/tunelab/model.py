@@ -27,6 +27,9 @@ def quiet_imports() -> None:
     for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.default.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the run's own output
 
 
 def pick_device() -> torch.device:
@@ -165,8 +168,18 @@ def enable_gradient_checkpointing(model) -> None:
 
 def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = None):
     """Tokenizer + trainable model as `cfg` describes: base, quantized, adapted, checkpointed."""
+    from tunelab.data import prepare_tokenizer
+
     tokenizer = load_run_tokenizer(cfg)
+    added = prepare_tokenizer(cfg.data.template, tokenizer) if kind == "causal_lm" else 0
+    if added and cfg.adapter is not None:
+        raise UserError(
+            "data.template: the chatml template needs <|im_start|>/<|im_end|> tokens this tokenizer lacks; new "
+            "tokens need new embedding rows, which an adapter does not train. Use template: alpaca (or the "
+            "model's own chat template), or full fine-tuning")
     model = load_model(cfg, kind, device, tokenizer)
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
     if cfg.adapter is not None:
         model = attach_adapter(
             model, cfg.adapter, quantized=bool(cfg.model.quantize),
@@ -208,6 +221,7 @@ def unwrap(model):
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
     """Adapter dir for PEFT models, full `save_pretrained` dir otherwise; tokenizer beside it."""
+    quiet_imports()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -411,7 +411,7 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         stream = Batches(len(self.train_items), tc.micro_batch_size, tc.seed, state)
         bar = self._progress_bar()
-        started, tokens_at_start, stopped_early = time.time(), state.tokens, False
+        started, tokens_at_start, step_at_start, stopped_early = time.time(), state.tokens, state.step, False
         self.module.train()
         try:
             while state.step < self.total_steps:
@@ -468,7 +468,7 @@ class Trainer:
         elapsed = time.time() - started
         if self.dist.main:
             plot = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png") if cfg.log.plot else None
-            self._summary(elapsed, state.tokens - tokens_at_start, final, plot)
+            self._summary(elapsed, state.step - step_at_start, state.tokens - tokens_at_start, final, plot)
         return final
 
     def _early_stopping(self, metrics: dict) -> bool:
@@ -517,10 +517,11 @@ class Trainer:
 
         return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.method, unit="step", dynamic_ncols=True)
 
-    def _summary(self, elapsed: float, tokens: int, final: Path, plot: Path | None) -> None:
+    def _summary(self, elapsed: float, steps: int, tokens: int, final: Path, plot: Path | None) -> None:
         state = self.state
         lines = [
-            f"done: {state.step} steps in {elapsed:.1f}s, {tokens:,} tokens ({tokens / max(elapsed, 1e-9):,.0f} tok/s)",
+            f"done at step {state.step}/{self.total_steps}: {steps} steps in {elapsed:.1f}s, {tokens:,} tokens "
+            f"({tokens / max(elapsed, 1e-9):,.0f} tok/s)",
         ]
         if state.best_eval < math.inf:
             lines.append(f"best eval loss {state.best_eval:.4f} at step {state.best_step}")

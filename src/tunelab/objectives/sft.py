@@ -21,6 +21,14 @@ def decoder_and_head(model):
     return hf.base_model, hf.get_output_embeddings()
 
 
+def attention_mask_for(model, mask):
+    """Packed batches carry a 4-D bool mask (causal and same-document). SDPA and flex read bools;
+    the eager path adds the mask to the scores, so it needs 0 / -inf floats instead."""
+    if mask is None or mask.dim() != 4 or model.config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+
+
 def _chunk_ce(head, hidden, targets):
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
@@ -34,7 +42,7 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     decoder, head = decoder_and_head(model)
     hidden = decoder(
         input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
+        attention_mask=attention_mask_for(decoder, batch.get("attention_mask")),
         position_ids=batch.get("position_ids"),
         use_cache=False,
     ).last_hidden_state
@@ -53,11 +61,10 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_sources(sources: list[DataSource], skip_bad_rows: bool):
+    """Rows of all sources; each row carries its source's format."""
     from tunelab.data import load_rows
 
-    rows = load_rows(sources, skip_bad_rows=skip_bad_rows)
-    formats = {s.path: s.format for s in sources}
-    return rows, formats
+    return load_rows(sources, skip_bad_rows=skip_bad_rows)
 
 
 def split_eval(cfg: Config, train_rows: list, eval_rows: list) -> tuple[list, list]:
@@ -76,22 +83,24 @@ class SFT(Objective):
         super().__init__(cfg, tokenizer)
         self.stats: dict = {}
 
-    def _examples(self, rows, formats):
+    def _examples(self, rows):
         from tunelab.data import build_sft_examples, pack_examples
 
-        examples, stats = build_sft_examples(rows, lambda row: formats[row.source], self.tokenizer, self.cfg.data)
+        examples, stats = build_sft_examples(rows, None, self.tokenizer, self.cfg.data)
         if self.cfg.data.packing:
             examples = pack_examples(examples, self.cfg.data.max_length)
         return examples, stats
 
     def datasets(self):
         data = self.cfg.data
-        train_rows, formats = load_sources(data.train, data.skip_bad_rows)
-        eval_rows, eval_formats = load_sources(data.eval, data.skip_bad_rows) if data.eval else ([], {})
-        train_rows, eval_rows = split_eval(self.cfg, train_rows, eval_rows)
-        formats.update(eval_formats)
-        train, self.stats = self._examples(train_rows, formats)
-        evals = self._examples(eval_rows, formats)[0] if eval_rows else []
+        train_rows = load_sources(data.train, data.skip_bad_rows)
+        eval_rows = load_sources(data.eval, data.skip_bad_rows) if data.eval else []
+        skipped = getattr(train_rows, "skipped", 0) + getattr(eval_rows, "skipped", 0)
+        train_rows, eval_rows = split_eval(self.cfg, list(train_rows), list(eval_rows))
+        train, self.stats = self._examples(train_rows)
+        evals = self._examples(eval_rows)[0] if eval_rows else []
+        if skipped:
+            self.stats["skipped_bad_rows"] = skipped
         return train, evals
 
     def collate(self, items):
