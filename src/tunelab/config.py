@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(Exception):
@@ -195,6 +195,28 @@ class MLMConfig(Section):
     whole_word: bool = False
 
 
+class EvalConfig(Section):
+    """`tunelab eval`: which rows, how generations are scored, what is measured."""
+
+    data: list[DataSource] = []  # default: data.eval, else the data.eval_fraction hold-out of data.train
+    scorer: str = "exact_match"  # exact_match | contains | module:function (called as f(prompt=, response=, answer=))
+    metrics: list[Literal["perplexity", "generation", "preference"]] | None = None  # None: all the data allows
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_rows: int | None = Field(None, gt=0)  # per source, the first ones
+    reference: str | None = None  # a model/run dir: adds the DPO implicit reward margin (beta = dpo.beta)
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, value: str) -> str:
+        import re
+
+        if value not in ("exact_match", "contains") and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+            raise ValueError(f"must be exact_match, contains or module:function "
+                             f"(e.g. tunelab.tasks:correctness_reward), got {value!r}")
+        return value
+
+
 Method = Literal["sft", "pretrain", "mlm", "reward", "dpo", "ppo", "grpo", "distill"]
 
 
@@ -214,6 +236,7 @@ class Config(Section):
     teacher: TeacherConfig | None = None
     distill: DistillConfig = DistillConfig()
     mlm: MLMConfig = MLMConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _combinations(self):
