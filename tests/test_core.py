@@ -116,3 +116,37 @@ def test_resume_gives_the_same_weights(base, data, tmp_path):
     losses_s = [m["loss"] for m in _metrics(tmp_path / "straight")]
     losses_r = [m["loss"] for m in _metrics(partial)]
     assert losses_s == pytest.approx(losses_r, abs=1e-6)
+
+
+def test_qlora_merge_reproduces_the_trained_quantized_model(base, data, tmp_path):
+    """QLoRA trains against NF4-rounded weights; the merge goes into the dequantized base, so it equals
+    (dequantized base + adapter) exactly, and is far closer to the trained 4-bit model than a naive merge
+    into the original full-precision base. (bitsandbytes' CPU 4-bit matmul itself differs from
+    dequantize-then-matmul by ~0.5 % relative, so the 4-bit model is matched loosely.)"""
+    import bitsandbytes.functional as bnbf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.model import merge
+
+    qlora = {"path": str(base), "quantize": "nf4", "double_quant": True}
+    trainer = run(config_dict(base, data, tmp_path / "q", model=qlora, adapter=LORA, train={"lr": 5e-3}))
+    # Reference: the 4-bit weights this run trained against, dequantized by bitsandbytes, + the adapter
+    # through PEFT. Read them before any inference forward: bitsandbytes repacks CPU weights for inference.
+    dequant = AutoModelForCausalLM.from_pretrained(base)
+    quantized = dict(trainer.module.model.get_base_model().named_modules())
+    with torch.no_grad():
+        for name, module in dequant.named_modules():
+            q = quantized.get(f"{name}.base_layer")  # PEFT wraps each quantized linear
+            if q is not None:
+                module.weight.copy_(bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state))
+    ids = torch.randint(5, 300, (2, 24))
+    reference = logits_of(PeftModel.from_pretrained(dequant, tmp_path / "q" / "final").eval(), ids)
+    trained = logits_of(trainer.module.model.eval(), ids)
+    merged = logits_of(AutoModelForCausalLM.from_pretrained(
+        merge(str(tmp_path / "q"), str(tmp_path / "m"), dtype="float32")).eval(), ids)
+    naive = logits_of(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "q" / "final")
+                      .merge_and_unload().eval(), ids)
+
+    assert (merged - reference).abs().max() < 1e-5
+    assert (merged - trained).abs().max() < 0.2 * (naive - trained).abs().max()
