@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.config import Config, InitConfig, UserError
@@ -38,16 +38,13 @@ CE_CHUNK = 2048
 NF4_BITS = 4 + 32 / 64
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 
-# Transformer layer names peft's "all-linear" matches in a Llama block (everything but lm_head).
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_GATED = ("gate_proj", "up_proj", "down_proj")
-MLP_PLAIN = ("up_proj", "down_proj")
-
 
 # ---------------------------------------------------------------- model shape
 
 @dataclass(frozen=True)
 class ModelShape:
+    """What the estimate needs to know about a decoder model (biases are not counted)."""
+
     hidden: int
     layers: int
     heads: int
@@ -189,6 +186,7 @@ DEVICES = {
     "h100-pcie": Device("H100 PCIe 80GB", 756, 80),
     "h200": Device("H200 141GB", 989, 141),
     "a100": Device("A100 80GB", 312, 80),
+    "a100-80gb": Device("A100 80GB", 312, 80),
     "a100-40gb": Device("A100 40GB", 312, 40),
     "l40s": Device("L40S 48GB", 362, 48),
     "a10": Device("A10 24GB", 125, 24),
@@ -222,7 +220,7 @@ def get_device(name: str | None) -> Device:
         return GENERIC_GPU
     key = name.lower()
     if key == "cpu":
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)
         return Device(f"CPU ({os.cpu_count()} cores, measured)", measure_cpu_tflops(), ram, CPU_MFU, cuda=False)
     if key not in DEVICES:
         raise UserError(f"--device {name}: unknown; choose cpu or one of {', '.join(DEVICES)}")
@@ -313,10 +311,10 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
     for name in p.targets:
         width, src = s.linears()[name][0], inputs[name]
         if p.autocast:
-            # fp32 adapters under autocast: peft casts x to fp32 first (except on 4-bit layers); autocast
-            # then gives lora_A a 16-bit copy, which it keeps.
-            dropped = in_bytes[src] if quant else 4
-            copies = not (quant and in_bytes[src] == 2)
+            # fp32 adapters under autocast: peft casts x to fp32 first (its 4-bit layer skips that under
+            # CUDA autocast); autocast then gives lora_A a 16-bit copy of an fp32 input, which it keeps.
+            dropped = in_bytes[src] if quant and p.cuda else 4
+            copies = dropped == 4
             kept = 2
         else:
             dropped, copies, kept = 4, False, 4
@@ -341,11 +339,11 @@ class Estimate:
     compute_dtype: str
     params: int
     trainable: int
-    memory: dict[str, float]  # bytes at the peak, by component (see peak_bytes for how they combine)
+    memory: dict[str, float]  # bytes by component (peak_rule says how they combine)
     labels: dict[str, str]  # a short note per component
     peak_bytes: float  # tensors at the peak moment of a step
+    peak_rule: str  # how the memory parts combine into the peak
     overhead_bytes: float  # CUDA context / allocator slack on top
-    tokens_per_step: int
     flops_per_token: float
     tokens_per_epoch: int | None
     tokens_source: str
@@ -375,8 +373,19 @@ def _dtypes(cfg: Config, dev: Device) -> tuple[str, str]:
     return weights, compute
 
 
-def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = True):
-    """(memory components in bytes, labels, peak bytes, params, trainable params)."""
+@dataclass
+class Memory:
+    parts: dict[str, float]  # bytes by component
+    labels: dict[str, str]  # a short note per component
+    peak: float  # bytes of tensors at the peak moment of a step
+    rule: str  # how the parts combine into the peak
+    params: int  # base + adapter
+    trainable: int
+    plan: Plan
+
+
+def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = True) -> Memory:
+    """Peak tensor memory of one training step of `cfg`, by component."""
     tc, ac = cfg.train, cfg.adapter
     mode = "qlora" if cfg.model.quantize else ("lora" if ac is not None else "full")
     weights_dtype, compute_dtype = _dtypes(cfg, dev)
@@ -404,7 +413,7 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         trainable = adapter + extra
         mem["adapter"] = adapter * 4 + extra * wb  # modules_to_save are trainable copies
         labels["adapter"] = f"LoRA r={ac.r} on {len(targets)}/{len(shape.linears())} linears per layer, fp32"
-    mem["gradients"] = (adapter * 4 + (trainable - adapter) * wb) if ac is not None else trainable * wb
+    mem["gradients"] = adapter * 4 + (trainable - adapter) * wb
     labels["gradients"] = "trainable params only"
 
     # -- optimizer
@@ -425,14 +434,16 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     x = 4 if mode == "qlora" else a
     # The final norm keeps its fp32 input, and in full FT its normalised value and (for the head) its output.
     final_norm = 4 * shape.hidden + ((1 if chunked_ce else 2) * a * shape.hidden if mode == "full" else 0)
-    cast_copies = 2 * adapter if plan.autocast and ac is not None else 0  # autocast's 16-bit copies of lora weights
+    # Autocast keeps 16-bit copies of fp32 weights it multiplies by: the adapters, and in QLoRA the fp32 head.
+    cast_copies = 2 * adapter if plan.autocast and ac is not None else 0
+    head_copy = 2 * head_out * shape.hidden if plan.autocast and mode == "qlora" else 0
     if tc.gradient_checkpointing:
         # Each block keeps only its input; one block at a time is recomputed in the backward pass.
-        kept = T * (shape.layers * x * shape.hidden + final_norm)
+        kept = T * (shape.layers * x * shape.hidden + final_norm) + head_copy
         recompute = T * per_layer + cast_copies / shape.layers
-        labels["activations"] = f"checkpointed: {shape.layers} block inputs + one block recomputed"
+        labels["activations"] = f"checkpointed: the inputs of {shape.layers} blocks"
     else:
-        kept = T * (shape.layers * per_layer + final_norm) + cast_copies
+        kept = T * (shape.layers * per_layer + final_norm) + cast_copies + head_copy
         recompute = 0
         labels["activations"] = f"{shape.layers} blocks x {per_layer / shape.hidden:.1f} bytes x hidden per token"
     # -- logits: the fp32 log-softmax kept for backward, then two fp32 gradients of it at once = 12 bytes per
@@ -443,10 +454,10 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         kept += T * x * shape.hidden  # the hidden states at label positions, input of the chunks
     labels["logits"] = f"chunked CE: {ce_tokens} positions at a time" if chunked_ce else f"whole micro-batch ({T} positions)"
     mem["activations"] = kept
-    # When checkpointing, the loss backward and a block's recomputation happen at different moments.
-    mem["logits"] = max(logits, recompute) if tc.gradient_checkpointing else logits
-    if tc.gradient_checkpointing and recompute > logits:
-        labels["logits"] += "; the block recompute peaks higher"
+    mem["logits"] = logits
+    if tc.gradient_checkpointing:
+        mem["recompute"] = recompute
+        labels["recompute"] = "one block's activations, rebuilt during the backward pass"
     mem["other"] = 0
     if mode == "qlora":
         # One 4-bit layer at a time is dequantized to the compute dtype (again in the backward pass).
@@ -456,14 +467,22 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         mem["step temp"] = step_temp
         labels["step temp"] = "foreach AdamW temporary, during optimizer.step()"
 
-    # -- the peak: gradients and activations coincide only once gradients outlive a step's first micro-batch
+    # -- the peak. Gradients and activations coincide only once gradients outlive a step's first micro-batch
+    # (grad_accum > 1): otherwise the backward pass creates gradients as it frees activations.
     static = mem["weights"] + mem.get("adapter", 0) + mem["optimizer"]
-    forward_backward = mem["activations"] + mem["logits"] + mem["other"]
+    # With checkpointing the loss backward and the blocks' recomputation happen one after the other.
+    transient = max(mem["logits"], mem.get("recompute", 0))
+    forward_backward = mem["activations"] + transient + mem["other"]
+    fb_rule = "activations + " + ("max(logits, recompute)" if "recompute" in mem else "logits") + \
+        (" + other" if mem["other"] else "")
+    rule = "weights" + (" + adapter" if "adapter" in mem else "") + " + optimizer"
     if tc.grad_accum > 1:
         peak = static + mem["gradients"] + max(forward_backward, step_temp)
+        rule += f" + gradients + max({fb_rule}, step temp)" if step_temp else f" + gradients + {fb_rule}"
     else:
         peak = static + max(forward_backward, mem["gradients"] + step_temp)
-    return mem, labels, peak, shape.params + (adapter if ac is not None else 0), trainable, plan
+        rule += f" + max({fb_rule}, gradients" + (" + step temp)" if step_temp else ")")
+    return Memory(mem, labels, peak, rule, shape.params + (adapter if ac is not None else 0), trainable, plan)
 
 
 # ---------------------------------------------------------------- tokens per epoch
@@ -518,18 +537,18 @@ def estimate(cfg: Config, device: str | None = None, memory_gb: float | None = N
     """
     dev = get_device(device) if isinstance(device, str) or device is None else device
     shape = shape or model_shape(cfg)
-    mem, labels, peak, params, trainable, plan = memory_breakdown(cfg, shape, dev, chunked_ce)
-    overhead = (GIB + 0.05 * peak) if dev.cuda else 0
+    m = memory_breakdown(cfg, shape, dev, chunked_ce)
+    overhead = (GIB + 0.05 * m.peak) if dev.cuda else 0
     if memory_gb is None and dev.memory_gib:
         memory_gb = dev.memory_gib
     tc = cfg.train
     seq = cfg.data.max_length
-    adapter = params - shape.params
+    adapter = m.params - shape.params
     fpt = flops_per_token(shape, seq, train_base=cfg.adapter is None, adapter_params=adapter,
                           checkpointing=tc.gradient_checkpointing)
     if chunked_ce:
         fpt += 2 * shape.vocab * shape.hidden  # the loss chunks recompute the head's forward
-    source = "given"
+    source = "given" if tokens else "no token count given"
     if tokens is None:
         tokens, source = count_tokens(cfg)
     seconds = None
@@ -537,17 +556,18 @@ def estimate(cfg: Config, device: str | None = None, memory_gb: float | None = N
         seconds = tokens * fpt / (dev.tflops * 1e12 * dev.mfu)
     weights_dtype, compute_dtype = _dtypes(cfg, dev)
     est = Estimate(
-        shape=shape, mode=plan.mode, device=dev, weight_dtype=weights_dtype, compute_dtype=compute_dtype,
-        params=params, trainable=trainable, memory=mem, labels=labels, peak_bytes=peak, overhead_bytes=overhead,
-        tokens_per_step=tc.micro_batch_size * tc.grad_accum * seq, flops_per_token=fpt,
+        shape=shape, mode=m.plan.mode, device=dev, weight_dtype=weights_dtype, compute_dtype=compute_dtype,
+        params=m.params, trainable=m.trainable, memory=m.parts, labels=m.labels, peak_bytes=m.peak,
+        peak_rule=m.rule, overhead_bytes=overhead,
+        flops_per_token=fpt,
         tokens_per_epoch=tokens, tokens_source=source, seconds_per_epoch=seconds, memory_gb=memory_gb,
         settings=dict(micro_batch=tc.micro_batch_size, grad_accum=tc.grad_accum, max_length=seq,
                       checkpointing=tc.gradient_checkpointing, optimizer=tc.optimizer, chunked_ce=chunked_ce,
-                      method=cfg.method),
+                      method=cfg.method, epochs=tc.epochs),
         assumptions=_assumptions(cfg, dev, chunked_ce),
     )
     if suggest and memory_gb is not None and not est.fits:
-        est.switches = switches(cfg, shape, dev, chunked_ce)
+        est.switches = switches(cfg, shape, dev, memory_gb, chunked_ce)
     return est
 
 
@@ -567,6 +587,9 @@ def _assumptions(cfg: Config, dev: Device, chunked_ce: bool) -> list[str]:
         notes.append(f"method {cfg.method}: extra models (reference, value, teacher) are not counted")
     if not chunked_ce:
         notes.append("loss over the whole micro-batch's logits (no chunking)")
+    weights, compute = _dtypes(cfg, dev)
+    if weights == "float32" and compute != weights and not cfg.model.quantize:
+        notes.append("mixed precision: activations counted as 16-bit (the fp32 residual stream is not)")
     return notes
 
 
@@ -578,14 +601,16 @@ def _with(cfg: Config, **sections) -> Config:
     return Config.model_validate(data)
 
 
-def switches(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = True) -> list[tuple[str, float]]:
-    """Each switch that lowers memory, alone and then combined in order: (description, predicted GiB)."""
+def switches(cfg: Config, shape: ModelShape, dev: Device, memory_gb: float,
+             chunked_ce: bool = True) -> list[tuple[str, float]]:
+    """What lowers the memory: each switch alone and, when none is enough, the switches combined in order
+    (least intrusive first) until the run fits. (description, predicted total GiB) pairs."""
     tc = cfg.train
     options = []
     if not tc.gradient_checkpointing:
         options.append(("gradient checkpointing", dict(train={"gradient_checkpointing": True})))
     if tc.micro_batch_size > 1:
-        accum = tc.grad_accum * tc.micro_batch_size
+        accum = tc.grad_accum * tc.micro_batch_size  # same tokens per optimizer step
         options.append((f"micro_batch_size 1, grad_accum {accum}",
                         dict(train={"micro_batch_size": 1, "grad_accum": accum})))
     if tc.optimizer == "adamw":
@@ -594,27 +619,30 @@ def switches(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = Tru
     if cfg.adapter is None and cfg.model.init is None:
         options.append(("LoRA r=16 all-linear", dict(adapter={"r": 16})))
     if not cfg.model.quantize and cfg.model.init is None and dev.cuda:
-        options.append(("QLoRA (NF4) r=16 all-linear", dict(model={"quantize": "nf4"},
-                                                            adapter=cfg.adapter.model_dump() if cfg.adapter else {"r": 16})))
+        adapter = cfg.adapter.model_dump() if cfg.adapter else {"r": 16}
+        options.append(("QLoRA (NF4)", dict(model={"quantize": "nf4"}, adapter=adapter)))
+    if cfg.data.max_length > 512:
+        n = cfg.data.max_length // 2
+        options.append((f"max_length {n} (truncates longer rows)", dict(data={"max_length": n})))
 
     def total(c: Config) -> float:
         return estimate(c, dev, tokens=0, chunked_ce=chunked_ce, shape=shape, suggest=False).total_bytes / GIB
 
     out = [(name, total(_with(cfg, **change))) for name, change in options]
+    if any(t <= memory_gb for _, t in out):
+        return out
     combined, steps = cfg, []
     for name, change in options:
         combined = _with(combined, **change)
-        steps.append(name)
+        steps = [s for s in steps if not (name.startswith("QLoRA") and s.startswith("LoRA"))] + [name]
         if len(steps) > 1:
             out.append((" + ".join(steps), total(combined)))
+            if out[-1][1] <= memory_gb:
+                break
     return out
 
 
 # ---------------------------------------------------------------- display
-
-def _gib(n: float) -> str:
-    return f"{n / GIB:8.2f}"
-
 
 def _count(n: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -624,6 +652,8 @@ def _count(n: float) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -635,37 +665,38 @@ def format_estimate(est: Estimate) -> str:
     s, st = est.shape, est.settings
     mode = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}[est.mode]
     lines = [
-        f"{s.name or 'model'}: {_count(est.params)} params ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab}), "
+        f"{s.name or 'model'}: {_count(s.params)} params ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab}), "
         f"{mode}, {est.weight_dtype} weights, {est.compute_dtype} compute, on {est.device.name}",
         f"trainable: {_count(est.trainable)} ({100 * est.trainable / est.params:.2f} %)",
         f"step: micro-batch {st['micro_batch']} x {st['max_length']} tokens, grad_accum {st['grad_accum']}, "
         f"gradient checkpointing {'on' if st['checkpointing'] else 'off'}, {st['optimizer']}",
-        "",
-        f"{'memory at the peak':<14}{'GiB':>8}",
     ]
-    for key in est.memory:
-        if est.memory[key] or key != "other":
-            lines.append(f"  {key:<12}{_gib(est.memory[key])}  {est.labels.get(key, '')}")
-    lines.append(f"  {'peak tensors':<12}{_gib(est.peak_bytes)}  (gradients overlap activations only with grad_accum > 1)")
+    unit, size = ("GiB", GIB) if est.total_bytes >= GIB else ("MiB", 2**20)
+    lines += ["", f"{'memory':<14}{unit:>8}"]
+    for key, n in est.memory.items():
+        if n or key != "other":
+            lines.append(f"  {key:<12}{n / size:8.2f}  {est.labels.get(key, '')}")
+    lines.append(f"  {'peak':<12}{est.peak_bytes / size:8.2f}  = {est.peak_rule}")
     if est.overhead_bytes:
-        lines.append(f"  {'runtime':<12}{_gib(est.overhead_bytes)}  CUDA context, allocator slack")
-    lines.append(f"  {'total':<12}{_gib(est.total_bytes)}")
+        lines.append(f"  {'runtime':<12}{est.overhead_bytes / size:8.2f}  CUDA context and workspaces, allocator slack")
+        lines.append(f"  {'total':<12}{est.total_bytes / size:8.2f}")
     if est.memory_gb is not None:
         verdict = "yes" if est.fits else "NO"
-        lines.append(f"fits in {est.memory_gb:g} GiB: {verdict}")
+        lines.append(f"fits in {est.memory_gb:g} GiB: {verdict} ({est.total_bytes / GIB:.1f} GiB)")
         if est.switches:
-            lines.append("would fit with:" if any(t <= est.memory_gb for _, t in est.switches) else "switches:")
+            lines.append("switches (predicted total):")
             for name, total in est.switches:
                 mark = "fits" if total <= est.memory_gb else "    "
                 lines.append(f"  {mark}  {total:7.2f} GiB  {name}")
     lines.append("")
     lines.append(f"compute: {est.flops_per_token / 1e9:.3g} GFLOP per token")
     if est.tokens_per_epoch:
-        line = f"tokens per epoch: {est.tokens_per_epoch:,} ({est.tokens_source})"
-        lines.append(line)
+        lines.append(f"tokens per epoch: {est.tokens_per_epoch:,} ({est.tokens_source})")
         if est.seconds_per_epoch is not None:
+            epochs = st["epochs"]
+            total = f", {epochs:g} epochs: {_duration(epochs * est.seconds_per_epoch)}" if epochs != 1 else ""
             lines.append(f"time per epoch: {_duration(est.seconds_per_epoch)} "
-                         f"(at {est.device.tflops * est.device.mfu:.3g} TFLOP/s)")
+                         f"(at {est.device.tflops * est.device.mfu:.3g} TFLOP/s){total}")
     else:
         lines.append(f"time per epoch: unknown ({est.tokens_source})")
     lines.append("assumptions: " + "; ".join(est.assumptions))

@@ -1,0 +1,309 @@
+"""tunelab.estimate: the pure maths, and predicted vs measured peak memory of real training steps on CPU.
+
+Measuring: RSS is no use here (glibc keeps freed blocks, the profiler and torch's runtime add hundreds of
+MB, and it measured 20-50 % above the tensors), so the peak is counted from torch's own allocator events:
+`torch.profiler` with `profile_memory=True` reports every CPU tensor allocation and free with its size.
+The profiled window is the second training step (the first creates the optimizer state); the bytes alive
+when it starts (weights, quantization constants, adapter, optimizer state) are summed from the tensors.
+
+`python tests/test_estimate.py` prints the predicted and measured peaks of all cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+
+from tunelab.config import Config
+from tunelab.estimate import (
+    CE_CHUNK,
+    GIB,
+    NF4_BITS,
+    NF4_DQ_BITS,
+    ModelShape,
+    count_tokens,
+    estimate,
+    flops_per_token,
+    format_estimate,
+    lora_params,
+    lora_targets,
+    model_shape,
+)
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def tiny_llama(h=256, layers=4, heads=4, kv=None, inter=688, vocab=8192, tied=True):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv or heads, intermediate_size=inter, vocab_size=vocab,
+                       max_position_embeddings=1024, tie_word_embeddings=tied)
+
+
+def shape_of(hf) -> ModelShape:
+    return ModelShape(hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads,
+                      hf.intermediate_size, hf.vocab_size, hf.tie_word_embeddings)
+
+
+def run_config(mode="full", mb=2, seq=256, accum=1, gc=False, bf16=False, dropout=0.05, r=16, optimizer="adamw",
+               path="tiny") -> Config:
+    model = {"path": path, "dtype": "bfloat16" if bf16 else "float32"}
+    if mode == "qlora":
+        model["quantize"] = "nf4"
+    data = {
+        "model": model,
+        "data": {"train": [{"path": "absent.jsonl"}], "max_length": seq},
+        "train": {"micro_batch_size": mb, "grad_accum": accum, "gradient_checkpointing": gc,
+                  "precision": "bf16" if bf16 else "fp32", "optimizer": optimizer},
+    }
+    if mode != "full":
+        data["adapter"] = {"r": r, "alpha": 2 * r, "dropout": dropout}
+    return Config.model_validate(data)
+
+
+# ---------------------------------------------------------------- pure maths
+
+def test_nf4_bits_per_param():
+    assert NF4_BITS == 4.5
+    assert abs(NF4_DQ_BITS - 4.127) < 0.001
+
+
+@pytest.mark.parametrize("targets,dora", [("all-linear", False), (["q_proj", "v_proj"], False), ("all-linear", True)])
+def test_param_counts_match_transformers_and_peft(targets, dora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    hf = tiny_llama(h=128, layers=2, heads=4, kv=2, inter=352, vocab=1000, tied=False)
+    shape = shape_of(hf)
+    model = LlamaForCausalLM(hf)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets, use_dora=dora))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert lora_params(shape, lora_targets(shape, targets), 8, dora) == trainable
+
+
+def test_flops_6n_full_4n_frozen_plus_attention():
+    s = ModelShape(512, 8, 8, 8, 1376, 8192)
+    n = s.linear_params + s.vocab * s.hidden  # matmul weights, the head included
+    assert flops_per_token(s, seq=0, train_base=True) == 6 * n
+    assert flops_per_token(s, seq=0, train_base=False) == 4 * n
+    assert flops_per_token(s, seq=0, train_base=False, adapter_params=1000) == 4 * n + 6 * 1000
+    assert flops_per_token(s, seq=256, train_base=True) - 6 * n == 6 * 8 * 256 * 512
+
+
+def test_shape_from_model_dir_and_init(tmp_path):
+    hf = tiny_llama(h=128, layers=3, heads=4, kv=2, inter=352, vocab=1000, tied=False)
+    hf.save_pretrained(tmp_path)  # config.json only: no weights are needed
+    cfg = Config.model_validate({"model": {"path": str(tmp_path)}, "data": {"train": [{"path": "x.jsonl"}]}})
+    assert model_shape(cfg) == ModelShape(128, 3, 4, 2, 352, 1000, False, head_dim=32, name=tmp_path.name)
+    cfg = Config.model_validate({"model": {"init": {"hidden_size": 512, "layers": 8, "heads": 8}},
+                                 "tokenizer": {"train": True, "vocab_size": 8192}, "data": {"train": [{"path": "x"}]}})
+    s = model_shape(cfg)
+    assert (s.hidden, s.layers, s.intermediate, s.vocab, s.tied) == (512, 8, 1408, 8192, True)
+
+
+def test_ce_chunk_mirrors_the_sft_loss():
+    sft = pytest.importorskip("tunelab.objectives.sft")
+    assert sft.CE_CHUNK == CE_CHUNK
+
+
+def test_tokens_from_data_files(tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps({"text": "x" * 387}) + "\n" for _ in range(10)))  # 400 bytes a row
+    cfg = Config.model_validate({"model": {"path": "llama-7b"}, "data": {"train": [{"path": str(rows)}]}})
+    tokens, how = count_tokens(cfg)
+    assert tokens == 10 * 100 and "10 rows" in how  # 400 bytes / 4 bytes per token
+    cfg = Config.model_validate({"model": {"path": "llama-7b"}, "data": {"train": [{"path": "missing.jsonl"}]}})
+    assert count_tokens(cfg)[0] is None
+    est = estimate(cfg, "h100", tokens=1_000_000)
+    # 1M tokens x 6N (N = 6.6 B with the head) at 40 % of 989 TFLOP/s: about 100 s
+    assert 90 < est.seconds_per_epoch < 120
+
+
+def readme_config(path, mode, mb=1, seq=512, gc=True, optimizer="adamw", **model) -> Config:
+    data = {"model": {"path": path, **model}, "data": {"train": [{"path": "x.jsonl"}], "max_length": seq},
+            "train": {"micro_batch_size": mb, "grad_accum": 16, "gradient_checkpointing": gc, "optimizer": optimizer}}
+    if mode != "full":
+        data["adapter"] = {"r": 16}
+    if mode == "qlora":
+        data["model"]["quantize"] = "nf4"
+    return Config.model_validate(data)
+
+
+def test_readme_scale_sanity():
+    # The QLoRA paper's headline: a 65B model fine-tuned on one 48 GB GPU.
+    qlora = estimate(readme_config("llama-65b", "qlora", optimizer="paged_adamw_8bit"), "l40s", tokens=0)
+    assert qlora.fits and 30 < qlora.total_bytes / GIB < 48
+    # Full fine-tuning of 7B with mixed precision (fp32 weights and AdamW state, bf16 autocast): 16 bytes/param.
+    mixed = estimate(readme_config("llama-7b", "full", dtype="float32"), "h100", tokens=0)
+    assert not mixed.fits and mixed.total_bytes / GIB > 100
+    # Our default keeps weights and AdamW state in bf16 (8 bytes/param): it fits at micro-batch 1, not at 4 x 2048.
+    assert estimate(readme_config("llama-7b", "full"), "h100", tokens=0).fits
+    assert not estimate(readme_config("llama-7b", "full", mb=4, seq=2048, gc=False), "h100", tokens=0).fits
+
+
+def test_switches_say_what_fits():
+    est = estimate(readme_config("llama-7b", "full", mb=4, seq=1024, gc=False), "rtx4090", tokens=0)
+    assert not est.fits
+    assert all(total < est.total_bytes / GIB for _, total in est.switches)
+    fitting = [name for name, total in est.switches if total <= 24]
+    assert fitting and all("LoRA" in name for name in fitting)
+    text = format_estimate(est)
+    assert "fits in 24 GiB: NO" in text and "QLoRA" in text
+
+
+# ---------------------------------------------------------------- predicted vs measured peak memory
+
+def live_bytes(model, optimizer) -> int:
+    """Bytes of the tensors a step starts with: params, buffers, 4-bit quantization state, optimizer state."""
+    storages = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:
+            for q in (qs.absmax, qs.code, qs.offset, *((qs.state2.absmax, qs.state2.code) if qs.state2 else ())):
+                add(q)
+    for state in optimizer.state.values():
+        for v in state.values():
+            add(v)
+    return sum(storages.values())
+
+
+def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
+    """The model as tunelab.model.build makes it (prepare_model_for_kbit_training, peft LoRA, checkpointing)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(0)
+    if mode == "qlora":
+        LlamaForCausalLM(hf).save_pretrained(tmp_path)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+        model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, quantization_config=quant,
+                                                 device_map={"": "cpu"})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = LlamaForCausalLM(hf).to(dtype)
+    if mode != "full":
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if gc and mode != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model.train()
+
+
+def profiled_peak(model, optimizer, step) -> int:
+    """Peak bytes of CPU tensors while `step()` runs: those alive at its start + the allocator's high mark."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = live_bytes(model, optimizer)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return start + peak
+
+
+def adamw(model):
+    """tunelab's CPU optimizer: foreach AdamW, norms and biases in their own group."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, foreach=True)
+
+
+def measure_peak(hf, mode="full", mb=2, seq=256, accum=1, gc=False, bf16=False, dropout=0.05, r=16,
+                 tmp_path=None) -> int:
+    """Peak tensor bytes of a training step like tunelab's loop: forward with labels and backward over
+    grad_accum micro-batches, gradient clipping, AdamW step, zero_grad."""
+    warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)
+    model = build_model(hf, mode, gc, bf16, dropout, r, tmp_path)
+    optimizer = adamw(model)
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    ids = torch.randint(0, hf.vocab_size, (mb, seq), generator=torch.Generator().manual_seed(0))
+
+    def step(batch=ids, micro_batches=accum):
+        for _ in range(micro_batches):
+            with amp():
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(ids[:1, :8], 1)  # a short first step creates the optimizer state
+    return profiled_peak(model, optimizer, step)
+
+
+CASES = {  # name: (model shape, run settings); vocab 8192, seq 256 throughout
+    "full h256": (dict(h=256), dict(mode="full")),
+    "full h512 gqa ckpt accum2": (dict(h=512, heads=8, kv=4, inter=1376), dict(mode="full", gc=True, accum=2, mb=1)),
+    "lora h256 8 layers": (dict(h=256, layers=8), dict(mode="lora", mb=1)),
+    "lora h512 gqa ckpt": (dict(h=512, heads=8, kv=4, inter=1376), dict(mode="lora", gc=True, mb=1)),
+    "qlora h256": (dict(h=256), dict(mode="qlora", mb=1)),
+    "qlora h512 ckpt": (dict(h=512, heads=8, inter=1376), dict(mode="qlora", gc=True, mb=1)),
+    # the GPU path: bf16 weights (QLoRA: bf16 compute) under bf16 autocast
+    "full h256 bf16 autocast": (dict(h=256, layers=2), dict(mode="full", bf16=True, mb=1)),
+    "qlora h256 bf16 autocast": (dict(h=256, layers=2), dict(mode="qlora", bf16=True, mb=1)),
+}
+
+
+def predicted_and_measured(name, tmp_path):
+    shape_kw, run = CASES[name]
+    hf = tiny_llama(**shape_kw)
+    cfg = run_config(**run)
+    est = estimate(cfg, device="cpu", chunked_ce=False, shape=shape_of(hf), tokens=0, suggest=False)
+    return est.peak_bytes, measure_peak(hf, tmp_path=tmp_path, **run)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_predicted_peak_matches_measured(name, tmp_path):
+    predicted, measured = predicted_and_measured(name, tmp_path)
+    assert abs(predicted / measured - 1) < 0.15, f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+
+
+def test_chunked_loss_of_the_sft_objective(tmp_path):
+    """The chunked-CE prediction against tunelab's own SFT loss: 2 x 1280 tokens, logits in 2 chunks."""
+    sft = pytest.importorskip("tunelab.objectives.sft")
+    hf = tiny_llama(layers=2)
+    model = build_model(hf, "lora", False, False, 0.05, 16, tmp_path)
+    optimizer = adamw(model)
+    ids = torch.randint(0, hf.vocab_size, (2, 1280), generator=torch.Generator().manual_seed(0))
+
+    def step(batch=ids):
+        total, n = sft.causal_lm_loss(model, {"input_ids": batch, "labels": batch})
+        (total / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(ids[:1, :8])
+    measured = profiled_peak(model, optimizer, step)
+    cfg = run_config(mode="lora", mb=2, seq=1280)
+    predicted = estimate(cfg, device="cpu", chunked_ce=True, shape=shape_of(hf), tokens=0, suggest=False).peak_bytes
+    assert abs(predicted / measured - 1) < 0.15
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            p, m = predicted_and_measured(case, tmp)
+        print(f"{case:28s} predicted {p / 2**20:7.1f} MiB  measured {m / 2**20:7.1f} MiB  {100 * (p / m - 1):+5.1f} %")
