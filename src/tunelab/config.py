@@ -167,6 +167,7 @@ class PPOConfig(RolloutConfig):
     minibatches: int = Field(1, gt=0)
     adaptive_kl: bool = False
     kl_target: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, gt=0)  # adaptive controller: sequences over which kl_coef may change ~20 %
     whiten_rewards: bool = False
 
 

@@ -293,6 +293,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "trainer": asdict(self.state),
+            "objective": self.objective.state_dict(),
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -308,6 +309,7 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["trainer"])
+        self.objective.load_state_dict(state.get("objective", {}))
         set_rng_state(self.state.rng)
         self.say(f"resumed from {path} (step {self.state.step})")
 
@@ -360,12 +362,25 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = {k: self.dist.sum(v, self.device) / units for k, v in metric_sums.items()}
         out["loss"] = loss_total / units
         out["grad_norm"] = grad_norm
         out["tokens"] = int(self.dist.sum(tokens, self.device))
+        return out
+
+    def _updates(self, updates: list[list[dict]]) -> dict | None:
+        """The optimizer updates of one loop step (one for most objectives; PPO: epochs x minibatches of a
+        rollout batch). The LR schedule advances once per loop step; metrics are averaged over the updates.
+        None when every update was skipped as non-finite."""
+        done = [m for m in (self._step(batches) for batches in updates) if m is not None]
+        if not done:
+            return None
+        self.scheduler.step()
+        out = {k: sum(m[k] for m in done) / len(done) for k in done[0]}
+        out["tokens"] = sum(m["tokens"] for m in done)
+        if len(updates) > 1:
+            out["updates"] = len(done)
         return out
 
     @torch.no_grad()
@@ -417,9 +432,9 @@ class Trainer:
             while state.step < self.total_steps:
                 window = stream.take(tc.grad_accum * self.dist.world)
                 mine = window[self.dist.rank::self.dist.world]
-                micro = list(self.objective.stream(self.module.model, (self._collate(i, self.train_items) for i in mine)))
+                updates = list(self.objective.updates(self.module.model, (self._collate(i, self.train_items) for i in mine)))
                 t0 = time.time()
-                metrics = self._step(micro)
+                metrics = self._updates(updates)
                 if metrics is None:
                     state.bad_steps += 1
                     state.skipped_total += 1

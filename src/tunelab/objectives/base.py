@@ -49,6 +49,20 @@ class Objective:
         """Micro-batches to train on. On-policy objectives turn prompt batches into rollouts here."""
         yield from batches
 
+    def updates(self, model: nn.Module, batches: Iterable[dict]) -> Iterator[list[dict]]:
+        """The optimizer updates of one loop step, each a list of micro-batches (loss normalised by the units
+        of that list). Default: one update over `stream`. PPO makes `ppo_epochs x minibatches` updates from
+        one rollout batch; the LR schedule, step count and checkpoints advance once per loop step."""
+        yield list(self.stream(model, batches))
+
+    def state_dict(self) -> dict:
+        """Objective state to checkpoint besides trainable weights (e.g. an adaptive KL coefficient):
+        plain Python numbers / tensors."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def preview(self, items: list, n: int) -> str:
         """Human-readable view of the first items: tokens and which carry loss."""
         from tunelab.data import preview

@@ -1,0 +1,241 @@
+"""Reward sources for ppo and grpo: a Python function, a reward model, or a judge model.
+
+Each source is a callable `(items, responses) -> tensor [N]` of float32 scores, one per response, where
+`items` are the PromptItems the responses answer and `responses` the decoded response texts (special
+tokens dropped, so the end-of-turn token is not part of the text).
+
+- `reward_function: module:function`: programmatic feedback. The module named by the user is imported
+  (nothing is ever eval'ed) and the function is called once per response as
+  `f(prompt=..., response=..., answer=...) -> float`; `prompt` is the user's text when the prompt is one
+  user message, else the list of messages; `answer` is the row's `answer` field (None when absent).
+- `reward_model: DIR`: an `AutoModelForSequenceClassification` with one output (a run dir, a normal HF dir,
+  or a LoRA adapter dir whose adapter carries the score head, as `method: reward` writes). Prompt and
+  response are rendered as one conversation exactly as reward training rendered its pairs (the reward
+  run's template), and the head's value at the reply's end-of-turn token is the score.
+- `judge: {path, template, yes, no}`: AI feedback (RLAIF). `template` is the question to the judge, with
+  `{prompt}`, `{response}` and `{answer}` replaced by the texts; it is sent as one user message through the
+  judge's chat template (raw text if it has none), and the score is P(yes) / (P(yes) + P(no)) from the
+  judge's next-token distribution: a number in [0, 1], smooth in the judge's confidence, with no sampling
+  and no parsing failures. `yes`/`no` default to "Yes"/"No"; the first tokens of the word with and
+  without a leading space are counted (a first token both words share, e.g. a lone space, is not).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from tunelab.config import UserError
+
+
+@dataclass
+class PromptItem:
+    """One `format: prompt` row, tokenized with the generation prompt."""
+
+    input_ids: list[int]
+    messages: list[dict]
+    answer: Any | None
+    where: str = ""
+
+    @property
+    def prompt(self):
+        """What reward functions receive as `prompt`: the text of a lone user message, else the messages."""
+        if len(self.messages) == 1 and self.messages[0]["role"] == "user":
+            return self.messages[0]["content"]
+        return self.messages
+
+    @property
+    def prompt_text(self) -> str:
+        if len(self.messages) == 1:
+            return self.messages[0]["content"]
+        return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
+
+
+# ---------------------------------------------------------------- reward function
+
+def load_function(spec: str, key: str) -> Callable:
+    """Import `module:function` (dotted attribute paths allowed); every failure is a UserError naming `key`."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name.strip() or not attr.strip():
+        raise UserError(f"{key}: {spec!r} is not of the form module:function "
+                        "(e.g. tunelab.tasks:correctness_reward)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # a rewards.py next to the config is importable, as users expect
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise UserError(f"{key}: no module named {e.name!r} (from {spec!r}); it must be importable: "
+                            "installed, on PYTHONPATH, or a .py file in the current directory") from None
+        raise UserError(f"{key}: importing {module_name!r} failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
+        raise UserError(f"{key}: importing {module_name!r} raised {type(e).__name__}: {e}") from None
+    fn: Any = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            names = [n for n in dir(fn) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
+            hint = f"; did you mean {module_name}:{close[0]}?" if close else ""
+            raise UserError(f"{key}: module {module_name!r} has no attribute {attr!r}{hint}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise UserError(f"{key}: {spec!r} is a {type(fn).__name__}, not a function")
+    try:
+        inspect.signature(fn).bind(prompt="", response="", answer=None)
+    except TypeError:
+        raise UserError(f"{key}: {spec!r} must accept the keyword arguments prompt, response and answer "
+                        "(add **kwargs to ignore the ones it does not need)") from None
+    except ValueError:
+        pass  # no signature to inspect (some builtins): find out at the first call
+    return fn
+
+
+class FunctionReward:
+    def __init__(self, spec: str, key: str):
+        self.spec, self.key = spec, key
+        self.fn = load_function(spec, key)
+
+    def __call__(self, items: list[PromptItem], responses: list[str]) -> torch.Tensor:
+        scores = []
+        for item, response in zip(items, responses):
+            try:
+                value = self.fn(prompt=item.prompt, response=response, answer=item.answer)
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"{self.key}: {self.spec} raised {type(e).__name__}: {e} "
+                                f"(prompt from {item.where or 'the data'}, response {response[:80]!r})") from e
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{self.key}: {self.spec} must return a number, got {type(value).__name__} "
+                                f"{value!r}") from None
+            if not math.isfinite(value):
+                raise UserError(f"{self.key}: {self.spec} returned {value} for response {response[:80]!r}")
+            scores.append(value)
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- reward model
+
+def _conversation_ids(messages: list[dict], template: str, tokenizer, generation_prompt: bool) -> list[int]:
+    from tunelab.data import render, tokenize_example
+
+    segments = render(messages, template, tokenizer, add_generation_prompt=generation_prompt)
+    return tokenize_example(segments, tokenizer, max_length=10**9, train_on_prompt=True).input_ids
+
+
+def _right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
+class ModelReward:
+    """The scalar head of a reward model (method: reward's output), read as reward training reads it:
+    tunelab.objectives.reward.load_reward_model / score render prompt + response with the template the
+    reward model was trained with (its run's config.yaml) and read the head at the reply's last token."""
+
+    def __init__(self, path: str, key: str, device: torch.device, batch_size: int = 16):
+        from tunelab.objectives.reward import load_reward_model
+
+        self.key, self.batch_size = key, batch_size
+        try:
+            self.model, self.tokenizer, self.data_cfg = load_reward_model(path, device=device)
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from None
+        self.model.requires_grad_(False)
+        labels = self.model.config.num_labels
+        if labels != 1:
+            raise UserError(f"{key}: {path} has {labels} output labels; a reward model has one scalar head "
+                            "(num_labels: 1), as method: reward trains")
+
+    @torch.no_grad()
+    def __call__(self, items: list[PromptItem], responses: list[str]) -> torch.Tensor:
+        from tunelab.objectives.reward import score
+
+        # an empty reply still renders its end-of-turn token, where the head is read
+        return score(self.model, self.tokenizer, self.data_cfg, [item.messages for item in items],
+                     [r or " " for r in responses], self.batch_size).float().cpu()
+
+
+# ---------------------------------------------------------------- judge
+
+JUDGE_KEYS = ("path", "template", "yes", "no")
+
+
+def _first_token_ids(word: str, tokenizer) -> set[int]:
+    ids = set()
+    for variant in (word, " " + word):
+        enc = tokenizer.encode(variant, add_special_tokens=False)
+        if enc:
+            ids.add(enc[0])
+    return ids
+
+
+class JudgeReward:
+    """P(yes) / (P(yes) + P(no)) of a causal LM asked `template` about each response."""
+
+    def __init__(self, spec: dict, key: str, device: torch.device, batch_size: int = 16):
+        from tunelab.model import load_pretrained
+
+        unknown = sorted(set(spec) - set(JUDGE_KEYS))
+        if unknown:
+            raise UserError(f"{key}: unknown key {unknown[0]!r}; a judge takes {', '.join(JUDGE_KEYS)}")
+        for name in ("path", "template"):
+            if not isinstance(spec.get(name), str) or not spec[name].strip():
+                raise UserError(f"{key}.{name}: required, a string "
+                                f"(judge: {{path: DIR, template: '... {{response}} ...'}})")
+        if "{response}" not in spec["template"]:
+            raise UserError(f"{key}.template: must contain {{response}} (and may use {{prompt}} and {{answer}})")
+        self.key, self.template, self.batch_size, self.device = key, spec["template"], batch_size, device
+        try:
+            self.model, self.tokenizer = load_pretrained(spec["path"], device=device, kind="causal_lm")
+        except UserError as e:
+            raise UserError(f"{key}.path: {e}") from None
+        self.model.requires_grad_(False)
+        yes, no = (_first_token_ids(str(spec.get(w, d)), self.tokenizer) for w, d in (("yes", "Yes"), ("no", "No")))
+        self.yes, self.no = sorted(yes - no), sorted(no - yes)  # a shared first token (a lone space) tells nothing
+        if not self.yes or not self.no:
+            raise UserError(f"{key}: the yes and no words must start with different tokens in the judge's tokenizer "
+                            f"(yes -> {self.yes}, no -> {self.no}); set {key}.yes / {key}.no")
+        self.chat = "auto" if getattr(self.tokenizer, "chat_template", None) else "none"
+
+    def question(self, item: PromptItem, response: str) -> str:
+        answer = "" if item.answer is None else str(item.answer)
+        return (self.template.replace("{prompt}", item.prompt_text).replace("{answer}", answer)
+                .replace("{response}", response))
+
+    def input_ids(self, item: PromptItem, response: str) -> list[int]:
+        return _conversation_ids([{"role": "user", "content": self.question(item, response)}], self.chat,
+                                 self.tokenizer, True)
+
+    @torch.no_grad()
+    def __call__(self, items: list[PromptItem], responses: list[str]) -> torch.Tensor:
+        rows = [self.input_ids(item, r) for item, r in zip(items, responses)]
+        out = []
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s:s + self.batch_size]
+            ids, mask = _right_pad(chunk, self.tokenizer.pad_token_id, self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            last = torch.tensor([len(r) - 1 for r in chunk], device=self.device)
+            p = torch.softmax(logits[torch.arange(len(chunk), device=self.device), last].float(), -1)
+            yes, no = p[:, self.yes].sum(-1), p[:, self.no].sum(-1)
+            out.append((yes / (yes + no).clamp(min=1e-12)).cpu())
+        return torch.cat(out)
+
+
+def make_reward(section, key: str, device: torch.device):
+    """The configured source of `section` (a PPOConfig / GRPOConfig); `key` is its config path (ppo, grpo)."""
+    if section.reward_function is not None:
+        return FunctionReward(section.reward_function, f"{key}.reward_function")
+    if section.reward_model is not None:
+        return ModelReward(section.reward_model, f"{key}.reward_model", device)
+    return JudgeReward(dict(section.judge), f"{key}.judge", device)
