@@ -132,7 +132,7 @@ def test_qlora_merge_reproduces_the_trained_quantized_model(base, data, tmp_path
     qlora = {"path": str(base), "quantize": "nf4", "double_quant": True}
     trainer = run(config_dict(base, data, tmp_path / "q", model=qlora, adapter=LORA, train={"lr": 5e-3}))
     # Reference: the 4-bit weights this run trained against, dequantized by bitsandbytes, + the adapter
-    # through PEFT. Read them before any inference forward: bitsandbytes repacks CPU weights for inference.
+    # through PEFT. (model.keep_4bit_layout stops bitsandbytes repacking them at the first eval forward.)
     dequant = AutoModelForCausalLM.from_pretrained(base)
     quantized = dict(trainer.module.model.get_base_model().named_modules())
     with torch.no_grad():

@@ -150,11 +150,6 @@ class RLObjective(Objective):
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                # bitsandbytes Linear4bit repacks its weight for a CPU inference kernel at the first eval-mode
-                # forward (our rollouts), for good: bf16 block constants and a kernel with no backward, so the
-                # updates after it would backprop wrongly through the 4-bit layers. Keep the trainable layout.
-                module.support_avx512bf16_for_cpu = False
         self.lora = hasattr(model, "disable_adapter")
         if not self.lora and self.needs_reference():
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
