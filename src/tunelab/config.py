@@ -36,6 +36,17 @@ class InitConfig(Section):
     max_position: int = Field(1024, gt=0)
     tie_embeddings: bool = True
 
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"model.init.hidden_size ({self.hidden_size}) must be a multiple of model.init.heads ({self.heads})")
+        if self.kv_heads is not None:
+            if self.architecture == "bert":
+                raise ValueError("model.init.kv_heads: bert has no grouped-query attention; leave kv_heads out")
+            if self.heads % self.kv_heads:
+                raise ValueError(f"model.init.heads ({self.heads}) must be a multiple of model.init.kv_heads ({self.kv_heads})")
+        return self
+
 
 class ModelConfig(Section):
     path: str | None = None
@@ -253,6 +264,18 @@ class Config(Section):
             )
         if self.method == "distill" and self.teacher is None:
             raise ValueError("method: distill needs a `teacher: {path: ...}` section")
+        if self.tokenizer.train and self.model.init is None:
+            raise ValueError("tokenizer.train builds a vocabulary for a new model (model.init); a loaded model "
+                             "keeps the tokenizer its embeddings were trained with")
+        init = self.model.init
+        if init is not None:
+            if (init.architecture == "bert" and self.method not in ("mlm", "reward")) or (
+                    init.architecture == "llama" and self.method == "mlm"):
+                raise ValueError(f"method: {self.method} cannot train a model.init.architecture: {init.architecture} "
+                                 "model; mlm needs an encoder (bert), the generative methods a decoder (llama)")
+            if init.architecture == "bert" and self.data.max_length > init.max_position:
+                raise ValueError(f"data.max_length ({self.data.max_length}) exceeds model.init.max_position "
+                                 f"({init.max_position}): bert has a learned embedding per position")
         if self.method in ("ppo", "grpo"):
             section = self.ppo if self.method == "ppo" else self.grpo
             sources = [section.reward_model, section.reward_function, section.judge]

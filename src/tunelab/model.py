@@ -171,7 +171,7 @@ def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = No
     from tunelab.data import prepare_tokenizer
 
     tokenizer = load_run_tokenizer(cfg)
-    added = prepare_tokenizer(cfg.data.template, tokenizer) if kind == "causal_lm" else 0
+    added = prepare_tokenizer(cfg.data.template, tokenizer) if kind == "causal_lm" and uses_chat_template(cfg) else 0
     if added and cfg.adapter is not None:
         raise UserError(
             "data.template: the chatml template needs <|im_start|>/<|im_end|> tokens this tokenizer lacks; new "
@@ -190,13 +190,23 @@ def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = No
     return model, tokenizer
 
 
+def uses_chat_template(cfg: Config) -> bool:
+    """Raw-text training (pretrain; distill on text / completion rows) renders no chat template, so it must not
+    grow the vocabulary with the template's tokens (a distillation student must keep the teacher's)."""
+    if cfg.method == "pretrain":
+        return False
+    if cfg.method == "distill":
+        return any(s.format not in ("text", "completion") for s in cfg.data.train + cfg.data.eval)
+    return True
+
+
 def load_run_tokenizer(cfg: Config):
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
     if cfg.model.init is not None:
-        from tunelab.init import train_tokenizer
+        from tunelab.init import init_tokenizer  # tokenizer.train, or the teacher's for distillation
 
-        return train_tokenizer(cfg)
+        return init_tokenizer(cfg)
     return load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
 
 

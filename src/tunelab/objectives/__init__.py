@@ -10,6 +10,9 @@ from tunelab.objectives.base import Objective
 # method name -> "module:Class", imported on first use so a run pays only for what it trains.
 REGISTRY = {
     "sft": "tunelab.objectives.sft:SFT",
+    "pretrain": "tunelab.objectives.pretrain:Pretrain",
+    "mlm": "tunelab.objectives.mlm:MLM",
+    "distill": "tunelab.objectives.distill:Distill",
     "ppo": "tunelab.objectives.rl:PPO",
     "grpo": "tunelab.objectives.rl:GRPO",
 }
