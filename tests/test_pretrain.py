@@ -348,21 +348,20 @@ def test_pretraining_from_scratch_lowers_loss_then_continues_from_the_saved_mode
 def test_mlm_from_scratch_trains_saves_and_resumes_exactly(corpus, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    common = {"micro_batch_size": 16, "lr": 1e-2, "max_steps": 8}
-    straight = _train(_cfg(corpus, tmp_path / "s", "mlm", "bert", mlm={"whole_word": True}, train=common))
-    losses = [r["loss"] for r in _metrics(tmp_path / "s")]
+    run = tmp_path / "mlm"
+    cfg = _cfg(corpus, run, "mlm", "bert", mlm={"whole_word": True},
+               train={"micro_batch_size": 16, "lr": 1e-2, "max_steps": 8, "save_every": 4, "keep_checkpoints": 3})
+    straight = _train(cfg)
+    weights = {k: v.detach().clone() for k, v in straight.module.named_parameters()}
+    losses = [r["loss"] for r in _metrics(run)]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5, losses  # 5.77 -> 4.40 nats when written
-    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "s" / "final")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "s" / "final")
+    model = AutoModelForMaskedLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
     assert (model.config.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (0, 1, 2, 3)
-    # resume: masks come from the checkpointed RNG, so the resumed run ends on the same weights
-    partial = _cfg(corpus, tmp_path / "p", "mlm", "bert", mlm={"whole_word": True},
-                   train={**common, "save_every": 4, "keep_checkpoints": 3})
-    _train(partial)
-    shutil.rmtree(tmp_path / "p" / "checkpoints" / "step-00000008")
-    shutil.rmtree(tmp_path / "p" / "final")
-    resumed = _train(partial, resume=True)
-    a = dict(straight.module.named_parameters())
-    b = dict(resumed.module.named_parameters())
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    assert [r["loss"] for r in _metrics(tmp_path / "p")] == pytest.approx(losses, abs=1e-6)
+    # resume from step 4, as if the run had died there: masks come from the checkpointed RNG, so the resumed
+    # run draws the same masks and ends on the same weights
+    shutil.rmtree(run / "checkpoints" / "step-00000008")
+    shutil.rmtree(run / "final")
+    resumed = _train(cfg, resume=True)
+    assert max((weights[k] - v).abs().max().item() for k, v in resumed.module.named_parameters()) < 1e-6
+    assert [r["loss"] for r in _metrics(run)] == pytest.approx(losses, abs=1e-6)
