@@ -17,12 +17,12 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
+    cfg = _config(args)  # checked here first, so a config mistake is reported once, before any process starts
     nproc = args.nproc
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         from tunelab.launch import launch
 
-        return launch(nproc, sys.argv[1:])
-    cfg = _config(args)
+        return launch(nproc, getattr(args, "argv", None) or sys.argv[1:])
     from tunelab.trainer import train
 
     train(cfg, resume=args.resume)
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
     except UserError as e:
@@ -202,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # training-time conditions with their own message
+        from tunelab.checkpoint import CheckpointWriteError
         from tunelab.trainer import Interrupted, TooManyBadSteps
 
-        if isinstance(e, (Interrupted, TooManyBadSteps)):
-            print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+        if isinstance(e, (Interrupted, TooManyBadSteps, CheckpointWriteError)):
+            if os.environ.get("RANK", "0") == "0":  # every rank stops together with the same message: say it once
+                print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
             return 130 if isinstance(e, Interrupted) else 3
         raise
 

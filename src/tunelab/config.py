@@ -371,8 +371,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"config file not found: {p}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: file:line, what the parser found
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise UserError(f"{where}: not valid YAML: {what}" + (f" (column {mark.column + 1})" if mark else "")) from None
         if not isinstance(data, dict):
             raise UserError(f"{p}: the config must be a mapping of sections (model:, data:, train: ...)")
     for key, value in parse_overrides(overrides or []):

@@ -73,6 +73,11 @@ def check_model_dir(path: str, allow_pickle: bool) -> None:
             f"{path}: holds only pickle weights (.bin/.pt), which can run code when loaded; "
             "convert them to safetensors, or set model.allow_pickle: true if you trust the source"
         )
+    if not has_safetensors and has_pickle:
+        import sys
+
+        print(f"warning: {path}: loading pickle weights (.bin/.pt) because model.allow_pickle is true; pickle can "
+              "run arbitrary code, so only do this for a source you trust", file=sys.stderr)
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -168,6 +173,13 @@ def enable_gradient_checkpointing(model) -> None:
 
 def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = None):
     """Tokenizer + trainable model as `cfg` describes: base, quantized, adapted, checkpointed."""
+    tokenizer, added = build_tokenizer(cfg, kind)
+    return build_model(cfg, kind, device, tokenizer, added), tokenizer
+
+
+def build_tokenizer(cfg: Config, kind: str = "causal_lm"):
+    """(the run's tokenizer with the template's tokens added, how many were added). Split from build_model so the
+    trainer can read and check the data before it loads any weights."""
     from tunelab.data import prepare_tokenizer
 
     tokenizer = load_run_tokenizer(cfg)
@@ -177,6 +189,11 @@ def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = No
             "data.template: the chatml template needs <|im_start|>/<|im_end|> tokens this tokenizer lacks; new "
             "tokens need new embedding rows, which an adapter does not train. Use template: alpaca (or the "
             "model's own chat template), or full fine-tuning")
+    return tokenizer, added
+
+
+def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, added: int = 0):
+    """The trainable model for a tokenizer from build_tokenizer (`added`: tokens it added, so rows to grow)."""
     model = load_model(cfg, kind, device, tokenizer)
     if added:
         model.resize_token_embeddings(len(tokenizer))
@@ -187,7 +204,7 @@ def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = No
         )
     if cfg.train.gradient_checkpointing and not cfg.model.quantize:
         enable_gradient_checkpointing(model)
-    return model, tokenizer
+    return model
 
 
 def uses_chat_template(cfg: Config) -> bool:
@@ -229,11 +246,12 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """Adapter dir for PEFT models, full `save_pretrained` dir otherwise; tokenizer beside it."""
+def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Adapter dir for PEFT models, full `save_pretrained` dir otherwise; tokenizer beside it.
+    `state_dict`: the full weights when the model's own are sharded (FSDP gathers them first)."""
     quiet_imports()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(out_dir)
 
 

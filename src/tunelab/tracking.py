@@ -48,7 +48,7 @@ class Tracker:
         """Drop lines logged after the checkpoint we resume from, so the log reads as one continuous run."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
@@ -63,6 +63,14 @@ class Tracker:
         self._file.close()
         if hasattr(self, "_close_tb"):
             self._close_tb()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line torn by a crash mid-write (or any unreadable one) counts as past the end."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(v):

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,27 +41,93 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run started the process group, so it ends it
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls, single_rank_group: bool = False) -> "Dist":
+        """From torchrun's variables. A process group is started for world > 1, and for a world of 1 under torchrun
+        when `single_rank_group` (FSDP on one GPU still shards through the same collectives)."""
         world = int(os.environ.get("WORLD_SIZE", 1))
-        if world > 1 and not dist.is_initialized():
+        wanted = world > 1 or (single_rank_group and "WORLD_SIZE" in os.environ)
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        owns = wanted and not dist.is_initialized()
+        if owns:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
-        if world > 1 and torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return cls(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)), owns)
 
-    def sum(self, value: float | torch.Tensor, device) -> float:
-        if self.world == 1:
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def _device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def sum(self, value: float | torch.Tensor, device=None) -> float:
+        if not self.initialized:
             return float(value)
-        t = torch.as_tensor(float(value), dtype=torch.float64, device=device)
+        t = torch.as_tensor(float(value), dtype=torch.float64, device=self._device())
         dist.all_reduce(t)
         return float(t)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (a stop request, a failed write)."""
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def from_main(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if not self.initialized:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def agree(self, fn):
+        """Run `fn` on rank 0 only and give its result to every rank; a UserError it raises is raised on every rank
+        (so no rank waits forever at a collective its peer never reaches)."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except UserError as e:
+                error = str(e)
+        result, error = self.from_main((result, error))
+        if error is not None:
+            raise UserError(error)
+        return result
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (it trains the tokenizer, writes caches); the others wait, then run it and read
+        what rank 0 wrote. If rank 0 fails, the others fail with its message instead of waiting forever."""
+        if not self.initialized:
+            yield
+            return
+        if self.main:
+            try:
+                yield
+            except BaseException as e:
+                self.from_main(str(e) if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}: {e}")
+                raise
+            self.from_main(None)
+        else:
+            error = self.from_main(None)
+            if error is not None:
+                raise UserError(error)
+            yield
+
+    def close(self) -> None:
+        if self.owns_group and self.initialized:
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- state
@@ -127,7 +194,9 @@ def make_optimizer(tc: TrainConfig, module: nn.Module, device: torch.device) -> 
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if tc.optimizer == "adamw":
-        fused = device.type == "cuda"
+        # The fused kernel updates each parameter in one pass; on CPU it is several times faster than the
+        # foreach path, which makes ~6 full passes over the weights and both moments (bench/README.md).
+        fused = device.type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.adam_betas, fused=fused, foreach=None if fused else True)
     if device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
         raise UserError("train.optimizer: paged_adamw_8bit is CUDA only (it pages optimizer state through "
@@ -193,21 +262,50 @@ class Batches:
         return out
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """torch.distributed.checkpoint warns that it assumes one process when no process group exists: that is intended
+    (an FSDP-format checkpoint written or read by a single process)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+        yield
+
+
 # ---------------------------------------------------------------- the run
 
-RESUME_KEYS = ("model", "adapter", "method", "data", "tokenizer", "train.micro_batch_size", "train.grad_accum",
-               "train.seed", "train.optimizer")
+# What fixes the weights, the data and its order. train.grad_accum is checked as part of the global batch
+# (micro_batch_size x grad_accum x ranks), so a resume on another number of ranks stays exact when that is kept.
+RESUME_KEYS = ("model", "adapter", "method", "data", "tokenizer", "train.micro_batch_size", "train.seed",
+               "train.optimizer", "train.distributed")
 
 
-def _check_resume_compatible(saved: Config, cfg: Config) -> None:
-    old, new = saved.model_dump(), cfg.model_dump()
+def _check_resume_compatible(saved: dict, cfg: Config, source: str, saved_world: int = 1, world: int = 1) -> None:
+    old, new = saved, cfg.model_dump(mode="json")
+    accum = (old.get("train") or {}).get("grad_accum")
+    if accum is not None and accum * saved_world != cfg.train.grad_accum * world:
+        fix = (f"; on {world} rank(s) set train.grad_accum: {accum * saved_world // world}"
+               if accum * saved_world % world == 0 else "")
+        raise UserError(
+            f"--resume: the global batch changed since {source} was written (train.grad_accum x ranks: "
+            f"{accum} x {saved_world} -> {cfg.train.grad_accum} x {world}); that breaks an exact resume{fix}")
     for key in RESUME_KEYS:
         a, b = old, new
         for part in key.split("."):
-            a, b = a.get(part), b.get(part)
+            a, b = (a or {}).get(part), (b or {}).get(part)
         if a != b:
             raise UserError(
-                f"--resume: '{key}' changed since the checkpoint was written ({a!r} -> {b!r}); "
+                f"--resume: '{key}' changed since {source} was written ({a!r} -> {b!r}); "
                 "that breaks an exact resume. Restore it, or start a new run with another output_dir"
             )
 
@@ -219,62 +317,116 @@ def _check_output_dir(run_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"output_dir {run_dir} is not writable: {e.strerror}") from None
+        culprit = f" ({e.filename})" if e.filename and str(e.filename) != str(run_dir) else ""
+        raise UserError(f"output_dir {run_dir} is not writable: {e.strerror or e}{culprit}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, say=print):
         self.cfg = cfg
         self.say = say
-        self.dist = Dist.from_env()
+        self.dist = Dist.from_env(single_rank_group=cfg.train.distributed == "fsdp")
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.resume_from = self._find_resume() if resume else None
-        if not resume and checkpoint.list_steps(self.ckpt_root):
-            raise UserError(
-                f"{self.ckpt_root} already holds checkpoints; continue with `tunelab train CONFIG --resume`, "
-                "or set another output_dir"
-            )
-        if self.dist.main:
-            _check_output_dir(self.run_dir)
         self._stop_signal: int | None = None
+        self._saved_step: int | None = None
+        # Everything that can be checked without loading anything heavy, once (rank 0), before the data and model.
+        try:
+            self.resume_from = self.dist.agree(lambda: self._preflight(resume))
+        except BaseException:
+            self.dist.close()
+            raise
+
+    def _preflight(self, resume: bool) -> Path | None:
+        from tunelab.objectives import REGISTRY
+
+        cfg = self.cfg
+        if cfg.method not in REGISTRY:
+            raise UserError(f"method: {cfg.method} is not available in this version (available: {', '.join(REGISTRY)})")
+        if cfg.train.distributed == "fsdp" and cfg.model.quantize:
+            raise UserError("train.distributed: fsdp cannot shard 4-bit (model.quantize) weights; use distributed: ddp "
+                            "for QLoRA, or leave out model.quantize to shard a full-precision model")
+        _check_output_dir(self.run_dir)
+        for line in checkpoint.clean_leftovers(self.ckpt_root):
+            self.say(line)
+        final, old = self.run_dir / "final", self.run_dir / ".final-old"
+        if old.is_dir() and not final.exists():  # killed while swapping in a new final/: the old one is whole
+            os.rename(old, final)
+        for leftover in (self.run_dir / ".final-tmp", old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if cfg.model.path and cfg.model.init is None:
+            from tunelab.model import check_model_dir
+
+            check_model_dir(cfg.model.path, cfg.model.allow_pickle)
+        if not resume:
+            if checkpoint.list_steps(self.ckpt_root):
+                raise UserError(
+                    f"{self.ckpt_root} already holds checkpoints; continue with `tunelab train CONFIG --resume`, "
+                    "or set another output_dir")
+            return None
+        return self._find_resume()
 
     def _find_resume(self) -> Path:
-        path = checkpoint.latest_valid(self.ckpt_root, warn=self.say)
+        path = checkpoint.latest_valid(self.ckpt_root, warn=self.say, quarantine=True)
         if path is None:
             raise UserError(f"--resume: no usable checkpoint in {self.ckpt_root}")
-        saved_cfg = self.run_dir / "config.yaml"
-        if saved_cfg.is_file():
-            _check_resume_compatible(load_config(saved_cfg), self.cfg)
+        meta = checkpoint.manifest(path).get("meta", {})
+        saved = meta.get("config")
+        if saved is not None:
+            _check_resume_compatible(saved, self.cfg, str(path), meta.get("world_size", 1), self.dist.world)
+        elif (self.run_dir / "config.yaml").is_file():
+            saved_cfg = load_config(self.run_dir / "config.yaml")
+            _check_resume_compatible(saved_cfg.model_dump(mode="json"), self.cfg, str(self.run_dir / "config.yaml"))
+        if checkpoint.is_sharded(path) != (self.cfg.train.distributed == "fsdp"):
+            raise UserError(f"--resume: {path} was written with train.distributed: "
+                            f"{'fsdp' if checkpoint.is_sharded(path) else 'ddp'}; resume with the same setting")
         return path
 
     # -- setup
 
     def setup(self) -> None:
-        from tunelab.model import build, pick_device
+        """Tokenizer and data first (cheap, and where most mistakes are), then the model, then the wrapping."""
+        from tunelab.model import build_model, build_tokenizer, pick_device, quiet_imports
         from tunelab.objectives import make_objective, model_kind
 
-        cfg = self.cfg
-        seed_everything(cfg.train.seed)
+        cfg, tc = self.cfg, self.cfg.train
+        quiet_imports()
+        seed_everything(tc.seed)
         self.device = pick_device()
-        self.autocast, self.scaler = precision_context(cfg.train.precision, self.device)
-        if self.device.type != "cuda" and cfg.train.optimizer == "paged_adamw_8bit":
-            make_optimizer(cfg.train, nn.Linear(1, 1), self.device)  # raises the clear error before loading
-        self.model, self.tokenizer = build(cfg, model_kind(cfg.method), self.device)
-        self.objective = make_objective(cfg, self.tokenizer)
-        self.train_items, self.eval_items = self.objective.datasets()
-        if not self.train_items:
-            raise UserError("no training examples left after loading and filtering the data")
+        self.autocast, self.scaler = precision_context(tc.precision, self.device)
+        if self.device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
+            make_optimizer(tc, nn.Linear(1, 1), self.device)  # raises the clear error before loading
+        kind = model_kind(cfg.method)
+        # Rank 0 first: it trains and saves a tokenizer (model.init) and writes the tokenized-data cache; the other
+        # ranks then read both instead of racing it. A data mistake stops every rank with rank 0's message.
+        with self.dist.main_first():
+            self.tokenizer, added = build_tokenizer(cfg, kind)
+            self.objective = make_objective(cfg, self.tokenizer)
+            self.train_items, self.eval_items = self.objective.datasets()
+        self._report_data()
+        self.sharded = tc.distributed == "fsdp"
+        if self.sharded and self._on_policy():
+            raise UserError(f"train.distributed: fsdp does not support method {cfg.method} yet (it generates with the "
+                            "model outside the sharded forward pass); use distributed: ddp")
+        self.model = build_model(cfg, kind, self.device, self.tokenizer, added)
         self.objective.setup(self.model)
         self.module = ObjectiveModule(self.model, self.objective).to(self.device)
+        self.dist.agree(lambda: self._check_disk_space())
         self.wrapped: nn.Module = self.module
-        if self.dist.world > 1:
+        if self.sharded and self.dist.initialized:
+            self._shard()
+        elif self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.wrapped = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(cfg.train, self.module, self.device)
-        tc = cfg.train
+        self.optimizer = make_optimizer(tc, self.module, self.device)
         window = tc.micro_batch_size * tc.grad_accum * self.dist.world
         self.steps_per_epoch = max(1, math.ceil(len(self.train_items) / window))
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.steps_per_epoch))
@@ -283,40 +435,205 @@ class Trainer:
         if self.resume_from is not None:
             self._load(self.resume_from)
 
+    def _on_policy(self) -> bool:
+        base = Objective
+        cls = type(self.objective)
+        return cls.stream is not base.stream or getattr(cls, "updates", None) is not getattr(base, "updates", None)
+
+    def _report_data(self) -> None:
+        """Say what the data came to, the rows skipped (data.skip_bad_rows) and dropped (no loss tokens) counted;
+        refuse when nothing is left to train on, naming where the rows went."""
+        stats = self.objective.log_stats() or {}
+        skipped, dropped = stats.get("skipped_bad_rows", 0), stats.get("dropped_no_loss", 0)
+        where = ", ".join(stats.get("dropped_lines", []))
+        notes = []
+        if skipped:
+            first = stats.get("skipped_errors") or []
+            notes.append(f"skipped {skipped} bad rows (data.skip_bad_rows)" + (f", first: {first[0]}" if first else ""))
+        if dropped:
+            notes.append(f"dropped {dropped} rows with no loss tokens after masking/truncation"
+                         + (f" ({where}{', ...' if dropped > len(stats.get('dropped_lines', [])) else ''})" if where else ""))
+        if not self.train_items:
+            detail = "; ".join(notes) or "the data produced no examples"
+            raise UserError(f"no training examples left after loading and filtering the data: {detail}. "
+                            "Check data.max_length (truncation), data.train_on_prompt and the assistant turns")
+        if self.dist.main:
+            self.say(f"data: {len(self.train_items)} training / {len(self.eval_items)} eval examples"
+                     + (f"; {'; '.join(notes)}" if notes else ""))
+
+    def _check_disk_space(self) -> None:
+        """Refuse before training when the checkpoints and the final model cannot fit in output_dir's free space."""
+        tc = self.cfg.train
+        params = list(self.module.parameters())
+        trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        n_trainable = sum(p.numel() for p in params if p.requires_grad)
+        moment_bytes = 1 if tc.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 4
+        one_ckpt = trainable + 2 * n_trainable * moment_bytes
+        n_ckpts = (tc.keep_checkpoints + 1 + bool(tc.early_stopping_patience)) if tc.save_every else 0
+        final = trainable if self.cfg.adapter is not None else sum(
+            p.numel() * p.element_size() for p in params if p.dtype.is_floating_point)
+        need = n_ckpts * one_ckpt + final - checkpoint.bytes_on_disk(self.ckpt_root)
+        free = shutil.disk_usage(self.run_dir).free
+        if need > free:
+            gb = 1e9
+            raise UserError(
+                f"output_dir {self.run_dir}: {free / gb:.3g} GB free, but this run writes about {need / gb:.3g} GB "
+                f"({n_ckpts} checkpoints of {one_ckpt / gb:.3g} GB at train.keep_checkpoints={tc.keep_checkpoints}, "
+                f"plus the final model of {final / gb:.3g} GB). Free space, lower train.keep_checkpoints, "
+                "or set another output_dir")
+
+    def _shard(self) -> None:
+        """FSDP2: each decoder layer its own unit, then the root (ObjectiveModule: embeddings, head, the objective's
+        modules), whose forward runs the whole loss so every parameter is gathered while it is used."""
+        from torch.distributed.fsdp import fully_shard
+
+        from tunelab.model import unwrap
+
+        hf = unwrap(self.module.model)
+        # Tied weights (input embedding = output head) are one parameter under two names; gathered, they become two
+        # tensors, and save_pretrained expects the second name left out, as an unsharded model's state dict does.
+        seen: set[int] = set()
+        self._tied_names = set()
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                self._tied_names.add(name)
+            seen.add(id(p))
+        names = set(getattr(hf, "_no_split_modules", None) or ())
+        layers = [m for m in self.module.modules() if type(m).__name__ in names]
+        if not layers:  # no hint from transformers: shard each block of the longest ModuleList
+            lists = [m for m in self.module.modules() if isinstance(m, nn.ModuleList)]
+            layers = list(max(lists, key=len)) if lists else []
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(self.module)
+
     # -- checkpoints
 
     def _save(self) -> Path | None:
-        if not self.dist.main:
+        """Checkpoint the current step (at most once per step). Rank 0 writes alone, except with FSDP, where every rank
+        writes its shards into the same temporary dir. A failed write raises CheckpointWriteError on every rank."""
+        if self._saved_step == self.state.step:
             return None
+        tc = self.cfg.train
         self.state.rng = rng_state()
         state = {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "trainer": asdict(self.state),
             "objective": self.objective.state_dict(),
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        protect = {self.state.best_step} if self.cfg.train.early_stopping_patience else set()
-        return checkpoint.save(self.ckpt_root, self.state.step, trainable_state(self.module), state,
-                               self.cfg.train.keep_checkpoints, protect)
+        protect = {self.state.best_step} if tc.early_stopping_patience else set()
+        meta = {"config": self.cfg.model_dump(mode="json"), "world_size": self.dist.world}
+        if self.sharded:
+            path = self._save_sharded(state, protect, meta)
+        else:
+            path, error = None, None
+            if self.dist.main:
+                state["optimizer"] = self.optimizer.state_dict()
+                try:
+                    path = checkpoint.save(self.ckpt_root, self.state.step, trainable_state(self.module), state,
+                                           tc.keep_checkpoints, protect, meta)
+                except checkpoint.CheckpointWriteError as e:
+                    error = str(e)
+            error = self.dist.from_main(error)
+            if error is not None:
+                raise checkpoint.CheckpointWriteError(error)
+        self._saved_step = self.state.step
+        return path
+
+    def _sharded_state(self, optimizer: bool = True):
+        """(trainable weights, optimizer state) as torch.distributed.checkpoint state dicts: this rank's shards."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        names = set(trainable_state(self.module))
+        if optimizer:
+            model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        else:
+            model_sd, optim_sd = get_model_state_dict(self.module), None
+        return {k: v for k, v in model_sd.items() if k in names}, optim_sd
+
+    def _save_sharded(self, state: dict, protect: set[int], meta: dict) -> Path | None:
+        import torch.distributed.checkpoint as dcp
+
+        root, step, tc = self.ckpt_root, self.state.step, self.cfg.train
+        error = None
+        if self.dist.main:
+            try:
+                checkpoint.begin(root, step)
+            except checkpoint.CheckpointWriteError as e:
+                error = str(e)
+        error = self.dist.from_main(error)
+        if error is not None:
+            raise checkpoint.CheckpointWriteError(error)
+        tmp = checkpoint.tmp_dir(root, step)
+        model_sd, optim_sd = self._sharded_state()
+        failure = None
+        try:
+            with _quiet_dcp():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / checkpoint.SHARDED)
+            if self.dist.main:
+                torch.save(state, tmp / checkpoint.STATE)
+        except Exception as e:  # an OSError, or dcp's CheckpointException carrying one from some rank
+            failure = e
+        path = None
+        if self.dist.any(failure is not None):
+            if self.dist.main:
+                try:
+                    checkpoint.abort(root, step, failure or OSError("another rank failed to write its shard"))
+                except checkpoint.CheckpointWriteError as e:
+                    error = str(e)
+        elif self.dist.main:
+            try:
+                path = checkpoint.commit(root, step, tc.keep_checkpoints, protect, meta)
+            except checkpoint.CheckpointWriteError as e:
+                error = str(e)
+        error = self.dist.from_main(error)
+        if error is not None:
+            raise checkpoint.CheckpointWriteError(error)
+        return path
 
     def _load(self, path: Path) -> None:
-        weights, state = checkpoint.load(path)
-        self._load_weights(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        weights, state = checkpoint.load(path, verify=False)  # rank 0 verified it in _find_resume
+        if self.sharded:
+            self._load_sharded(path, optimizer=True)
+        else:
+            self._load_weights(weights, path)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["trainer"])
         self.objective.load_state_dict(state.get("objective", {}))
         set_rng_state(self.state.rng)
-        self.say(f"resumed from {path} (step {self.state.step})")
+        self._saved_step = self.state.step
+        if self.dist.main:
+            self.say(f"resumed from {path} (step {self.state.step})")
 
-    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+    def _load_sharded(self, path: Path, optimizer: bool) -> None:
+        """Load a torch.distributed.checkpoint written at any world size into this rank's shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+        model_sd, optim_sd = self._sharded_state(optimizer)
+        sd = {"model": model_sd, **({"optim": optim_sd} if optimizer else {})}
+        try:
+            with _quiet_dcp():
+                dcp.load(sd, checkpoint_id=path / checkpoint.SHARDED)
+        except Exception as e:  # dcp reports a missing key as a CheckpointException / RuntimeError
+            raise UserError(f"checkpoint {path} does not match this model's trainable parameters "
+                            f"(was the adapter or model config changed?): {str(e).splitlines()[0][:300]}") from None
+        options = StateDictOptions(strict=False)
+        if optimizer:
+            set_state_dict(self.module, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                           options=options)
+        else:
+            set_model_state_dict(self.module, sd["model"], options=options)
+
+    def _load_weights(self, weights: dict[str, torch.Tensor], path: Path | None = None) -> None:
         expected = trainable_state(self.module)
         if set(weights) != set(expected):
-            raise UserError("checkpoint does not match this model's trainable parameters "
+            raise UserError(f"checkpoint {path or ''} does not match this model's trainable parameters "
                             "(was the adapter or model config changed?)")
         with torch.no_grad():
             for name, p in expected.items():
@@ -336,9 +653,7 @@ class Trainer:
         scale = self.dist.world / units
         loss_sum, metric_sums, tokens = 0.0, {}, 0
         for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1 or self.dist.world == 1
-            ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
-            with ctx:
+            with self._grad_sync(i == len(batches) - 1):
                 with self.autocast():
                     loss, metrics = self.wrapped(batch)
                 scaled = loss * scale
@@ -350,7 +665,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
         loss_total = self.dist.sum(loss_sum, self.device)
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -368,6 +684,14 @@ class Trainer:
         out["grad_norm"] = grad_norm
         out["tokens"] = int(self.dist.sum(tokens, self.device))
         return out
+
+    def _grad_sync(self, sync: bool):
+        """Reduce gradients across ranks only on the last micro-batch of an update (DDP no_sync, FSDP2's switch)."""
+        if sync or not self.dist.initialized:
+            return contextlib.nullcontext()
+        if self.sharded:
+            return _fsdp_no_sync(self.module)
+        return self.wrapped.no_sync()
 
     def _updates(self, updates: list[list[dict]]) -> dict | None:
         """The optimizer updates of one loop step (one for most objectives; PPO: epochs x minibatches of a
@@ -413,7 +737,8 @@ class Trainer:
         if self._stop_signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._stop_signal = signum
-        self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint ...")
+        if self.dist.main:
+            self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint ...")
 
     def run(self) -> Path:
         from tunelab.tracking import Tracker, plot_loss
@@ -421,7 +746,7 @@ class Trainer:
         self.setup()
         cfg, tc, state = self.cfg, self.cfg.train, self.state
         if self.dist.main:
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            _write_atomic(self.run_dir / "config.yaml", dump_config(cfg))
         tracker = Tracker(cfg, self.run_dir, resume_step=state.step) if self.dist.main else None
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         stream = Batches(len(self.train_items), tc.micro_batch_size, tc.seed, state)
@@ -435,16 +760,17 @@ class Trainer:
                 updates = list(self.objective.updates(self.module.model, (self._collate(i, self.train_items) for i in mine)))
                 t0 = time.time()
                 metrics = self._updates(updates)
+                stop = self.dist.any(self._stop_signal is not None)  # every rank stops at the same step
                 if metrics is None:
                     state.bad_steps += 1
                     state.skipped_total += 1
-                    self.say(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
-                             f"({state.bad_steps} in a row)")
+                    if self.dist.main:
+                        self.say(f"step {state.step + 1}: non-finite loss or gradient, update skipped "
+                                 f"({state.bad_steps} in a row, train.max_bad_steps={tc.max_bad_steps})")
                     if state.bad_steps >= tc.max_bad_steps:
-                        raise TooManyBadSteps(
-                            f"{state.bad_steps} steps in a row had a non-finite loss or gradient; stopped. "
-                            f"The last good checkpoint is in {self.ckpt_root}. Lower train.lr, check the data, "
-                            "or use precision: fp32")
+                        raise TooManyBadSteps(self._bad_steps_message())
+                    if stop:
+                        self._interrupt(force_save=True)
                     continue
                 state.bad_steps = 0
                 state.step += 1
@@ -452,22 +778,27 @@ class Trainer:
                 metrics["tokens_per_s"] = metrics["tokens"] / max(time.time() - t0, 1e-9)
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 metrics["epoch"] = state.epoch + state.micro / max(1, math.ceil(len(self.train_items) / tc.micro_batch_size))
+                new_best = False
                 if tc.eval_every and state.step % tc.eval_every == 0 or state.step == self.total_steps:
                     metrics.update(self.evaluate())
+                    best_before = state.best_step
                     stopped_early = self._early_stopping(metrics)
+                    new_best = state.best_step != best_before
+                if state.skipped_total:
+                    metrics["skipped_steps"] = state.skipped_total
                 if tracker and (state.step % tc.log_every == 0 or "eval_loss" in metrics):
                     tracker.log(state.step, metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                     tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-                if tc.save_every and state.step % tc.save_every == 0 or (stopped_early and tc.save_every):
+                # Saved after the metrics line is written, so a resumed run's log has no gap. With early stopping the
+                # best step is saved too: the final model is restored from it, and pruning keeps it.
+                keep_best = new_best and bool(tc.early_stopping_patience)
+                if tc.save_every and (state.step % tc.save_every == 0 or stopped_early or keep_best):
                     self._save()
-                if self._stop_signal is not None:
-                    self._save()
-                    raise Interrupted(
-                        f"stopped at step {state.step}/{self.total_steps}; checkpoint saved in {self.ckpt_root}. "
-                        "Continue with: tunelab train CONFIG --resume")
+                if stop:
+                    self._interrupt()
                 if stopped_early:
                     self.say(f"early stopping at step {state.step}: eval loss has not improved for "
                              f"{tc.early_stopping_patience} evaluations (best {state.best_eval:.4f} at step {state.best_step})")
@@ -493,8 +824,6 @@ class Trainer:
             return False
         if loss < state.best_eval:
             state.best_eval, state.best_step, state.patience = loss, state.step, 0
-            if patience and self.cfg.train.save_every:
-                self._save()  # keep the best weights: the final model is restored from them
             return False
         state.patience += 1
         return bool(patience) and state.patience >= patience
@@ -506,24 +835,60 @@ class Trainer:
         best = checkpoint.step_dir(self.ckpt_root, self.state.best_step)
         if self.cfg.train.early_stopping_patience and self.state.best_step and best.is_dir():
             if self.state.best_step != self.state.step:
-                self.say(f"restoring the best checkpoint (step {self.state.best_step}) for the final model")
-                self._load_weights(checkpoint.load(best)[0])
+                if self.dist.main:
+                    self.say(f"restoring the best checkpoint (step {self.state.best_step}) for the final model")
+                if self.sharded:
+                    self._load_sharded(best, optimizer=False)
+                else:
+                    self._load_weights(checkpoint.load(best)[0], best)
+        full_state = self._full_state_dict() if self.sharded and self.dist.initialized else None
+        error = None
         if self.dist.main:
-            tmp = self.run_dir / ".final-tmp"
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            save_model(self.module.model, self.tokenizer, tmp)
-            (tmp / "config.yaml").write_text(dump_config(self.cfg))
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        if self.dist.world > 1:
-            dist.barrier()
+            tmp, old = self.run_dir / ".final-tmp", self.run_dir / ".final-old"
+            try:  # written beside, then swapped in: a crash leaves the previous final/ or the new one, whole
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                save_model(self.module.model, self.tokenizer, tmp, state_dict=full_state)
+                (tmp / "config.yaml").write_text(dump_config(self.cfg))
+                if final.exists():
+                    os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = (f"could not write the final model to {final}: {e.strerror or e}"
+                         f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}; the checkpoints in "
+                         f"{self.ckpt_root} are intact. Free space and continue with --resume")
+        error = self.dist.from_main(error)
+        if error is not None:
+            raise checkpoint.CheckpointWriteError(error)
         return final
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """FSDP: the whole model's weights gathered onto rank 0's CPU (empty on the other ranks), keyed as the
+        unwrapped model names them, for save_pretrained."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        tied = getattr(self, "_tied_names", set())
+        return {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.") and k not in tied}
+
+    def _interrupt(self, force_save: bool = False) -> None:
+        if force_save:
+            self._saved_step = None
+        self._save()  # on a stop request always, whatever train.save_every says
+        where = checkpoint.step_dir(self.ckpt_root, self.state.step)
+        raise Interrupted(
+            f"stopped at step {self.state.step}/{self.total_steps}; checkpoint saved: {where}. Continue with: "
+            f"tunelab train CONFIG --resume (the same config; a copy is in {self.run_dir / 'config.yaml'})")
+
+    def _bad_steps_message(self) -> str:
+        tc, steps = self.cfg.train, checkpoint.list_steps(self.ckpt_root)
+        last = (f"The last good checkpoint, {checkpoint.step_dir(self.ckpt_root, steps[-1])}, is intact"
+                if steps else "No checkpoint had been saved yet (train.save_every)")
+        return (f"{self.state.bad_steps} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
+                f"{tc.max_bad_steps}); stopped after step {self.state.step}, skipped updates leave the weights "
+                f"unchanged. {last}. Lower train.lr, check the data, or use precision: fp32, then continue with --resume")
 
     def _progress_bar(self):
         if not (self.dist.main and self.cfg.train.progress):
@@ -548,4 +913,8 @@ class Trainer:
 
 
 def train(cfg: Config, resume: bool = False, say=print) -> Path:
-    return Trainer(cfg, resume=resume, say=say).run()
+    trainer = Trainer(cfg, resume=resume, say=say)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()

@@ -96,11 +96,13 @@ class SFT(Objective):
         train_rows = load_sources(data.train, data.skip_bad_rows)
         eval_rows = load_sources(data.eval, data.skip_bad_rows) if data.eval else []
         skipped = getattr(train_rows, "skipped", 0) + getattr(eval_rows, "skipped", 0)
+        errors = [*getattr(train_rows, "skipped_errors", []), *getattr(eval_rows, "skipped_errors", [])][:5]
         train_rows, eval_rows = split_eval(self.cfg, list(train_rows), list(eval_rows))
         train, self.stats = self._examples(train_rows)
         evals = self._examples(eval_rows)[0] if eval_rows else []
         if skipped:
             self.stats["skipped_bad_rows"] = skipped
+            self.stats["skipped_errors"] = errors
         return train, evals
 
     def collate(self, items):
