@@ -186,3 +186,17 @@ def test_a_rank_error_is_one_clean_line_per_rank(base, data, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert 1 <= len(errors) <= 2
     assert set(errors) == {f"error: {bad}:2: invalid JSON: Expecting property name enclosed in double quotes (column 2)"}
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_lora_adapter_equals_one_process(base, data, tmp_path):
+    """Frozen base and trainable adapter weights in the same FSDP units; final/ is a PEFT adapter dir gathered on
+    rank 0."""
+    single = write(tmp_path / "single.yaml", config_dict(base, data, tmp_path / "single", adapter=LORA,
+                                                          train={**COMMON, "grad_accum": 2}))
+    fsdp = write(tmp_path / "fsdp.yaml", config_dict(base, data, tmp_path / "fsdp", adapter=LORA,
+                                                      train={**COMMON, "grad_accum": 1, "distributed": "fsdp"}))
+    in_process(single)
+    torchrun(fsdp)
+    assert max_diff(load_file(tmp_path / "fsdp" / "final" / "adapter_model.safetensors"),
+                    load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")) < 1e-5
