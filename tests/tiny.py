@@ -36,6 +36,9 @@ def make_base_model(root: Path, warm_steps: int = 40) -> Path:
         "output_dir": str(root / "tok-run"),
     })
     tokenizer = train_tokenizer(cfg)
+    import torch
+
+    torch.manual_seed(0)  # the same base in every process: tests compare runs across processes
     random_base = save_tiny_model(root / "random", tokenizer, TINY_SHAPE)
     if not warm_steps:
         return random_base
