@@ -150,6 +150,14 @@ class DPOConfig(Section):
     gamma: float = 0.5  # SimPO target margin
     precompute_reference: bool = False
 
+    @model_validator(mode="after")
+    def _smoothing(self):
+        if self.loss == "label_smoothing" and self.label_smoothing == 0:
+            raise ValueError("dpo.loss: label_smoothing (cDPO) needs dpo.label_smoothing > 0, e.g. 0.1")
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("dpo.label_smoothing does not apply to loss: ipo (a squared loss); set it to 0")
+        return self
+
 
 class RewardConfig(Section):
     margin: float = 0.0

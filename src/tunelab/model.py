@@ -285,14 +285,32 @@ def load_pretrained(path: str, *, dtype: str = "auto", device: torch.device | No
 
         base_path = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
         check_model_dir(base_path, allow_pickle)
-        base = _auto_class(kind).from_pretrained(base_path, dtype=torch_dtype)
+        base = _from_pretrained(base_path, kind, torch_dtype)
         model = PeftModel.from_pretrained(base, p)
     else:
         check_model_dir(str(p), allow_pickle)
-        model = _auto_class(kind).from_pretrained(p, dtype=torch_dtype)
+        model = _from_pretrained(p, kind, torch_dtype)
     tok_dir = p if (p / "tokenizer_config.json").is_file() else base_path
     tokenizer = load_tokenizer(str(tok_dir))
+    _set_pad_id(model, kind, tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def _from_pretrained(path, kind: str, dtype):
+    # A reward model's scalar head: num_labels=1, also when its base is a causal LM (adapter dirs)
+    extra = {"num_labels": 1} if kind == "sequence_classification" else {}
+    return _auto_class(kind).from_pretrained(path, dtype=dtype, **extra)
+
+
+def _set_pad_id(model, kind: str, tokenizer) -> None:
+    if kind == "sequence_classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # the scalar head reads the last non-pad token
+
+
+def adapter_kind(adapter_dir: Path) -> str:
+    """The Auto class an adapter was trained on: SEQ_CLS adapters (reward models) need the scalar-head model."""
+    task = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    return "sequence_classification" if task == "SEQ_CLS" else "causal_lm"
 
 
 def merge(path: str, out: str, dtype: str = "auto") -> Path:
@@ -311,11 +329,13 @@ def merge(path: str, out: str, dtype: str = "auto") -> Path:
     base_path = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
     device = torch.device("cpu")
     torch_dtype = resolve_dtype(dtype, device)
-    base = _auto_class("causal_lm").from_pretrained(base_path, dtype=torch_dtype)
+    kind = adapter_kind(p)
+    base = _from_pretrained(base_path, kind, torch_dtype)
     if run_cfg is not None and run_cfg.model.quantize:
         _round_to_quantized(base, run_cfg.model.quantize, run_cfg.model.double_quant)
     model = PeftModel.from_pretrained(base, p).merge_and_unload()
     tokenizer = load_tokenizer(str(p) if (p / "tokenizer_config.json").is_file() else base_path)
+    _set_pad_id(model, kind, tokenizer)
     out_dir = Path(out)
     save_model(model, tokenizer, out_dir)
     return out_dir

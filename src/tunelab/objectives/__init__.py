@@ -13,6 +13,8 @@ REGISTRY = {
     "pretrain": "tunelab.objectives.pretrain:Pretrain",
     "mlm": "tunelab.objectives.mlm:MLM",
     "distill": "tunelab.objectives.distill:Distill",
+    "dpo": "tunelab.objectives.dpo:DPO",
+    "reward": "tunelab.objectives.reward:Reward",
     "ppo": "tunelab.objectives.rl:PPO",
     "grpo": "tunelab.objectives.rl:GRPO",
 }
