@@ -19,7 +19,18 @@ def write_task_data(path: Path, n: int = 64, seed: int = 0) -> Path:
     return tasks.write_jsonl([tasks.to_alpaca(item) for item in train], path)
 
 
+_BASES: dict[int, Path] = {}  # one build per process and warm-up length: tests only read the base dir
+
+
 def make_base_model(root: Path, warm_steps: int = 40) -> Path:
+    cached = _BASES.get(warm_steps)
+    if cached is not None and cached.is_dir():
+        return cached
+    _BASES[warm_steps] = _build_base_model(root, warm_steps)
+    return _BASES[warm_steps]
+
+
+def _build_base_model(root: Path, warm_steps: int) -> Path:
     """A tiny Llama + a BPE tokenizer trained on task text, saved as an HF model dir.
 
     The random model is first trained briefly (full fine-tuning on other task rows): a frozen random
