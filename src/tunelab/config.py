@@ -123,6 +123,9 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # Batch rows of similar length (sorted within windows of the seeded order, batches then shuffled): little
+    # padding without packing's cross-document attention mask. See trainer.epoch_order.
+    group_by_length: bool = False
     seed: int = 42
     log_every: int = Field(1, gt=0)
     eval_every: int | None = Field(50, gt=0)

@@ -127,11 +127,22 @@ def load_model(cfg: Config, kind: str = "causal_lm", device: torch.device | None
         model = _auto_class(kind).from_pretrained(mc.path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{mc.path}: could not load the model ({str(e).splitlines()[0]})") from None
-    if not mc.quantize:
+    if mc.quantize:
+        keep_4bit_layout(model)
+    else:
         model.to(device)
     if tokenizer is not None and kind == "sequence_classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the scalar head reads the last non-pad token
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """bitsandbytes repacks a Linear4bit weight for a CPU inference kernel at its first eval-mode forward, for
+    good, and that layout has no backward: training after an evaluation or a rollout would backprop wrongly
+    through the 4-bit layers. Keep the trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_adapter(model, ac: AdapterConfig, *, quantized: bool, gradient_checkpointing: bool, kind: str = "causal_lm"):

@@ -236,19 +236,50 @@ def precision_context(precision: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def epoch_order(n_items: int, micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro-batches of item indices for one epoch: a seeded shuffle, so resume replays the same order."""
+# train.group_by_length sorts this many micro-batches' worth of the shuffled order at a time (HF Trainer's
+# length-grouped sampler uses 50): a larger window pads less but makes batch lengths less random.
+GROUP_WINDOW = 64
+
+
+def epoch_order(n_items: int, micro_batch: int, seed: int, epoch: int,
+                lengths: list[int] | None = None) -> list[list[int]]:
+    """Micro-batches of item indices for one epoch: a seeded shuffle, so resume replays the same order.
+
+    With `lengths` (train.group_by_length), each window of GROUP_WINDOW micro-batches of the shuffled order is
+    sorted by length (longest first) and cut into micro-batches, and the micro-batches are then shuffled: rows of
+    similar length share a batch, so there is little padding, while every batch of the epoch is still a seeded
+    draw. A pure function of (seed, epoch, lengths), so resume replays it exactly.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n_items, generator=g).tolist()
-    return [perm[i:i + micro_batch] for i in range(0, n_items, micro_batch)]
+    if lengths is None:
+        return [perm[i:i + micro_batch] for i in range(0, n_items, micro_batch)]
+    window, batches = GROUP_WINDOW * micro_batch, []
+    for start in range(0, n_items, window):
+        chunk = sorted(perm[start:start + window], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        batches += [chunk[i:i + micro_batch] for i in range(0, len(chunk), micro_batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def item_length(item) -> int:
+    """Tokens an item takes in a padded batch, for train.group_by_length: its input_ids, or its longest *_ids
+    sequence (a preference pair pads chosen and rejected to one length)."""
+    ids = getattr(item, "input_ids", None)
+    if ids is not None:
+        return len(ids)
+    seqs = [v for k, v in getattr(item, "__dict__", {}).items() if k.endswith("_ids") and v is not None]
+    if not seqs:
+        raise UserError(f"train.group_by_length: training items of type {type(item).__name__} carry no token ids "
+                        "to group by; set it to false for this method")
+    return max(len(s) for s in seqs)
 
 
 class Batches:
     """Endless micro-batch index stream over epochs, positioned by (epoch, micro) for exact resume."""
 
-    def __init__(self, n_items: int, micro_batch: int, seed: int, state: TrainState):
-        self.n, self.mb, self.seed, self.state = n_items, micro_batch, seed, state
-        self._order = epoch_order(n_items, micro_batch, seed, state.epoch)
+    def __init__(self, n_items: int, micro_batch: int, seed: int, state: TrainState, lengths: list[int] | None = None):
+        self.n, self.mb, self.seed, self.state, self.lengths = n_items, micro_batch, seed, state, lengths
+        self._order = epoch_order(n_items, micro_batch, seed, state.epoch, lengths)
 
     def take(self, count: int) -> list[list[int]]:
         out = []
@@ -256,7 +287,7 @@ class Batches:
             if self.state.micro >= len(self._order):
                 self.state.epoch += 1
                 self.state.micro = 0
-                self._order = epoch_order(self.n, self.mb, self.seed, self.state.epoch)
+                self._order = epoch_order(self.n, self.mb, self.seed, self.state.epoch, self.lengths)
             out.append(self._order[self.state.micro])
             self.state.micro += 1
         return out
@@ -287,7 +318,7 @@ def _quiet_dcp():
 # What fixes the weights, the data and its order. train.grad_accum is checked as part of the global batch
 # (micro_batch_size x grad_accum x ranks), so a resume on another number of ranks stays exact when that is kept.
 RESUME_KEYS = ("model", "adapter", "method", "data", "tokenizer", "train.micro_batch_size", "train.seed",
-               "train.optimizer", "train.distributed")
+               "train.optimizer", "train.distributed", "train.group_by_length")
 
 
 def _check_resume_compatible(saved: dict, cfg: Config, source: str, saved_world: int = 1, world: int = 1) -> None:
@@ -399,6 +430,10 @@ class Trainer:
         quiet_imports()
         seed_everything(tc.seed)
         self.device = pick_device()
+        if self.device.type == "cpu" and tc.gradient_checkpointing:
+            from tunelab.memory import return_freed_memory
+
+            return_freed_memory()  # the memory-saving mode: also hand freed activations back (tunelab/memory.py)
         self.autocast, self.scaler = precision_context(tc.precision, self.device)
         if self.device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
             make_optimizer(tc, nn.Linear(1, 1), self.device)  # raises the clear error before loading
@@ -749,7 +784,8 @@ class Trainer:
             _write_atomic(self.run_dir / "config.yaml", dump_config(cfg))
         tracker = Tracker(cfg, self.run_dir, resume_step=state.step) if self.dist.main else None
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        stream = Batches(len(self.train_items), tc.micro_batch_size, tc.seed, state)
+        lengths = [item_length(item) for item in self.train_items] if tc.group_by_length else None
+        stream = Batches(len(self.train_items), tc.micro_batch_size, tc.seed, state, lengths)
         bar = self._progress_bar()
         started, tokens_at_start, step_at_start, stopped_early = time.time(), state.tokens, state.step, False
         self.module.train()

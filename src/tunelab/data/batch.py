@@ -88,10 +88,14 @@ def collate(batch: list[Example | Packed], pad_id: int) -> dict[str, torch.Tenso
     packed = isinstance(batch[0], Packed)
     if any(isinstance(item, Packed) != packed for item in batch):
         raise ValueError("cannot collate packed and unpacked examples together")
-    length = max(len(item.input_ids) for item in batch)
+    lengths = torch.tensor([len(item.input_ids) for item in batch])
+    length = int(lengths.max())
 
-    def pad(rows, value):
-        return torch.tensor([list(r) + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+    def pad(rows, value):  # one tensor conversion per row, no per-token Python
+        out = torch.full((len(rows), length), value, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        return out
 
     input_ids = pad([item.input_ids for item in batch], pad_id)
     labels = pad([item.labels for item in batch], IGNORE)
@@ -105,6 +109,6 @@ def collate(batch: list[Example | Packed], pad_id: int) -> dict[str, torch.Tenso
         out["position_ids"] = pad([item.position_ids for item in batch], 0)
         out["attention_mask"] = mask[:, None]
     else:
-        out["attention_mask"] = pad([[1] * len(item.input_ids) for item in batch], 0)
+        out["attention_mask"] = (torch.arange(length) < lengths[:, None]).long()
     out["num_loss_tokens"] = (labels[:, 1:] != IGNORE).sum()
     return out

@@ -6,11 +6,13 @@ import random
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.config import Config, DataSource
+from tunelab.config import Config, DataSource, UserError
 from tunelab.model import unwrap
 from tunelab.objectives.base import Objective
+from tunelab.objectives.losses import chunked_cross_entropy
 
 # Rows of logits computed at once; keeps the [tokens x vocab] tensor from ever existing whole.
 CE_CHUNK = 2048
@@ -33,11 +35,27 @@ def _chunk_ce(head, hidden, targets):
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def plain_linear(head) -> nn.Linear | None:
+    """The LM head as a plain nn.Linear (tied embeddings included; with PEFT modules_to_save, the copy that is
+    active), or None when it is anything else (a LoRA-adapted or quantized head, a module with hooks)."""
+    if type(head).__name__ == "ModulesToSaveWrapper":  # peft: mirror its forward's choice of module
+        active = head.active_adapters
+        if head.disable_adapters or not active or any(a not in head.modules_to_save for a in active):
+            head = head.original_module
+        else:
+            head = head.modules_to_save[active[0]]
+    if type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks:
+        return head
+    return None
+
+
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over label positions, and their count.
 
-    Logits are computed only where a label exists, a chunk at a time, and recomputed in the
-    backward pass instead of stored: peak memory is one chunk of logits, not the whole batch's.
+    Logits are computed only where a label exists, a chunk at a time, and never kept: with a plain linear
+    head, losses.chunked_cross_entropy forms each chunk's gradients during the forward (one head matmul
+    per chunk fewer than recomputing it, and no weight gradient for a frozen head); any other head runs
+    each chunk under activation checkpointing. Peak memory is one chunk of logits, not the whole batch's.
     """
     decoder, head = decoder_and_head(model)
     hidden = decoder(
@@ -46,6 +64,9 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         position_ids=batch.get("position_ids"),
         use_cache=False,
     ).last_hidden_state
+    linear = plain_linear(head)
+    if linear is not None:
+        return chunked_cross_entropy(hidden, linear.weight, batch["labels"], CE_CHUNK, bias=linear.bias)
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     h = hidden[:, :-1][keep]
@@ -84,25 +105,54 @@ class SFT(Objective):
         self.stats: dict = {}
 
     def _examples(self, rows):
-        from tunelab.data import build_sft_examples, pack_examples
+        from tunelab.data import build_sft_examples
 
-        examples, stats = build_sft_examples(rows, None, self.tokenizer, self.cfg.data)
-        if self.cfg.data.packing:
-            examples = pack_examples(examples, self.cfg.data.max_length)
-        return examples, stats
+        return build_sft_examples(rows, None, self.tokenizer, self.cfg.data)
 
-    def datasets(self):
+    def _tokenized(self):
+        """(train examples, eval examples, stats), unpacked: what the token cache stores."""
         data = self.cfg.data
         train_rows = load_sources(data.train, data.skip_bad_rows)
         eval_rows = load_sources(data.eval, data.skip_bad_rows) if data.eval else []
         skipped = getattr(train_rows, "skipped", 0) + getattr(eval_rows, "skipped", 0)
         errors = [*getattr(train_rows, "skipped_errors", []), *getattr(eval_rows, "skipped_errors", [])][:5]
         train_rows, eval_rows = split_eval(self.cfg, list(train_rows), list(eval_rows))
-        train, self.stats = self._examples(train_rows)
+        train, stats = self._examples(train_rows)
         evals = self._examples(eval_rows)[0] if eval_rows else []
         if skipped:
-            self.stats["skipped_bad_rows"] = skipped
-            self.stats["skipped_errors"] = errors
+            stats["skipped_bad_rows"] = skipped
+            stats["skipped_errors"] = errors
+        return train, evals, stats
+
+    def cache_key(self) -> dict:
+        """Everything the tokenized examples depend on (see data.cache); packing happens after the cache."""
+        from tunelab.data import cache
+
+        data = self.cfg.data
+        return {
+            "objective": "sft",
+            "train_files": cache.files_digest([s.path for s in data.train]),
+            "eval_files": cache.files_digest([s.path for s in data.eval]),
+            "data": data.model_dump(mode="json", exclude={"packing"}),
+            "split_seed": self.cfg.train.seed if data.eval_fraction and not data.eval else None,
+            "tokenizer": cache.tokenizer_digest(self.tokenizer),
+            "code": cache.code_digest(),
+        }
+
+    def datasets(self):
+        from tunelab.data import cache, pack_examples
+
+        try:
+            parts = self.cache_key() if cache.cache_dir() is not None else None
+        except (OSError, UserError):  # an unreadable or missing file: let the loading report it
+            parts = None
+        if parts is None:
+            train, evals, self.stats = self._tokenized()
+        else:
+            train, evals, self.stats, _ = cache.cached(parts, self._tokenized)
+        if self.cfg.data.packing:
+            train = pack_examples(train, self.cfg.data.max_length)
+            evals = pack_examples(evals, self.cfg.data.max_length) if evals else []
         return train, evals
 
     def collate(self, items):

@@ -1,0 +1,280 @@
+"""Throughput machinery, checked for correctness (timings live in bench/): length-grouped batch order, the fused
+linear cross-entropy in the SFT loss against the plain one, the tokenized-data cache and its invalidation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.trainer import Batches, TrainState, epoch_order, item_length
+
+# ---------------------------------------------------------------- length-grouped order
+
+
+def _lengths(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) * 500 + 10).long().tolist()
+
+
+@pytest.mark.parametrize("n,mb", [(1000, 8), (37, 4), (5, 8)])
+def test_grouped_order_is_a_seeded_permutation(n, mb):
+    lengths = _lengths(n)
+    order = epoch_order(n, mb, seed=3, epoch=1, lengths=lengths)
+    flat = [i for b in order for i in b]
+    assert sorted(flat) == list(range(n))  # every item exactly once
+    assert sum(len(b) != mb for b in order) <= 1  # one short batch at most, like the plain order
+    assert order == epoch_order(n, mb, seed=3, epoch=1, lengths=lengths)  # deterministic
+    if n > mb:
+        assert order != epoch_order(n, mb, seed=4, epoch=1, lengths=lengths)
+        assert order != epoch_order(n, mb, seed=3, epoch=2, lengths=lengths)
+
+
+def test_grouped_order_pads_less_and_still_shuffles_batches():
+    n, mb = 2000, 8
+    lengths = _lengths(n)
+
+    def padding(order):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in order)
+
+    plain = epoch_order(n, mb, 0, 0)
+    grouped = epoch_order(n, mb, 0, 0, lengths)
+    assert padding(grouped) < 0.1 * padding(plain)
+    # batches are not served longest-first: the batch order is shuffled after grouping
+    first = [max(lengths[i] for i in b) for b in grouped]
+    assert first != sorted(first, reverse=True) and first != sorted(first)
+
+
+def test_grouped_stream_resumes_exactly():
+    n, mb, seed = 300, 4, 7
+    lengths = _lengths(n, 1)
+    straight = Batches(n, mb, seed, TrainState(), lengths)
+    expected = [straight.take(3) for _ in range(60)]  # crosses several epoch boundaries
+    state = TrainState()
+    first = Batches(n, mb, seed, state, lengths)
+    got = [first.take(3) for _ in range(23)]
+    resumed = Batches(n, mb, seed, copy.deepcopy(state), lengths)  # a new process, from the saved (epoch, micro)
+    got += [resumed.take(3) for _ in range(37)]
+    assert got == expected
+
+
+def test_item_length_of_examples_and_pairs():
+    from types import SimpleNamespace
+
+    from tunelab.config import UserError
+
+    assert item_length(SimpleNamespace(input_ids=[1, 2, 3])) == 3
+    assert item_length(SimpleNamespace(chosen_ids=[1, 2], rejected_ids=[1, 2, 3, 4], chosen_labels=[0])) == 4
+    with pytest.raises(UserError, match="group_by_length"):
+        item_length(SimpleNamespace(blocks=None, index=0))
+
+
+def test_group_by_length_trains_and_resumes_exactly(tmp_path):
+    """End to end through the loop: a grouped run interrupted and resumed ends with the same weights."""
+    from tiny import config_dict, make_base_model, write_task_data
+
+    from tunelab.config import load_config
+    from tunelab.trainer import Trainer
+
+    base = make_base_model(tmp_path / "base", warm_steps=0)
+    data = write_task_data(tmp_path / "train.jsonl", n=24)
+    train = {"max_steps": 6, "save_every": 3, "keep_checkpoints": 5, "lr": 2e-3, "group_by_length": True}
+
+    def run(out, resume=False):
+        cfg = config_dict(base, data, out, adapter={"r": 4, "alpha": 8, "dropout": 0.1}, train=train)
+        t = Trainer(load_config(data=cfg), resume=resume, say=lambda *a: None)
+        t.run()
+        return {k: v.detach().clone() for k, v in t.module.named_parameters() if v.requires_grad}
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "partial")
+    shutil.rmtree(tmp_path / "partial" / "checkpoints" / "step-00000006")
+    shutil.rmtree(tmp_path / "partial" / "final")
+    resumed = run(tmp_path / "partial", resume=True)
+    assert max((straight[k] - resumed[k]).abs().max() for k in straight) < 1e-6
+
+
+# ---------------------------------------------------------------- fused cross-entropy in the SFT loss
+
+
+def _tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a head with real spread, so the softmax is not nearly uniform
+        model.get_output_embeddings().weight.normal_(0, 0.5)
+    return model
+
+
+def _batch():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (3, 20))
+    labels = ids.clone()
+    labels[0, :7] = -100  # a prompt
+    labels[1, 15:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _reference_loss(model, batch):
+    """Plain full-logits cross-entropy, summed over the shifted labels."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["full", "full-tied", "lora", "lora-save-head"])
+def test_fused_sft_loss_matches_plain_cross_entropy(mode, monkeypatch):
+    from tunelab.objectives import losses, sft
+
+    model = _tiny_llama(tie=mode == "full-tied")
+    if mode.startswith("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        save = ["lm_head"] if mode == "lora-save-head" else None
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 modules_to_save=save, task_type="CAUSAL_LM"))
+        with torch.no_grad():  # non-zero B, so the adapter's gradients are not trivially zero
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    _, head = sft.decoder_and_head(model)
+    linear = sft.plain_linear(head)
+    assert linear is not None
+    if mode == "lora-save-head":
+        assert linear is head.modules_to_save["default"] and linear.weight.requires_grad
+    calls = []
+    monkeypatch.setattr(sft, "chunked_cross_entropy",
+                        lambda *a, **k: calls.append(1) or losses.chunked_cross_entropy(*a, **k))
+    monkeypatch.setattr(sft, "CE_CHUNK", 16)  # several chunks
+    batch = _batch()
+    model.train()  # dropout is 0 in this config: train and eval forwards agree
+    ref = _reference_loss(model, batch)
+    ref_grads = _grads(model, ref)
+    fused, count = sft.causal_lm_loss(model, batch)
+    fused_grads = _grads(model, fused)
+    assert calls, "the fused path was not taken"
+    assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
+    assert float(fused) == pytest.approx(float(ref), rel=1e-5)
+    assert set(fused_grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        scale = max(1.0, float(g.abs().max()))
+        assert float((fused_grads[name] - g).abs().max()) <= 1e-5 * scale, name
+    if mode.startswith("lora") and mode != "lora-save-head":
+        assert not any("lm_head" in n for n in fused_grads)  # frozen head: no weight gradient formed
+
+
+def test_adapted_head_falls_back_to_checkpointed_chunks():
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.objectives import sft
+
+    model = get_peft_model(_tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+    _, head = sft.decoder_and_head(model)
+    assert sft.plain_linear(head) is None
+    batch = _batch()
+    ref = _reference_loss(model, batch)
+    got, _ = sft.causal_lm_loss(model, batch)
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+
+
+# ---------------------------------------------------------------- tokenized-data cache
+
+
+@pytest.fixture
+def sft_setup(tmp_path, tiny_tokenizer, monkeypatch):
+    from tunelab.config import load_config
+
+    monkeypatch.setenv("TUNELAB_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "rows.jsonl"
+    rows = [{"instruction": f"What is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def make(**data_cfg):
+        cfg = load_config(data={"model": {"path": "unused"},
+                                "data": {"train": [{"path": str(data), "format": "alpaca"}], "template": "chatml",
+                                         "max_length": 64, **data_cfg}})
+        return cfg
+
+    return make, data, tmp_path / "cache"
+
+
+def _datasets(cfg, tokenizer, monkeypatch):
+    """(train, eval, built): built says whether the rows were read and tokenized (a cache miss)."""
+    from tunelab.objectives.sft import SFT
+
+    objective = SFT(cfg, tokenizer)
+    built = []
+    original = objective._tokenized
+    monkeypatch.setattr(objective, "_tokenized", lambda: built.append(1) or original())
+    train, evals = objective.datasets()
+    return train, evals, bool(built), objective.stats
+
+
+def _plain(items):
+    return [(list(e.input_ids), list(e.labels), getattr(e, "position_ids", None)) for e in items]
+
+
+def test_token_cache_hits_and_returns_the_same_examples(sft_setup, tiny_tokenizer, monkeypatch):
+    make, _, cache_root = sft_setup
+    train1, _, built1, stats1 = _datasets(make(), tiny_tokenizer, monkeypatch)
+    train2, _, built2, stats2 = _datasets(make(), tiny_tokenizer, monkeypatch)
+    assert built1 and not built2
+    assert _plain(train1) == _plain(train2) and stats1 == stats2
+    assert len(list((cache_root / "tokenized").glob("*.npz"))) == 1
+    # packing is applied after the cache: same entry, and the same blocks as packing uncached examples
+    packed, _, built3, _ = _datasets(make(packing=True), tiny_tokenizer, monkeypatch)
+    monkeypatch.setenv("TUNELAB_CACHE_DIR", "off")
+    uncached, _, built4, _ = _datasets(make(packing=True), tiny_tokenizer, monkeypatch)
+    assert not built3 and built4 and _plain(packed) == _plain(uncached)
+
+
+@pytest.mark.parametrize("change", ["template", "max_length", "train_on_prompt", "data", "tokenizer", "eval_split"])
+def test_token_cache_invalidates(change, sft_setup, tiny_tokenizer, monkeypatch):
+    make, data, _ = sft_setup
+    tok = tiny_tokenizer
+    before, _, built, _ = _datasets(make(), tok, monkeypatch)
+    assert built
+    cfg = make()
+    if change == "template":
+        cfg = make(template="alpaca")
+    elif change == "max_length":
+        cfg = make(max_length=12)
+    elif change == "train_on_prompt":
+        cfg = make(train_on_prompt=True)
+    elif change == "data":
+        data.write_text(data.read_text().replace("plus 3", "plus three"))  # same size, other bytes
+    elif change == "tokenizer":
+        tok = copy.deepcopy(tiny_tokenizer)
+        tok.add_tokens(["plus"])
+    elif change == "eval_split":
+        cfg = make(eval_fraction=0.25)
+    after, evals, built, _ = _datasets(cfg, tok, monkeypatch)
+    assert built, f"changing {change} must not reuse the cached examples"
+    if change != "eval_split":
+        assert _plain(after) != _plain(before)
+    else:
+        assert len(after) + len(evals) == len(before) and evals
+
+
+def test_token_cache_survives_a_bad_entry(sft_setup, tiny_tokenizer, monkeypatch):
+    make, _, cache_root = sft_setup
+    train1, _, _, _ = _datasets(make(), tiny_tokenizer, monkeypatch)
+    for entry in (cache_root / "tokenized").glob("*.npz"):
+        entry.write_bytes(b"not a zip file")
+    train2, _, built, _ = _datasets(make(), tiny_tokenizer, monkeypatch)
+    assert built and _plain(train1) == _plain(train2)
