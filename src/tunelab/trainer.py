@@ -8,6 +8,7 @@ PPO or distillation.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import random
@@ -125,8 +126,12 @@ class Dist:
                 raise UserError(error)
             yield
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """End the group this run started. After a finished run every rank waits for the others first, so no rank
+        tears its connections down while a peer still has a collective in flight."""
         if self.owns_group and self.initialized:
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -950,7 +955,14 @@ class Trainer:
 
 def train(cfg: Config, resume: bool = False, say=print) -> Path:
     trainer = Trainer(cfg, resume=resume, say=say)
+    finished = False
     try:
-        return trainer.run()
+        final = trainer.run()
+        finished = True
+        return final
     finally:
-        trainer.dist.close()
+        # The DDP wrapper holds the process group; dropping it first lets the group end inside
+        # destroy_process_group, while the interpreter is fully alive (see tunelab.__main__).
+        trainer.__dict__.pop("wrapped", None)
+        gc.collect()
+        trainer.dist.close(finished)
