@@ -278,3 +278,102 @@ def test_token_cache_survives_a_bad_entry(sft_setup, tiny_tokenizer, monkeypatch
         entry.write_bytes(b"not a zip file")
     train2, _, built, _ = _datasets(make(), tiny_tokenizer, monkeypatch)
     assert built and _plain(train1) == _plain(train2)
+
+
+# ---------------------------------------------------------------- padding-free batches
+
+
+def test_padding_free_batch_equals_the_padded_batch():
+    """One row of documents with per-document attention gives the padded batch's loss and gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.attention import use_padding_free_attention
+    from tunelab.data import Example, collate, collate_padding_free
+    from tunelab.objectives import sft
+
+    torch.manual_seed(3)
+    lengths = [7, 19, 3, 12]
+    examples = []
+    for n in lengths:
+        ids = torch.randint(1, 97, (n,)).tolist()
+        labels = [-100 if i < n // 3 else t for i, t in enumerate(ids)]  # a prompt, then the reply
+        examples.append(Example(ids, labels))
+
+    def loss_and_grads(padding_free):
+        model = get_peft_model(_tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if padding_free:
+            use_padding_free_attention(model)
+            batch = collate_padding_free(examples)
+            assert batch["input_ids"].shape == (1, sum(lengths)) and batch["doc_bounds"] == [0, 7, 26, 29, 41]
+        else:
+            batch = collate(examples, pad_id=0)
+        loss, count = sft.causal_lm_loss(model, batch)
+        assert int(count) == int(batch["num_loss_tokens"])
+        return loss, _grads(model, loss), int(count)
+
+    ref, ref_grads, n_ref = loss_and_grads(False)
+    got, got_grads, n_got = loss_and_grads(True)
+    assert n_got == n_ref
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    for name, g in ref_grads.items():
+        assert float((got_grads[name] - g).abs().max()) <= 1e-5 * max(1.0, float(g.abs().max())), name
+
+
+def test_padding_free_attention_keeps_padded_batches_working():
+    """A model switched to padding-free attention still masks padding in ordinary (padded) batches."""
+    from tunelab.attention import use_padding_free_attention
+
+    model = _tiny_llama(tie=False).eval()
+    batch = _batch()
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        use_padding_free_attention(model)
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(before[real], after[real], atol=1e-5)
+
+
+def test_padding_free_config_checks():
+    from tunelab.config import UserError, load_config
+
+    base = {"model": {"path": "m"}, "data": {"train": [{"path": "d.jsonl"}], "padding_free": True}}
+    assert load_config(data=base).data.padding_free
+    with pytest.raises(UserError, match="choose one"):
+        load_config(data={**base, "data": {**base["data"], "packing": True}})
+    with pytest.raises(UserError, match="method: sft"):
+        load_config(data={**base, "method": "dpo"})
+
+
+def test_padding_free_refuses_a_model_that_drops_the_bounds():
+    """Bounds that never reach the attention would mean attention across documents: an error, not a silent run."""
+    from tunelab.config import UserError
+    from tunelab.data import Example, collate_padding_free
+    from tunelab.objectives import sft
+
+    batch = collate_padding_free([Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [-100, 9])])
+    with pytest.raises(UserError, match="padding_free"):
+        sft.causal_lm_loss(_tiny_llama(tie=False), batch)  # never switched to padding-free attention
+
+
+def test_padding_free_training_saves_a_model_that_loads_anywhere(tmp_path):
+    """A run with data.padding_free trains through the CLI, and what it saves names no tunelab attention."""
+    import yaml
+    from tiny import config_dict, make_base_model, write_task_data
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.cli import main
+
+    base = make_base_model(tmp_path / "base", warm_steps=0)
+    data = write_task_data(tmp_path / "train.jsonl", n=12)
+    cfg = config_dict(base, data, tmp_path / "run", data={"padding_free": True},
+                      train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-3})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    final = tmp_path / "run" / "final"
+    assert "tunelab" not in (final / "config.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config._attn_implementation != "tunelab_padding_free"

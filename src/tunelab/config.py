@@ -104,6 +104,15 @@ class DataConfig(Section):
     train_on_prompt: bool = False
     skip_bad_rows: bool = False
     packing: bool = False
+    # SFT: each micro-batch as one row of its examples end to end, attention per document (tunelab.attention):
+    # no padding and no cross-document L x L mask, with the same rows per step as unpacked batches.
+    padding_free: bool = False
+
+    @model_validator(mode="after")
+    def _padding_free(self):
+        if self.padding_free and self.packing:
+            raise ValueError("data.padding_free and data.packing are two ways to drop padding; choose one")
+        return self
 
 
 # ---------------------------------------------------------------- training
@@ -273,6 +282,9 @@ class Config(Section):
                 "model.init builds random weights, which an adapter cannot usefully adapt; train the new model "
                 "fully (leave out `adapter:`), then fine-tune its output with an adapter in a second run"
             )
+        if self.data.padding_free and self.method != "sft":
+            raise ValueError(f"data.padding_free is implemented for method: sft (got {self.method}); use data.packing "
+                             "or train.group_by_length")
         if self.method == "distill" and self.teacher is None:
             raise ValueError("method: distill needs a `teacher: {path: ...}` section")
         if self.tokenizer.train and self.model.init is None:

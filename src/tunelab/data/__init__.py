@@ -1,7 +1,7 @@
 """Data: read files into rows, convert formats to messages, render chat templates, tokenize with loss masks,
 pack and collate. See each module's docstring; the end-of-turn rule is in templates.py."""
 
-from .batch import Packed, collate, pack_examples, pack_stream
+from .batch import Packed, collate, collate_padding_free, pack_examples, pack_stream
 from .formats import Message, PreferencePair, PromptRow, to_messages, to_preference, to_prompt
 from .readers import Row, Rows, load_rows, read_rows
 from .templates import prepare_tokenizer, render, resolve_template, stop_token_ids
@@ -9,7 +9,8 @@ from .tokenize import IGNORE, Example, build_sft_examples, encode, num_loss_toke
 
 __all__ = [
     "IGNORE", "Example", "Message", "Packed", "PreferencePair", "PromptRow", "Row", "Rows",
-    "build_sft_examples", "collate", "encode", "load_rows", "num_loss_tokens", "pack_examples", "pack_stream",
+    "build_sft_examples", "collate", "collate_padding_free", "encode", "load_rows", "num_loss_tokens",
+    "pack_examples", "pack_stream",
     "prepare_tokenizer", "preview", "read_rows", "render", "resolve_template", "stop_token_ids", "to_messages",
     "to_preference", "to_prompt", "tokenize_example",
 ]

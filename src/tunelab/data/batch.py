@@ -72,6 +72,24 @@ def _pack(docs: list[tuple[list[int], list[int]]]) -> Packed:
     return packed
 
 
+def collate_padding_free(batch: list[Example]) -> dict:
+    """data.padding_free: the examples end to end in ONE row, no padding. input_ids, labels and position_ids [1, N]
+    (positions restart and the first token of each document carries no label, as in pack_examples, so no
+    document is trained to follow another), doc_bounds (Python ints: 0, the end of each document), and
+    num_loss_tokens. The model attends within each document (tunelab.attention), so the loss equals the padded
+    batch's."""
+    import torch
+
+    packed = _pack([(e.input_ids, e.labels) for e in batch])
+    bounds = [0]
+    for e in batch:
+        bounds.append(bounds[-1] + len(e.input_ids))
+    labels = torch.tensor([packed.labels], dtype=torch.long)
+    return {"input_ids": torch.tensor([packed.input_ids], dtype=torch.long), "labels": labels,
+            "position_ids": torch.tensor([packed.position_ids], dtype=torch.long), "doc_bounds": bounds,
+            "num_loss_tokens": (labels[:, 1:] != IGNORE).sum()}
+
+
 def collate(batch: list[Example | Packed], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch into tensors.
 

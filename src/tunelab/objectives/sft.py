@@ -58,12 +58,21 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     each chunk under activation checkpointing. Peak memory is one chunk of logits, not the whole batch's.
     """
     decoder, head = decoder_and_head(model)
+    extra, calls_before = {}, None
+    if "doc_bounds" in batch:  # data.padding_free: one row of documents, attention per document
+        from tunelab import attention
+
+        extra[attention.BOUNDS_KWARG] = batch["doc_bounds"]
+        calls_before = attention.bounded_calls
     hidden = decoder(
         input_ids=batch["input_ids"],
         attention_mask=attention_mask_for(decoder, batch.get("attention_mask")),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **extra,
     ).last_hidden_state
+    if calls_before is not None:
+        attention.check_reached(calls_before, decoder)
     linear = plain_linear(head)
     if linear is not None:
         return chunked_cross_entropy(hidden, linear.weight, batch["labels"], CE_CHUNK, bias=linear.bias)
@@ -125,7 +134,7 @@ class SFT(Objective):
         return train, evals, stats
 
     def cache_key(self) -> dict:
-        """Everything the tokenized examples depend on (see data.cache); packing happens after the cache."""
+        """Everything the tokenized examples depend on (see data.cache); packing and collation come after it."""
         from tunelab.data import cache
 
         data = self.cfg.data
@@ -133,7 +142,7 @@ class SFT(Objective):
             "objective": "sft",
             "train_files": cache.files_digest([s.path for s in data.train]),
             "eval_files": cache.files_digest([s.path for s in data.eval]),
-            "data": data.model_dump(mode="json", exclude={"packing"}),
+            "data": data.model_dump(mode="json", exclude={"packing", "padding_free"}),
             "split_seed": self.cfg.train.seed if data.eval_fraction and not data.eval else None,
             "tokenizer": cache.tokenizer_digest(self.tokenizer),
             "code": cache.code_digest(),
@@ -155,9 +164,17 @@ class SFT(Objective):
             evals = pack_examples(evals, self.cfg.data.max_length) if evals else []
         return train, evals
 
-    def collate(self, items):
-        from tunelab.data import collate
+    def setup(self, model):
+        if self.cfg.data.padding_free:
+            from tunelab.attention import use_padding_free_attention
 
+            use_padding_free_attention(model)
+
+    def collate(self, items):
+        from tunelab.data import collate, collate_padding_free
+
+        if self.cfg.data.padding_free:
+            return collate_padding_free(items)
         return collate(items, self.tokenizer.pad_token_id)
 
     def loss(self, model, batch):
