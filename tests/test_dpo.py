@@ -92,8 +92,19 @@ def plain_dpo(policy, reference, items, dc, grad=False):
         rr = torch.stack([plain_logps(reference, i.rejected_ids, i.rejected_labels) for i in items])
     lc = torch.tensor([n_response(i.chosen_labels) for i in items])
     lr = torch.tensor([n_response(i.rejected_labels) for i in items])
-    return dpo_loss(pc, pr, rc, rr, beta=dc.beta, loss_type=dc.loss, label_smoothing=dc.label_smoothing,
-                    gamma=dc.gamma, chosen_len=lc, rejected_len=lr)
+    losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta=dc.beta, loss_type=dc.loss, label_smoothing=dc.label_smoothing,
+                                gamma=dc.gamma, chosen_len=lc, rejected_len=lr)
+    # RPO: + alpha x the mean NLL of each chosen response's tokens
+    return losses + dc.nll_alpha * (-pc / lc), r_c, r_r
+
+
+def dpo_loss_only(objective, model, batch) -> float:
+    objective.dc.nll_alpha, alpha = 0.0, objective.dc.nll_alpha
+    try:
+        with torch.no_grad():
+            return objective.loss(model, batch)[0].item()
+    finally:
+        objective.dc.nll_alpha = alpha
 
 
 class AdapterOff:
@@ -114,7 +125,8 @@ class AdapterOff:
 
 @pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("ipo", {"beta": 0.5}),
                                         ("label_smoothing", {"label_smoothing": 0.2}),
-                                        ("simpo", {"beta": 2.0, "gamma": 0.7})])
+                                        ("simpo", {"beta": 2.0, "gamma": 0.7}),
+                                        ("sigmoid", {"nll_alpha": 0.7})])
 def test_lora_objective_loss_equals_dpo_loss_of_plain_forward(base, small, tmp_path, loss, extra):
     objective, model = build_objective(dpo_config(base, small[0], tmp_path / "run", adapter=LORA,
                                                   dpo={"loss": loss, **extra}))
@@ -139,6 +151,8 @@ def test_lora_objective_loss_equals_dpo_loss_of_plain_forward(base, small, tmp_p
     assert abs(r_c - r_r).max() > 1e-3  # the perturbed adapter makes the pairs differ: the check has teeth
     if loss != "sigmoid":
         return
+    if extra:  # RPO: the NLL term is a visible part of the loss
+        assert got.item() > dpo_loss_only(objective, model, batch) + 0.1
     # the gradient through the chunked, recomputed head equals autograd through the full logits
     model.zero_grad()
     objective.loss(model, batch)[0].backward()

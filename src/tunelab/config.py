@@ -160,6 +160,9 @@ class DPOConfig(Section):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     gamma: float = 0.5  # SimPO target margin
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): + nll_alpha x the chosen response's per-token NLL, so the
+    # preferred answers do not lose likelihood while the margin grows. 0 = off.
+    nll_alpha: float = Field(0.0, ge=0)
     precompute_reference: bool = False
 
     @model_validator(mode="after")

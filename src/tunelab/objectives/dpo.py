@@ -1,4 +1,5 @@
-"""Direct preference optimisation and its variants: `method: dpo` with dpo.loss sigmoid | ipo | label_smoothing | simpo.
+"""Direct preference optimisation and its variants: `method: dpo` with dpo.loss sigmoid | ipo | label_smoothing | simpo,
+each optionally with RPO's NLL term on the chosen response (dpo.nll_alpha).
 
 Loss maths: losses.dpo_loss (DPO, Rafailov et al. 2023; cDPO, Mitchell 2023; IPO, Azar et al. 2023;
 SimPO, Meng et al. 2024). Here: the per-sequence log-probabilities it takes.
@@ -134,6 +135,9 @@ class DPO(PreferenceObjective):
             label_smoothing=self.dc.label_smoothing, gamma=self.dc.gamma,
             chosen_len=counts[:n], rejected_len=counts[n:],
         )
+        if self.dc.nll_alpha:
+            nll = -logps[:n] / counts[:n].clamp(min=1)  # per-token NLL of each chosen response
+            losses = losses + self.dc.nll_alpha * nll
         metrics = {
             "rewards/chosen": r_c.sum(),
             "rewards/rejected": r_r.sum(),
