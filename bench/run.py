@@ -37,7 +37,7 @@ NOMINAL_ROWS = 10_000  # "time per epoch" is for a dataset of this many rows lik
 
 # name -> (system, spec additions). tunelab variants differ only by config overrides / ablation patches.
 SYSTEMS = {
-    # tunelab's recommended CPU setting: padding-free micro-batches (data.padding_free)
+    # tunelab's fastest setting: padding-free micro-batches (data.padding_free, sft and dpo)
     "tunelab": ("tunelab", {"overrides": ["data.padding_free=true"]}),
     # the memory-saving mode: + gradient checkpointing (which on CPU also hands freed memory back, tunelab/memory.py)
     "tunelab-ckpt": ("tunelab", {"overrides": ["data.padding_free=true", "train.gradient_checkpointing=true"]}),
@@ -56,7 +56,7 @@ WORKLOADS = {
     "sft-lora": ["tunelab", "tunelab-ckpt", "trl", "trl-packed", "trl-no-ckpt"],
     "sft-full": ["tunelab", "trl", "trl-packed"],
     "qlora": ["tunelab", "trl", "trl-packed"],
-    "dpo-lora": ["tunelab-grouped", "trl"],  # data.padding_free is SFT-only: DPO uses length grouping
+    "dpo-lora": ["tunelab", "tunelab-grouped", "trl"],
     "fixed": ["tunelab-lora", "tunelab-full"],
 }
 
@@ -239,9 +239,7 @@ def main(argv=None) -> int:
         jobs = [(label, wl, names) for label, (wl, names) in ABLATIONS.items()
                 if args.ablations == "all" or label in args.ablations.split(",")]
     else:
-        wls = [w for w in WORKLOADS if w != "dpo-lora" or _has_dpo()] if args.workload == "all" else [args.workload]
-        if args.workload == "all" and "dpo-lora" not in wls:
-            print("dpo-lora skipped: tunelab has no `method: dpo` yet")
+        wls = list(WORKLOADS) if args.workload == "all" else [args.workload]
         jobs = [(wl, wl, args.systems.split(",") if args.systems else WORKLOADS[wl]) for wl in wls]
     import torch
 
@@ -273,12 +271,6 @@ def main(argv=None) -> int:
                "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         (RESULTS / f"{label}-{args.device}.json").write_text(json.dumps(out, indent=1))
     return 0
-
-
-def _has_dpo() -> bool:
-    from tunelab.objectives import REGISTRY
-
-    return "dpo" in REGISTRY
 
 
 if __name__ == "__main__":

@@ -365,3 +365,32 @@ def test_example_config_runs(base, small, tmp_path):
     final = train(cfg, say=lambda *a: None)
     assert (final / "adapter_config.json").is_file()
     assert "eval_accuracy" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("adapter", [LORA, None])
+def test_padding_free_pairs_give_the_padded_loss_and_gradients(base, small, tmp_path, adapter):
+    """data.padding_free: the 2B sequences of a batch end to end in one row, each attending only to itself, give the
+    padded batch's per-pair log-probs, loss and gradients (LoRA: adapter-off reference; full: the frozen copy)."""
+    extra = {"adapter": adapter} if adapter else {}
+    results = []
+    for padding_free in (False, True):
+        torch.manual_seed(0)  # the same adapter initialisation both times
+        objective, model = build_objective(dpo_config(base, small[0], tmp_path / f"run{padding_free}",
+                                                      data={"padding_free": padding_free}, **extra))
+        with torch.no_grad():  # a policy that differs from its reference
+            for name, p in model.named_parameters():
+                if "lora_B" in name or (adapter is None and "q_proj" in name):
+                    p.add_(torch.randn_like(p) * 0.05)
+        objective.setup(model)
+        batch = objective.collate(objective.train_items[:5])
+        assert ("doc_bounds" in batch) == padding_free
+        loss, metrics = objective.loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        results.append((loss.item(), metrics["logps/chosen"].item(), metrics["logps/rejected"].item(), grads))
+    (loss_pad, c_pad, r_pad, g_pad), (loss_pf, c_pf, r_pf, g_pf) = results
+    assert loss_pf == pytest.approx(loss_pad, rel=1e-5)
+    assert c_pf == pytest.approx(c_pad, rel=1e-5) and r_pf == pytest.approx(r_pad, rel=1e-5)
+    assert g_pad.keys() == g_pf.keys() and g_pad
+    for name, g in g_pad.items():
+        assert (g_pf[name] - g).abs().max() <= 1e-4 * max(1.0, float(g.abs().max())), name

@@ -176,8 +176,8 @@ def test_cli_writes_eval_json_and_prints_a_table(models, items, tmp_path):
 
 @pytest.mark.parametrize("spec,fragment", [
     ("exact", "'eval.scorer': must be exact_match, contains or module:function"),
-    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("tunelab.tasks:no_such_function", "has no function 'no_such_function'"),
+    ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
+    ("tunelab.tasks:correctness_rewrd", "did you mean tunelab.tasks:correctness_reward?"),
     ("tunelab.tasks:WORDS", "not a function"),
     ("tunelab.tasks:exact_match", "must accept the keyword arguments prompt, response and answer"),
 ])

@@ -1,6 +1,6 @@
 """Padding-free attention: a micro-batch's documents laid end to end in one row, each attending only to itself.
 
-With data.padding_free the SFT collate concatenates a micro-batch's examples into one row of exactly their
+With data.padding_free the SFT (and DPO) collate concatenates a micro-batch's sequences into one row of exactly their
 tokens (position_ids restart per document) and passes the document boundaries along. Every linear layer then
 runs on real tokens only, and attention runs per document with SDPA's causal kernel: no padding, and none of
 the L x L work that packing's block-diagonal mask costs (SDPA computes the whole masked square on CPU). This is

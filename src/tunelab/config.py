@@ -285,8 +285,8 @@ class Config(Section):
                 "model.init builds random weights, which an adapter cannot usefully adapt; train the new model "
                 "fully (leave out `adapter:`), then fine-tune its output with an adapter in a second run"
             )
-        if self.data.padding_free and self.method != "sft":
-            raise ValueError(f"data.padding_free is implemented for method: sft (got {self.method}); use data.packing "
+        if self.data.padding_free and self.method not in ("sft", "dpo"):
+            raise ValueError(f"data.padding_free is implemented for method: sft and dpo (got {self.method}); use data.packing "
                              "or train.group_by_length")
         if self.method == "distill" and self.teacher is None:
             raise ValueError("method: distill needs a `teacher: {path: ...}` section")

@@ -20,12 +20,8 @@ Rows with a `family` field are also reported per family. The rows: `eval.data`, 
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import math
-import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -56,37 +52,12 @@ BUILTIN_SCORERS: dict[str, Callable] = {"exact_match": exact_match, "contains": 
 
 
 def load_scorer(spec: str) -> Callable:
-    """exact_match, contains, or an importable `module:function`; every failure is a UserError naming eval.scorer."""
+    """exact_match, contains, or an importable `module:function` (loaded as RL reward functions are)."""
     if spec in BUILTIN_SCORERS:
         return BUILTIN_SCORERS[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"eval.scorer: {spec!r} is not exact_match, contains or module:function "
-                        "(e.g. tunelab.tasks:correctness_reward)")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())  # a scorers.py beside the config is importable
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise UserError(f"eval.scorer: cannot import module {module_name!r} ({e}); it must be installed, on "
-                        "PYTHONPATH or a .py file in the current directory") from None
-    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
-        raise UserError(f"eval.scorer: importing {module_name!r} raised {type(e).__name__}: {e}") from None
-    fn: Any = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise UserError(f"eval.scorer: module {module_name!r} has no function {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise UserError(f"eval.scorer: {spec!r} is a {type(fn).__name__}, not a function")
-    try:
-        inspect.signature(fn).bind(prompt="", response="", answer=None)
-    except TypeError:
-        raise UserError(f"eval.scorer: {spec!r} must accept the keyword arguments prompt, response and answer "
-                        "(add **kwargs to ignore the ones it does not need)") from None
-    except ValueError:
-        pass
-    return fn
+    from tunelab.objectives.rewards import load_function
+
+    return load_function(spec, "eval.scorer")
 
 
 # ---------------------------------------------------------------- rows -> items

@@ -27,7 +27,7 @@ from tunelab.config import Config
 from tunelab.objectives.base import move_to
 from tunelab.objectives.losses import dpo_loss
 from tunelab.objectives.preference import PreferenceObjective
-from tunelab.objectives.sft import CE_CHUNK, attention_mask_for, decoder_and_head
+from tunelab.objectives.sft import CE_CHUNK, decoder_and_head, decoder_hidden
 
 
 def _chunk_logprobs(head, hidden, targets):
@@ -42,16 +42,18 @@ def response_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     positions, but the LM head runs only on labelled positions, CE_CHUNK rows at a time.
     """
     decoder, head = decoder_and_head(model)
-    hidden = decoder(
-        input_ids=batch["input_ids"],
-        attention_mask=attention_mask_for(decoder, batch.get("attention_mask")),
-        use_cache=False,
-    ).last_hidden_state
+    hidden = decoder_hidden(decoder, batch)
     target = batch["labels"][:, 1:]
     keep = target != -100
     h = hidden[:, :-1][keep]  # row-major over (sequence, position)
     y = target[keep]
-    rows = keep.nonzero()[:, 0]
+    if "doc_bounds" in batch:  # one row of sequences end to end: a label at position p + 1 belongs to its document
+        bounds = torch.tensor(batch["doc_bounds"], device=keep.device)
+        rows = torch.searchsorted(bounds, keep[0].nonzero()[:, 0] + 1, right=True) - 1
+        n_rows = len(batch["doc_bounds"]) - 1
+    else:
+        rows = keep.nonzero()[:, 0]
+        n_rows = target.shape[0]
     parts = []
     for start in range(0, y.numel(), CE_CHUNK):
         hc, yc = h[start:start + CE_CHUNK], y[start:start + CE_CHUNK]
@@ -60,8 +62,9 @@ def response_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             parts.append(_chunk_logprobs(head, hc, yc))
     lp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(target.shape[0], dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
-    return sums, keep.sum(-1)
+    sums = torch.zeros(n_rows, dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
+    counts = torch.zeros(n_rows, dtype=torch.long, device=lp.device).index_add(0, rows, torch.ones_like(rows))
+    return sums, counts
 
 
 @contextlib.contextmanager
@@ -87,6 +90,10 @@ class DPO(PreferenceObjective):
         return self.dc.loss != "simpo"
 
     def setup(self, model):
+        if self.cfg.data.padding_free:  # before the reference copy, which then attends the same way
+            from tunelab.attention import use_padding_free_attention
+
+            use_padding_free_attention(model)
         if not self.needs_reference:
             return
         if self.dc.precompute_reference:

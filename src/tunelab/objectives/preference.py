@@ -164,22 +164,30 @@ def drop_report(split: str, total: int, identical: list[str], no_response: list[
 
 # ---------------------------------------------------------------- collation
 
-def collate_pairs(items: list[PairItem], pad_id: int) -> dict:
-    """input_ids / labels / attention_mask [2B, L]: rows 0..B-1 chosen, B..2B-1 rejected (right-padded).
-    Also num_pairs, margin [B] (NaN where the row gave none) and, when precomputed, ref_chosen / ref_rejected [B]."""
+def collate_pairs(items: list[PairItem], pad_id: int, padding_free: bool = False) -> dict:
+    """input_ids / labels / attention_mask [2B, L]: rows 0..B-1 chosen, B..2B-1 rejected (right-padded); with
+    `padding_free` the 2B sequences end to end in one row instead (data.collate_padding_free, doc_bounds in the
+    same order). Also num_pairs, margin [B] (NaN where the row gave none) and, when precomputed, ref_chosen /
+    ref_rejected [B]."""
     seqs = [(i.chosen_ids, i.chosen_labels) for i in items] + [(i.rejected_ids, i.rejected_labels) for i in items]
-    length = max(len(ids) for ids, _ in seqs)
+    if padding_free:
+        from tunelab.data import Example, collate_padding_free
 
-    def pad(rows, value):
-        return torch.tensor([list(r) + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+        batch = collate_padding_free([Example(list(ids), list(labels)) for ids, labels in seqs])
+        del batch["num_loss_tokens"]
+    else:
+        length = max(len(ids) for ids, _ in seqs)
 
-    batch = {
-        "input_ids": pad([ids for ids, _ in seqs], pad_id),
-        "labels": pad([labels for _, labels in seqs], IGNORE),
-        "attention_mask": pad([[1] * len(ids) for ids, _ in seqs], 0),
-        "num_pairs": len(items),
-        "margin": torch.tensor([float("nan") if i.margin is None else i.margin for i in items]),
-    }
+        def pad(rows, value):
+            return torch.tensor([list(r) + [value] * (length - len(r)) for r in rows], dtype=torch.long)
+
+        batch = {
+            "input_ids": pad([ids for ids, _ in seqs], pad_id),
+            "labels": pad([labels for _, labels in seqs], IGNORE),
+            "attention_mask": pad([[1] * len(ids) for ids, _ in seqs], 0),
+        }
+    batch["num_pairs"] = len(items)
+    batch["margin"] = torch.tensor([float("nan") if i.margin is None else i.margin for i in items])
     if all(i.ref_chosen is not None for i in items):
         batch["ref_chosen"] = torch.tensor([i.ref_chosen for i in items], dtype=torch.float32)
         batch["ref_rejected"] = torch.tensor([i.ref_rejected for i in items], dtype=torch.float32)
@@ -233,7 +241,7 @@ class PreferenceObjective(Objective):
         return items, stats
 
     def collate(self, items):
-        return collate_pairs(items, self.tokenizer.pad_token_id)
+        return collate_pairs(items, self.tokenizer.pad_token_id, self.cfg.data.padding_free)
 
     def units(self, batch):
         return int(batch["num_pairs"])

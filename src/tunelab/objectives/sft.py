@@ -49,17 +49,11 @@ def plain_linear(head) -> nn.Linear | None:
     return None
 
 
-def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over label positions, and their count.
-
-    Logits are computed only where a label exists, a chunk at a time, and never kept: with a plain linear
-    head, losses.chunked_cross_entropy forms each chunk's gradients during the forward (one head matmul
-    per chunk fewer than recomputing it, and no weight gradient for a frozen head); any other head runs
-    each chunk under activation checkpointing. Peak memory is one chunk of logits, not the whole batch's.
-    """
-    decoder, head = decoder_and_head(model)
+def decoder_hidden(decoder, batch: dict) -> torch.Tensor:
+    """The decoder's last hidden states for a padded batch, or for a padding-free one (data.padding_free: one row
+    of documents end to end, attention per document; the bounds must reach the attention, tunelab.attention)."""
     extra, calls_before = {}, None
-    if "doc_bounds" in batch:  # data.padding_free: one row of documents, attention per document
+    if "doc_bounds" in batch:
         from tunelab import attention
 
         extra[attention.BOUNDS_KWARG] = batch["doc_bounds"]
@@ -73,6 +67,19 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     ).last_hidden_state
     if calls_before is not None:
         attention.check_reached(calls_before, decoder)
+    return hidden
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over label positions, and their count.
+
+    Logits are computed only where a label exists, a chunk at a time, and never kept: with a plain linear
+    head, losses.chunked_cross_entropy forms each chunk's gradients during the forward (one head matmul
+    per chunk fewer than recomputing it, and no weight gradient for a frozen head); any other head runs
+    each chunk under activation checkpointing. Peak memory is one chunk of logits, not the whole batch's.
+    """
+    decoder, head = decoder_and_head(model)
+    hidden = decoder_hidden(decoder, batch)
     linear = plain_linear(head)
     if linear is not None:
         return chunked_cross_entropy(hidden, linear.weight, batch["labels"], CE_CHUNK, bias=linear.bias)
