@@ -344,8 +344,9 @@ def test_padding_free_config_checks():
     assert load_config(data=base).data.padding_free
     with pytest.raises(UserError, match="choose one"):
         load_config(data={**base, "data": {**base["data"], "packing": True}})
-    with pytest.raises(UserError, match="method: sft"):
-        load_config(data={**base, "method": "dpo"})
+    assert load_config(data={**base, "method": "dpo"}).data.padding_free
+    with pytest.raises(UserError, match="sft and dpo"):
+        load_config(data={**base, "method": "reward"})
 
 
 def test_padding_free_refuses_a_model_that_drops_the_bounds():
