@@ -1,6 +1,6 @@
 """Throughput benchmark: tunelab's loop against TRL + PEFT on the same model, rows and hyper-parameters.
 
-    python bench/run.py                       # every workload (what `make bench` runs), ~15 min on 2 cores
+    python bench/run.py                       # every workload (what `make bench` runs), ~40 min on 2 cores
     python bench/run.py --workload sft-lora   # one workload
     python bench/run.py --workload sft-lora --reps 5 --rows 64
     python bench/run.py --ablations           # the technique measurements recorded in bench/README.md
