@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     stages["sft"] = {"time": t, "cpu": run.cpu - c, "model": "work/runs/sft-lora", "method": "sft"}
 
     # 3. preference tuning
-    print("\n== 3. preference tuning: DPO (IPO loss) on correct vs plausibly wrong answers ==")
+    print("\n== 3. preference tuning: DPO (+ RPO NLL term) on correct vs plausibly wrong answers ==")
     if available("dpo"):
         c = run.cpu
         t = run("train", cfg("demo/dpo.yaml"), *smoke("dpo"))
