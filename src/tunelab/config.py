@@ -104,8 +104,8 @@ class DataConfig(Section):
     train_on_prompt: bool = False
     skip_bad_rows: bool = False
     packing: bool = False
-    # SFT: each micro-batch as one row of its examples end to end, attention per document (tunelab.attention):
-    # no padding and no cross-document L x L mask, with the same rows per step as unpacked batches.
+    # SFT and DPO: each micro-batch as one row of its sequences end to end, attention per document
+    # (tunelab.attention): no padding and no cross-document L x L mask, the same rows per step as padded batches.
     padding_free: bool = False
 
     @model_validator(mode="after")

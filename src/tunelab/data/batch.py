@@ -80,10 +80,10 @@ def collate_padding_free(batch: list[Example]) -> dict:
     batch's."""
     import torch
 
+    from itertools import accumulate
+
     packed = _pack([(e.input_ids, e.labels) for e in batch])
-    bounds = [0]
-    for e in batch:
-        bounds.append(bounds[-1] + len(e.input_ids))
+    bounds = [0, *accumulate(len(e.input_ids) for e in batch)]
     labels = torch.tensor([packed.labels], dtype=torch.long)
     return {"input_ids": torch.tensor([packed.input_ids], dtype=torch.long), "labels": labels,
             "position_ids": torch.tensor([packed.position_ids], dtype=torch.long), "doc_bounds": bounds,

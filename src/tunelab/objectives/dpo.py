@@ -90,10 +90,6 @@ class DPO(PreferenceObjective):
         return self.dc.loss != "simpo"
 
     def setup(self, model):
-        if self.cfg.data.padding_free:  # before the reference copy, which then attends the same way
-            from tunelab.attention import use_padding_free_attention
-
-            use_padding_free_attention(model)
         if not self.needs_reference:
             return
         if self.dc.precompute_reference:

@@ -171,12 +171,6 @@ class SFT(Objective):
             evals = pack_examples(evals, self.cfg.data.max_length) if evals else []
         return train, evals
 
-    def setup(self, model):
-        if self.cfg.data.padding_free:
-            from tunelab.attention import use_padding_free_attention
-
-            use_padding_free_attention(model)
-
     def collate(self, items):
         from tunelab.data import collate, collate_padding_free
 
