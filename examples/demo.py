@@ -80,12 +80,7 @@ def python_docs() -> list[str]:
 
 def family_split(family: str, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Disjoint train/test items of one family; word families have only len(WORDS) prompts: 80/20 of those."""
-    items = tasks.make_items(max(4 * (n_train + n_test), 400), seed, [family])
-    seen, unique = set(), []
-    for item in items:
-        if item["prompt"] not in seen:
-            seen.add(item["prompt"])
-            unique.append(item)
+    unique = tasks.unique_prompts(tasks.make_items(max(4 * (n_train + n_test), 400), seed, [family]))
     if len(unique) < n_train + n_test:
         n_test = min(n_test, max(1, len(unique) // 5))
         n_train = len(unique) - n_test
@@ -246,34 +241,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(expected: {held_out['output']})")
     stages["sft"] = {"time": t, "cpu": run.cpu - c, "model": "work/runs/sft-lora", "method": "sft"}
 
+    def train_stage(name: str, method: str) -> None:
+        """Train examples/demo/<method>.yaml into work/runs/<method>; "pending" where this checkout lacks it."""
+        if not available(method):
+            print(f"pending: method {method} not available")
+            stages[name] = {"pending": f"method {method} not available", "method": method}
+            return
+        c = run.cpu
+        t = run("train", cfg(f"demo/{method}.yaml"), *smoke(method))
+        stages[name] = {"time": t, "cpu": run.cpu - c, "model": f"work/runs/{method}", "method": method}
+
     # 3. preference tuning
     print("\n== 3. preference tuning: DPO (+ RPO NLL term) on correct vs plausibly wrong answers ==")
-    if available("dpo"):
-        c = run.cpu
-        t = run("train", cfg("demo/dpo.yaml"), *smoke("dpo"))
-        stages["dpo"] = {"time": t, "cpu": run.cpu - c, "model": "work/runs/dpo", "method": "dpo"}
-    else:
-        print("pending: method dpo not available")
-        stages["dpo"] = {"pending": "method dpo not available", "method": "dpo"}
+    train_stage("dpo", "dpo")
     if not args.no_grpo:
         print("\n== 3b. GRPO with the programmatic reward tunelab.tasks:correctness_reward ==")
-        if available("grpo"):
-            c = run.cpu
-            t = run("train", cfg("demo/grpo.yaml"), *smoke("grpo"))
-            stages["grpo"] = {"time": t, "cpu": run.cpu - c, "model": "work/runs/grpo", "method": "grpo"}
-        else:
-            print("pending: method grpo not available")
-            stages["grpo"] = {"pending": "method grpo not available", "method": "grpo"}
+        train_stage("grpo", "grpo")
 
     # 4. distillation into a student of under a quarter of the parameters
     print("\n== 4. distill the SFT model into a small student ==")
-    if available("distill"):
-        c = run.cpu
-        t = run("train", cfg("demo/distill.yaml"), *smoke("distill"))
-        stages["student"] = {"time": t, "cpu": run.cpu - c, "model": "work/runs/distill", "method": "distill"}
-    else:
-        print("pending: method distill not available")
-        stages["student"] = {"pending": "method distill not available", "method": "distill"}
+    train_stage("student", "distill")
 
     # 5. evaluation of every model on the same held-out rows
     print("\n== 5. evaluate every model on held-out prompts, preference pairs and text ==")

@@ -72,14 +72,15 @@ def make_items(n: int, seed: int, families: list[str] | None = None) -> list[dic
     return items
 
 
+def unique_prompts(items: list[dict]) -> list[dict]:
+    """The items in order, keeping the first of each prompt (so no prompt can be in two splits)."""
+    seen: set[str] = set()
+    return [item for item in items if not (item["prompt"] in seen or seen.add(item["prompt"]))]
+
+
 def split_items(n_train: int, n_test: int, seed: int, families: list[str] | None = None) -> tuple[list, list]:
     """Train and held-out test items with no prompt in both."""
-    items = make_items(3 * (n_train + n_test), seed, families)
-    seen, unique = set(), []
-    for item in items:
-        if item["prompt"] not in seen:
-            seen.add(item["prompt"])
-            unique.append(item)
+    unique = unique_prompts(make_items(3 * (n_train + n_test), seed, families))
     if len(unique) < n_train + n_test:
         raise ValueError("not enough distinct items for this split; lower the counts")
     return unique[:n_train], unique[n_train:n_train + n_test]
