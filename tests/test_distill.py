@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from tiny import run_cli, write_task_data
+from tiny import run_cli, with_sections, write_task_data
 
 from tunelab.config import InitConfig, load_config
 
@@ -59,9 +59,7 @@ def _cfg(s, out, student=None, **sections) -> dict:
         "log": {"tensorboard": False, "plot": False},
         "output_dir": str(out),
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    return cfg
+    return with_sections(cfg, **sections)
 
 
 def _objective(cfg_dict, student_model):

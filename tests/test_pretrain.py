@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from tiny import with_sections
 
 from tunelab.config import load_config
 from tunelab.tasks import WORDS
@@ -48,9 +49,7 @@ def _cfg(corpus, out, method="pretrain", arch="llama", **sections) -> dict:
         "log": {"tensorboard": False, "plot": False},
         "output_dir": str(out),
     }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    return cfg
+    return with_sections(cfg, **sections)
 
 
 @pytest.fixture(scope="module")

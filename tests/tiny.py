@@ -67,6 +67,11 @@ def config_dict(base: Path, data_path: Path, out: Path, **sections) -> dict:
         "log": {"tensorboard": False, "plot": False},
         "output_dir": str(out),
     }
+    return with_sections(cfg, **sections)
+
+
+def with_sections(cfg: dict, **sections) -> dict:
+    """`cfg` with each section's keys overridden (a dict merges into the section, anything else replaces it)."""
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(cfg.get(section), dict):
             cfg[section] = {**cfg[section], **copy.deepcopy(values)}
