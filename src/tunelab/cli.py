@@ -124,6 +124,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tunelab.serve.settings import ServeSettings
+
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--model {item!r} is not of the form NAME=PATH")
+        models[name] = path
+    settings = ServeSettings(home=args.home, host=args.host, port=args.port, api_key=args.api_key,
+                             max_jobs=args.max_jobs, data_roots=args.data_root, models=models,
+                             max_loaded=args.max_loaded, allow_code=args.allow_code, max_retries=args.max_retries,
+                             max_body_mb=args.max_body_mb, max_upload_mb=args.max_upload_mb)
+    from tunelab.serve.app import serve
+
+    serve(settings)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from tunelab.jobs_cli import run
+
+    return run(args)
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the run's YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
@@ -188,6 +213,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model/run dir to evaluate (default: the config's output_dir)")
     p.add_argument("--out", default=None, help="where to write eval.json")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="run the tuning service: jobs over HTTP, tuned-model endpoints, dashboard")
+    p.add_argument("--host", default="127.0.0.1", help="other than loopback only with --api-key")
+    p.add_argument("--port", type=int, default=8321)
+    p.add_argument("--home", default="tunelab-home", help="database, run dirs and uploads (default ./tunelab-home)")
+    p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"), help="required on every request if set "
+                   "(default $TUNELAB_API_KEY)")
+    p.add_argument("--max-jobs", type=int, default=1, help="training processes at a time")
+    p.add_argument("--data-root", action="append", default=[], help="a dir clients may name files in; repeatable")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a base model served and "
+                   "tunable by NAME; repeatable")
+    p.add_argument("--max-loaded", type=int, default=4, help="models kept in memory for serving")
+    p.add_argument("--allow-code", action="store_true", help="accept config keys that run code or unpickle "
+                   "(module:function rewards/scorers, trust_remote_code, allow_pickle)")
+    p.add_argument("--max-retries", type=int, default=0, help="restarts from the checkpoint of a job whose process "
+                   "died on its own")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (uploads aside)")
+    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest uploaded dataset")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("jobs", help="talk to a tuning service: submit, list, status, cancel, logs")
+    p.add_argument("--url", default=None, help="the service (default $TUNELAB_URL, else http://127.0.0.1:8321)")
+    p.add_argument("--api-key", default=None, help="default $TUNELAB_API_KEY")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("submit", help="submit a tunelab config (or a managed request with source_model)")
+    a.add_argument("file", help="YAML or JSON")
+    a.add_argument("--display-name", default=None, help="the tuned model's endpoint name")
+    a = actions.add_parser("list", help="jobs, newest first")
+    a.add_argument("--state", default=None, help="e.g. RUNNING")
+    a.add_argument("--limit", type=int, default=50)
+    a = actions.add_parser("status", help="one job as JSON")
+    a.add_argument("job")
+    a.add_argument("--json", action="store_true", help="include the resolved config")
+    a = actions.add_parser("cancel", help="stop a job (it checkpoints first)")
+    a.add_argument("job")
+    a = actions.add_parser("logs", help="the end of a job's log")
+    a.add_argument("job")
+    a.add_argument("--tail", type=int, default=200)
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 

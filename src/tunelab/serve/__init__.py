@@ -1,0 +1,15 @@
+"""The tuning service (`tunelab serve`): a layer on top of the trainer.
+
+It takes tuning jobs over HTTP, runs each as a `tunelab train` child process, keeps its state in SQLite under
+--home, and serves the tuned models. The trainer knows nothing of it. Modules, one job each:
+
+- settings.py   ServeSettings, what `tunelab serve` was started with
+- app.py        create_app(settings): the FastAPI app, its routers and the scheduler's lifespan
+- store.py      the database (SQLite, WAL, versioned migrations) behind a small interface
+- jobspec.py    a request -> a validated tunelab Config (paths, code-running keys, data rows)
+- scheduler.py  runs jobs as child processes, follows their progress, survives restarts
+- jobs_api.py   the /v1/tuningJobs, /v1/files and /v1/endpoints routes
+- registry.py   names -> models (endpoints of finished jobs, --model base models)
+- security.py   API key, loopback default, paths inside the roots, body size limits
+- errors.py     every error as one JSON line: {"error": {"message", "type", "code"}}
+"""

@@ -1,0 +1,40 @@
+"""What `tunelab serve` was started with. Plain data: every other module reads it from app.state.settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServeSettings:
+    home: Path = Path("tunelab-home")  # the database, run dirs and uploaded files live here
+    host: str = "127.0.0.1"
+    port: int = 8321
+    api_key: str | None = None
+    max_jobs: int = 1  # training processes at a time
+    data_roots: list[Path] = field(default_factory=list)  # where client-named paths may point (home always may)
+    models: dict[str, Path] = field(default_factory=dict)  # --model NAME=PATH: base models served and tunable by name
+    max_loaded: int = 4  # models the engine keeps in memory
+    allow_code: bool = False  # accept config keys that import code or unpickle on the server
+    max_retries: int = 0  # a child that dies on its own is restarted from its checkpoint this many times
+    max_body_mb: float = 16.0
+    max_upload_mb: float = 512.0
+    poll_seconds: float = 0.5  # how often the scheduler looks at its children and their metrics
+
+    def __post_init__(self):
+        from tunelab.config import UserError
+
+        for name, low in (("max_jobs", 1), ("max_loaded", 1), ("max_retries", 0), ("port", 0)):
+            if getattr(self, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.max_body_mb <= 0 or self.max_upload_mb <= 0:
+            raise UserError("--max-body-mb and --max-upload-mb must be positive")
+        self.home = Path(self.home).resolve()
+        self.data_roots = [Path(p).resolve() for p in self.data_roots]
+        self.models = {name: Path(p).resolve() for name, p in self.models.items()}
+
+    @property
+    def roots(self) -> list[Path]:
+        """Every directory a client-named path may resolve into."""
+        return [self.home, *self.data_roots]
