@@ -183,6 +183,10 @@ CASES = [
     (".txt as chat data", lambda e: e.train(e.cfg(e.data("train.txt", "some text"), fmt="chat")), ["{tmp}/train.txt: .txt files"]),
     ("chat message with bad role", lambda e: e.train(e.cfg(e.data("train.jsonl", jsonl(
         [{"messages": [{"role": "bot", "content": "hi"}]}])), fmt="chat")), ["{tmp}/train.jsonl:1: messages[0] has role 'bot'"]),
+    ("gemini turn with a chat role", lambda e: e.train(e.cfg(e.data("train.jsonl", jsonl(
+        [{"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": [{"text": "yo"}]}]},
+         {"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "assistant", "parts": [{"text": "yo"}]}]}])),
+        fmt="gemini")), ["{tmp}/train.jsonl:2: contents[1] needs 'role' in ['user', 'model'], got 'assistant'"]),
     ("chat without assistant turn", lambda e: e.train(e.cfg(e.data("train.jsonl", jsonl(
         [{"messages": [{"role": "user", "content": "hi"}]}])), fmt="chat")),
      ["{tmp}/train.jsonl:1: conversation has no assistant message"]),

@@ -70,6 +70,17 @@ def test_formats_each_produce_messages():
     assert to_messages(row({"text": "Some document."}), "text") == "Some document."
 
 
+def test_gemini_rows_become_messages():
+    gemini = {"systemInstruction": {"role": "system", "parts": [{"text": "Be brief."}]},
+              "contents": [{"role": "user", "parts": [{"text": "Hello, "}, {"text": "how are you?"}]},
+                           {"role": "model", "parts": [{"text": "I am fine, thanks!"}]},
+                           {"role": "user", "parts": [{"text": "What is two plus two?"}]},
+                           {"role": "model", "parts": [{"text": "Two plus two is four."}]}]}
+    assert to_messages(row(gemini), "gemini") == CHAT
+    snake = {"system_instruction": {"parts": [{"text": "Be brief."}]}, "contents": gemini["contents"][:2]}
+    assert to_messages(row(snake), "gemini") == CHAT[:3]
+
+
 @pytest.mark.parametrize("data, fmt, message", [
     ({"instruction": "Hi"}, "alpaca", "data.jsonl:7: alpaca row needs 'output'"),
     ({"instruction": 3, "output": "x"}, "alpaca", "data.jsonl:7: 'instruction' must be a str, got int"),
@@ -79,6 +90,18 @@ def test_formats_each_produce_messages():
     ({"messages": [{"role": "user", "content": "Hi"}]}, "chat", "data.jsonl:7: conversation has no assistant"),
     ({"messages": "hello"}, "chat", "data.jsonl:7: 'messages' must be a list, got str"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "sharegpt", "data.jsonl:7: conversations[0] needs 'from'"),
+    ({"messages": []}, "gemini", "data.jsonl:7: gemini row needs 'contents' (has: messages)"),
+    ({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}, "gemini",
+     "data.jsonl:7: contents[0] needs 'role' in ['user', 'model'], got 'assistant'"),
+    ({"contents": [{"role": "user", "parts": [{"inlineData": {}}]}]}, "gemini",
+     "data.jsonl:7: contents[0].parts[0] needs a 'text' string (has: inlineData)"),
+    ({"contents": [{"role": "user", "parts": []}]}, "gemini", "data.jsonl:7: contents[0] needs a non-empty 'parts'"),
+    ({"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": [{"text": " "}]}]},
+     "gemini", "data.jsonl:7: contents[1] (assistant) has empty content"),
+    ({"systemInstruction": "Be brief.", "contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, "gemini",
+     "data.jsonl:7: systemInstruction needs a non-empty 'parts'"),
+    ({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, "gemini",
+     "data.jsonl:7: conversation has no assistant"),
 ])
 def test_format_errors_name_file_and_line(data, fmt, message):
     with pytest.raises(UserError, match="^" + message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")

@@ -86,7 +86,7 @@ class AdapterConfig(Section):
 
 # ---------------------------------------------------------------- data
 
-Format = Literal["alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt"]
+Format = Literal["alpaca", "chat", "sharegpt", "gemini", "completion", "text", "preference", "prompt"]
 
 
 class DataSource(Section):

@@ -2,7 +2,7 @@
 
 What is measured depends on each row's format (all three can be mixed in one run):
 - perplexity: exp(mean NLL) over the tokens that carry loss, exactly as training masks them (the replies of
-  alpaca / chat / sharegpt / completion rows; the whole text of `format: text` rows);
+  alpaca / chat / sharegpt / gemini / completion rows; the whole text of `format: text` rows);
 - generation: rows with a prompt and an answer (alpaca rows: instruction -> output; `format: prompt` rows with
   an `answer`; completion rows: prompt -> completion) are answered by batched greedy decoding (left padding,
   stopping at the template's end of turn) and scored by `eval.scorer`: exact_match (after stripping
@@ -34,7 +34,7 @@ from tunelab.config import Config, UserError
 
 IGNORE = -100
 GENERATION_FORMATS = ("alpaca", "prompt", "completion")
-PERPLEXITY_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
+PERPLEXITY_FORMATS = ("alpaca", "chat", "sharegpt", "gemini", "completion", "text")
 LOGPROB_CHUNK = 2048  # label positions sent through the LM head at once
 
 
@@ -308,7 +308,7 @@ def evaluate(model, tokenizer, cfg: Config, rows, reference=None, say=print) -> 
         model.train(was_training)
     if not result:
         raise UserError("nothing to evaluate: the eval rows allow none of the requested metrics "
-                        f"({', '.join(sorted(wanted))}); perplexity needs alpaca/chat/sharegpt/completion/text rows, "
+                        f"({', '.join(sorted(wanted))}); perplexity needs alpaca/chat/sharegpt/gemini/completion/text rows, "
                         "generation alpaca, completion or prompt rows with an answer, preference preference rows")
     return result
 

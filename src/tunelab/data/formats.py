@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 Message = dict
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+GEMINI_ROLES = {"user": "user", "model": "assistant"}
 
 
 @dataclass
@@ -33,7 +34,7 @@ class PromptRow:
 
 
 def to_messages(row: Row, fmt: str) -> list[Message] | str:
-    """alpaca, chat, sharegpt and completion rows -> a conversation; text rows -> their text (data["text"]).
+    """alpaca, chat, sharegpt, gemini and completion rows -> a conversation; text rows -> their text (data["text"]).
 
     Completion rows become [user(prompt), assistant(completion)]; build_sft_examples renders them with
     template "none" (plain concatenation) whatever data.template says.
@@ -54,6 +55,8 @@ def to_messages(row: Row, fmt: str) -> list[Message] | str:
                 raise UserError(f"{row.where}: conversations[{i}] needs 'from' in {list(SHAREGPT_ROLES)}, got {got!r}")
         turns = [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
         messages = _messages(row, turns, "conversations")
+    elif fmt == "gemini":
+        messages = _gemini(row)
     elif fmt == "completion":
         prompt, completion = _field(row, "prompt", "completion"), _field(row, "completion", "completion")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
@@ -155,6 +158,38 @@ def _messages(row: Row, raw: list, name: str) -> list[Message]:
             raise UserError(f"{row.where}: {name}[{i}] ({role}) has {what} content; content must be a non-empty string")
         messages.append({"role": role, "content": content})
     return messages
+
+
+def _gemini(row: Row) -> list[Message]:
+    """The managed service's tuning rows: {"contents": [{"role": "user" | "model", "parts": [{"text": ...}]}],
+    optional "systemInstruction" (or "system_instruction") {"parts": [...]}}. A turn's text parts are
+    concatenated as the service concatenates them."""
+    contents = _field(row, "contents", "gemini", list)
+    system = row.data.get("systemInstruction", row.data.get("system_instruction"))
+    messages = []
+    if system is not None:
+        messages.append({"role": "system", "content": _gemini_text(row, system, "systemInstruction")})
+    for i, turn in enumerate(contents):
+        where = f"contents[{i}]"
+        if not isinstance(turn, dict) or turn.get("role") not in GEMINI_ROLES:
+            got = turn.get("role") if isinstance(turn, dict) else type(turn).__name__
+            raise UserError(f"{row.where}: {where} needs 'role' in {list(GEMINI_ROLES)}, got {got!r}")
+        messages.append({"role": GEMINI_ROLES[turn["role"]], "content": _gemini_text(row, turn, where)})
+    return _messages(row, messages, "contents")
+
+
+def _gemini_text(row: Row, content, where: str) -> str:
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if not isinstance(parts, list) or not parts:
+        raise UserError(f"{row.where}: {where} needs a non-empty 'parts' list of {{\"text\": ...}} objects")
+    texts = []
+    for j, part in enumerate(parts):
+        text = part.get("text") if isinstance(part, dict) else None
+        if not isinstance(text, str):
+            keys = ", ".join(part) if isinstance(part, dict) else type(part).__name__
+            raise UserError(f"{row.where}: {where}.parts[{j}] needs a 'text' string (has: {keys or 'nothing'})")
+        texts.append(text)
+    return "".join(texts)
 
 
 def _check_conversation(row: Row, messages: list[Message]) -> None:
