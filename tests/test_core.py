@@ -90,7 +90,7 @@ def _trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_gradient_accumulation_matches_one_big_batch(base, data, tmp_path, monkeypatch):
     """Loss is normalised by the loss tokens of the whole window, so the split cannot change the update:
     the accumulated gradient of micro-batch 1 x accum 4 equals that of 4 x 1 to 1e-5 (a mean of per-micro-batch
-    means would not), and so do the weights after three AdamW steps, relative to how far they moved."""
+    means would not), and so do the weights after three AdamW steps, relative (in norm) to how far they moved."""
     first_grads = []
     original_step = torch.optim.AdamW.step
 
@@ -112,9 +112,11 @@ def test_gradient_accumulation_matches_one_big_batch(base, data, tmp_path, monke
 
     wa, wb = _trainable(a), _trainable(b)
     start = dict(AutoModelForCausalLM.from_pretrained(base).named_parameters())
-    moved = max((wa[k] - start[k.removeprefix("model.")]).abs().max() for k in wa)
+    # Norms, not elementwise maxima: Adam divides by sqrt(v), so an element whose gradient is float noise in both
+    # runs can move by up to lr in either direction; the update as a whole must still agree.
+    moved = sum(((wa[k] - start[k.removeprefix("model.")]) ** 2).sum() for k in wa).sqrt()
     assert moved > 1e-4  # training moved the weights
-    assert max((wa[k] - wb[k]).abs().max() for k in wa) < 1e-2 * moved
+    assert sum(((wa[k] - wb[k]) ** 2).sum() for k in wa).sqrt() < 1e-2 * moved
 
 
 def test_resume_gives_the_same_weights(base, data, tmp_path):
