@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import errors, jobs_api
+from . import dashboard, errors, jobs_api
 from .registry import Registry
 from .scheduler import Scheduler
 from .security import Guard
@@ -38,6 +38,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_middleware(Guard, settings=settings, public=app.state.public_paths)
     errors.install(app)
     app.include_router(jobs_api.router)
+    app.state.public_paths |= dashboard.PUBLIC
+    app.include_router(dashboard.router)
     return app
 
 

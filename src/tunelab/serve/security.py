@@ -47,8 +47,9 @@ def request_key(conn: HTTPConnection) -> str | None:
 
 
 def is_public(path: str, public: set[str]) -> bool:
-    """Paths served without the key (no data behind them). An entry ending in '/' covers everything under it."""
-    return path in public or any(p.endswith("/") and path.startswith(p) for p in public)
+    """Paths served without the key (no data behind them). An entry ending in '/' covers everything under it,
+    except '/' itself: that is the dashboard's home page alone, never the whole server."""
+    return path in public or any(p.endswith("/") and p != "/" and path.startswith(p) for p in public)
 
 
 class Guard:
