@@ -332,8 +332,13 @@ def test_chatml_needs_its_tokens_and_stop_ids(tiny_tokenizer):
                                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bare = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     with pytest.raises(UserError, match="template chatml needs <|im_start|> and <|im_end|>"):
-        render(CHAT, "auto", bare)
-    assert prepare_tokenizer("auto", bare) == 2 and prepare_tokenizer("auto", bare) == 0
+        render(CHAT, "chatml", bare)
+    assert render(CHAT, "auto", bare) == render(CHAT, "none", bare)  # a base tokenizer outside training: raw text
+    added, note = prepare_tokenizer("auto", bare, ["chat"])
+    assert added == bare.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) and len(set(added)) == 2
+    assert note == ("template: chatml (the tokenizer has no chat template and chat rows are conversations); "
+                    "added <|im_start|> <|im_end|> as new tokens")
+    assert prepare_tokenizer("auto", bare, ["chat"]) == ([], "template: chatml (the tokenizer's own chat template)")
     assert render(CHAT, "auto", bare) == render(CHAT, "chatml", tiny_tokenizer)
 
     ids = tiny_tokenizer.convert_tokens_to_ids

@@ -18,17 +18,12 @@ from pathlib import Path
 from typing import Iterator
 
 from tunelab.config import Config, InitConfig, UserError
+from tunelab.data.templates import JINJA
 
 BOS, EOS, PAD, MASK = "<s>", "</s>", "<pad>", "<mask>"
 # The chat turn markers go in as special tokens so the templates' markers are single, unsplittable ids.
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 SPECIAL_TOKENS = [PAD, BOS, EOS, MASK, *CHAT_TOKENS]  # ids 0..5 in this order
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 RECIPE = 1  # bump when the way tokenizers are trained changes: cached ones are then retrained
 STAMP = "tunelab-tokenizer.json"
 
@@ -150,7 +145,7 @@ def _train(cfg: Config):
         cls_token=BOS if encoder else None, sep_token=EOS if encoder else None,
         additional_special_tokens=CHAT_TOKENS, clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = JINJA["chatml"]
     return fast
 
 

@@ -145,7 +145,11 @@ def keep_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_adapter(model, ac: AdapterConfig, *, quantized: bool, gradient_checkpointing: bool, kind: str = "causal_lm"):
+def attach_adapter(model, ac: AdapterConfig, *, quantized: bool, gradient_checkpointing: bool, kind: str = "causal_lm",
+                   new_token_ids: list[int] = ()):
+    """LoRA as `ac` says. `new_token_ids` (tokens the run added, e.g. ChatML's) get their embedding rows trained,
+    and only those rows (PEFT's trainable tokens, also in a separate output head), so the model can learn them
+    without training or saving whole embedding matrices."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -165,12 +169,24 @@ def attach_adapter(model, ac: AdapterConfig, *, quantized: bool, gradient_checkp
         use_rslora=ac.rslora,
         use_dora=ac.dora,
         task_type=task_type,
+        trainable_token_indices=_token_layers(model, new_token_ids) if new_token_ids else None,
     )
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
         names = ", ".join(sorted(linear_module_names(model))[:20])
         raise UserError(f"adapter.target_modules: {e} (linear layers in this model: {names})") from None
+
+
+def _token_layers(model, token_ids: list[int]) -> dict[str, list[int]]:
+    """{module name: token ids} for PEFT's trainable_token_indices: the input embedding, and the output head too
+    unless it is tied to the embedding (PEFT then ties the head's rows to the embedding's)."""
+    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+    layers = {names[id(model.get_input_embeddings())]: list(token_ids)}
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not model.get_input_embeddings().weight:
+        layers[names[id(out)]] = list(token_ids)
+    return layers
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -188,30 +204,32 @@ def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = No
     return build_model(cfg, kind, device, tokenizer, added), tokenizer
 
 
-def build_tokenizer(cfg: Config, kind: str = "causal_lm"):
-    """(the run's tokenizer with the template's tokens added, how many were added). Split from build_model so the
-    trainer can read and check the data before it loads any weights."""
+def build_tokenizer(cfg: Config, kind: str = "causal_lm", say=None):
+    """(the run's tokenizer readied for its chat template, ids of the tokens that added). Split from build_model
+    so the trainer can read and check the data before it loads any weights. `say` gets one line naming the
+    template picked and why."""
     from tunelab.data import prepare_tokenizer
 
     tokenizer = load_run_tokenizer(cfg)
-    added = prepare_tokenizer(cfg.data.template, tokenizer) if kind == "causal_lm" and uses_chat_template(cfg) else 0
-    if added and cfg.adapter is not None:
-        raise UserError(
-            "data.template: the chatml template needs <|im_start|>/<|im_end|> tokens this tokenizer lacks; new "
-            "tokens need new embedding rows, which an adapter does not train. Use template: alpaca (or the "
-            "model's own chat template), or full fine-tuning")
+    if kind == "masked_lm" or not uses_chat_template(cfg):
+        return tokenizer, []
+    formats = [s.format for s in cfg.data.train + cfg.data.eval]
+    added, note = prepare_tokenizer(cfg.data.template, tokenizer, formats)
+    if say is not None:
+        say(note)
     return tokenizer, added
 
 
-def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, added: int = 0):
-    """The trainable model for a tokenizer from build_tokenizer (`added`: tokens it added, so rows to grow)."""
+def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, added: list[int] = ()):
+    """The trainable model for a tokenizer from build_tokenizer (`added`: ids of tokens it added, whose embedding
+    rows are new: they start as the mean of the existing rows and are trained, alone with an adapter)."""
     model = load_model(cfg, kind, device, tokenizer)
     if added:
-        model.resize_token_embeddings(len(tokenizer))
+        add_embedding_rows(model, len(tokenizer), added)
     if cfg.adapter is not None:
         model = attach_adapter(
             model, cfg.adapter, quantized=bool(cfg.model.quantize),
-            gradient_checkpointing=cfg.train.gradient_checkpointing, kind=kind,
+            gradient_checkpointing=cfg.train.gradient_checkpointing, kind=kind, new_token_ids=list(added),
         )
     if cfg.train.gradient_checkpointing and not cfg.model.quantize:
         enable_gradient_checkpointing(model)
@@ -222,14 +240,26 @@ def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, 
     return model
 
 
+@torch.no_grad()
+def add_embedding_rows(model, vocab_size: int, token_ids: list[int]) -> None:
+    """Grow the embeddings to `vocab_size` rows if they have fewer (a vocabulary padded beyond the tokenizer already
+    has rows for new ids) and start the rows of `token_ids` at the mean of the original rows: a new token then
+    reads like an average one and gets an average logit, instead of a random vector far from anything trained."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > old:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    rows = torch.tensor(token_ids)
+    out = model.get_output_embeddings()
+    for weight in {id(w): w for w in (model.get_input_embeddings().weight, out.weight if out is not None else None)
+                   if w is not None}.values():
+        weight[rows] = weight[:old].float().mean(0).to(weight.dtype)
+
+
 def uses_chat_template(cfg: Config) -> bool:
-    """Raw-text training (pretrain; distill on text / completion rows) renders no chat template, so it must not
-    grow the vocabulary with the template's tokens (a distillation student must keep the teacher's)."""
-    if cfg.method == "pretrain":
-        return False
-    if cfg.method == "distill":
-        return any(s.format not in ("text", "completion") for s in cfg.data.train + cfg.data.eval)
-    return True
+    """Pretraining reads raw text whatever its sources' format says: no template, no tokens added. (Other methods
+    on completion/text rows get template none from choose_template, so a distillation student keeps the
+    teacher's vocabulary.)"""
+    return cfg.method not in ("pretrain", "mlm")
 
 
 def load_run_tokenizer(cfg: Config):
@@ -266,7 +296,12 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) 
     `state_dict`: the full weights when the model's own are sharded (FSDP gathers them first)."""
     quiet_imports()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    extra = {"state_dict": state_dict} if state_dict else {}
+    if hasattr(model, "peft_config"):
+        # PEFT would save both whole embedding matrices when the vocabulary grew; the new rows are already in the
+        # adapter (trainable tokens), and a loader grows the base to the saved tokenizer first (load_pretrained)
+        extra["save_embedding_layers"] = False
+    model.save_pretrained(out_dir, safe_serialization=True, **extra)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -301,14 +336,22 @@ def load_pretrained(path: str, *, dtype: str = "auto", device: torch.device | No
         base_path = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
         check_model_dir(base_path, allow_pickle)
         base = _from_pretrained(base_path, kind, torch_dtype)
-        model = PeftModel.from_pretrained(base, p)
+        tokenizer = load_tokenizer(str(p) if (p / "tokenizer_config.json").is_file() else base_path)
+        model = PeftModel.from_pretrained(grow_to_tokenizer(base, tokenizer), p)
     else:
         check_model_dir(str(p), allow_pickle)
         model = _from_pretrained(p, kind, torch_dtype)
-    tok_dir = p if (p / "tokenizer_config.json").is_file() else base_path
-    tokenizer = load_tokenizer(str(tok_dir))
+        tokenizer = load_tokenizer(str(p))
     _set_pad_id(model, kind, tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def grow_to_tokenizer(base, tokenizer):
+    """A base model with embedding rows for every token of an adapter's saved tokenizer: tokens the run added
+    (e.g. ChatML's) are in the adapter as trainable-token rows, which PEFT writes over these new rows."""
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return base
 
 
 def _from_pretrained(path, kind: str, dtype):
@@ -348,8 +391,8 @@ def merge(path: str, out: str, dtype: str = "auto") -> Path:
     base = _from_pretrained(base_path, kind, torch_dtype)
     if run_cfg is not None and run_cfg.model.quantize:
         _round_to_quantized(base, run_cfg.model.quantize, run_cfg.model.double_quant)
-    model = PeftModel.from_pretrained(base, p).merge_and_unload()
     tokenizer = load_tokenizer(str(p) if (p / "tokenizer_config.json").is_file() else base_path)
+    model = PeftModel.from_pretrained(grow_to_tokenizer(base, tokenizer), p).merge_and_unload()
     _set_pad_id(model, kind, tokenizer)
     out_dir = Path(out)
     save_model(model, tokenizer, out_dir)

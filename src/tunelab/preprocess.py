@@ -6,12 +6,13 @@ from tunelab.config import Config
 
 
 def preprocess(cfg: Config, show: int = 3) -> str:
-    from tunelab.model import load_run_tokenizer
-    from tunelab.objectives import make_objective
+    from tunelab.model import build_tokenizer
+    from tunelab.objectives import make_objective, model_kind
 
-    tokenizer = load_run_tokenizer(cfg)
+    lines = []
+    tokenizer, _ = build_tokenizer(cfg, model_kind(cfg.method), say=lines.append)
     objective = make_objective(cfg, tokenizer)
     train, evals = objective.datasets()
-    lines = [objective.preview(train, show), f"train items: {len(train)}, eval items: {len(evals)}"]
+    lines += [objective.preview(train, show), f"train items: {len(train)}, eval items: {len(evals)}"]
     lines += [f"{k}: {v}" for k, v in objective.log_stats().items()]
     return "\n".join(lines)

@@ -446,7 +446,7 @@ class Trainer:
         # Rank 0 first: it trains and saves a tokenizer (model.init) and writes the tokenized-data cache; the other
         # ranks then read both instead of racing it. A data mistake stops every rank with rank 0's message.
         with self.dist.main_first():
-            self.tokenizer, added = build_tokenizer(cfg, kind)
+            self.tokenizer, added = build_tokenizer(cfg, kind, say=self.say)
             self.objective = make_objective(cfg, self.tokenizer)
             self.train_items, self.eval_items = self.objective.datasets()
         self._report_data()

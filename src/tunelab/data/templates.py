@@ -18,14 +18,36 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Iterable
 
 from ..config import UserError
 from .formats import Message
 
-BUILTIN = ("auto", "chatml", "alpaca", "none")
+BUILTIN = ("auto", "none", "chatml", "alpaca")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
+PLAIN_FORMATS = ("completion", "text")  # rendered without a chat template whatever data.template says
+
+# Each built-in template as a Jinja chat template that renders the same text, so a run's saved tokenizer carries
+# the template it was trained with (tunelab generate/chat, merged models and other tools all read it from there)
+JINJA = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\n\n') %}"
+        "{{ (system or '" + ALPACA_PREAMBLE + "') + '\n\n' }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
+}
 
 # Wrap special tokens found in the data (same private-use code points as transformers' sanitize_control_tokens)
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
@@ -37,8 +59,8 @@ def render(messages: list[Message] | str, template: str, tokenizer, *, add_gener
     """Render a conversation as (text, is_assistant) segments; a plain string (format text) is one trainable
     segment ending with EOS.
 
-    template: "auto" (the tokenizer's chat template, else chatml), "chatml", "alpaca", "none" (plain
-    concatenation, for completion data) or a Jinja chat template string.
+    template: "auto" (see resolve_template), a built-in name (BUILTIN), "none" (plain concatenation, for
+    completion data) or a Jinja chat template string.
     """
     eos = _eos(tokenizer)
     if isinstance(messages, str):
@@ -57,20 +79,57 @@ def render(messages: list[Message] | str, template: str, tokenizer, *, add_gener
 
 
 def resolve_template(template: str, tokenizer) -> str:
-    """Map "auto" to the tokenizer's chat template (Jinja) if it has one, else to "chatml"; check names."""
+    """A built-in name or a Jinja string for `template`; check names.
+
+    "auto" means the tokenizer's chat template (by its built-in name when it is one of JINJA: prepare_tokenizer
+    installs those), else chatml when the tokenizer has its tokens, else "none": raw text, as a base model reads."""
     if template == "auto":
-        return tokenizer.get_chat_template() if getattr(tokenizer, "chat_template", None) else "chatml"
+        own = tokenizer.get_chat_template() if getattr(tokenizer, "chat_template", None) else None
+        if own:
+            return next((name for name, jinja in JINJA.items() if jinja == own), own)
+        return "chatml" if set(CHATML_TOKENS) <= set(special_tokens(tokenizer)) else "none"
     if template in BUILTIN or "{%" in template or "{{" in template:
         return template
     raise UserError(f"unknown data.template {template!r}: use one of {', '.join(BUILTIN)} or a Jinja chat template")
 
 
-def prepare_tokenizer(template: str, tokenizer) -> int:
-    """Add what the template needs to the tokenizer (chatml: <|im_start|>, <|im_end|> as special tokens).
-    Returns the number of tokens added: if > 0 the caller must resize the model's embeddings."""
-    if resolve_template(template, tokenizer) != "chatml":
-        return 0
-    return tokenizer.add_tokens(list(CHATML_TOKENS), special_tokens=True)
+def choose_template(template: str, tokenizer, formats: Iterable[str]) -> tuple[str, str]:
+    """The template a run whose rows have `formats` renders with, and why (one line for the console).
+
+    With "auto": the tokenizer's own chat template if it has one; otherwise none for completion/text rows only
+    (they never need one), alpaca for alpaca rows, and chatml for conversations (chat, sharegpt, preference, ...)."""
+    if template != "auto":
+        return resolve_template(template, tokenizer), "set by data.template"
+    if getattr(tokenizer, "chat_template", None):
+        return resolve_template("auto", tokenizer), "the tokenizer's own chat template"
+    chat_formats = sorted(set(formats) - set(PLAIN_FORMATS))
+    if not chat_formats:
+        return "none", "completion/text rows are plain text"
+    if chat_formats == ["alpaca"]:
+        return "alpaca", "the tokenizer has no chat template and the rows are alpaca"
+    return "chatml", f"the tokenizer has no chat template and {'/'.join(chat_formats)} rows are conversations"
+
+
+def prepare_tokenizer(template: str, tokenizer, formats: Iterable[str] = ("chat",)) -> tuple[list[int], str]:
+    """Ready the tokenizer for the run's template: pick it (choose_template), add the tokens it needs as special
+    tokens (chatml: <|im_start|>, <|im_end|>) and install it as the tokenizer's chat template, so everything that
+    renders "auto" with this tokenizer, now or after it is saved, renders what training rendered.
+
+    Returns (ids of the tokens added: the model needs embedding rows for them, one line saying what was picked).
+    """
+    chosen, why = choose_template(template, tokenizer, formats)
+    new_tokens = [t for t in CHATML_TOKENS if t not in special_tokens(tokenizer)] if chosen == "chatml" else []
+    if new_tokens:
+        tokenizer.add_tokens(new_tokens, special_tokens=True)
+    if chosen in JINJA:
+        tokenizer.chat_template = JINJA[chosen]
+    elif chosen != "none":
+        tokenizer.chat_template = chosen  # a Jinja string
+    name = chosen if chosen in BUILTIN else "Jinja chat template"
+    note = f"template: {name} ({why})"
+    if new_tokens:
+        note += f"; added {' '.join(new_tokens)} as new tokens"
+    return tokenizer.convert_tokens_to_ids(new_tokens), note
 
 
 def stop_token_ids(template: str, tokenizer) -> list[int]:

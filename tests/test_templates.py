@@ -1,0 +1,140 @@
+"""Chat templates on a base model whose tokenizer has none (as Llama-2, Mistral-7B-v0.1 and the Llama-3 base models
+ship): the defaults must just work, through the real CLI.
+
+The base here is a tiny Llama with untied embeddings (like the big ones) and a Llama-style tokenizer: <s> added on
+encode, </s> EOS, no pad token, no chat template, no ChatML tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny import TINY_SHAPE, config_dict, run_cli
+
+from tunelab.cli import main as cli_main
+
+WORDS = ("red", "green", "blue", "black", "white", "pink")
+ALPACA = [{"instruction": f"Say {w}.", "output": f"{w}!"} for w in WORDS]
+CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {w}."},
+                      {"role": "assistant", "content": f"{w}!"}]} for w in WORDS]
+COMPLETION = [{"prompt": f"Say {w}:", "completion": f" {w}!"} for w in WORDS]
+TEXT = [{"text": f"The colour is {w}."} for w in WORDS]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_base(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.init import save_tiny_model
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [f"Say {w}. {w}! The colour is {w}. Below is an instruction ### Response: Be brief." for w in WORDS]
+    tok.train_from_iterator(text * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    return save_tiny_model(tmp_path_factory.mktemp("plain") / "base", fast,
+                           TINY_SHAPE.model_copy(update={"tie_embeddings": False}))
+
+
+def _config(tmp: Path, base: Path, fmt: str, rows: list[dict], **sections) -> Path:
+    cfg = config_dict(base, _jsonl(tmp / f"{fmt}.jsonl", rows), tmp / f"run-{fmt}",
+                      adapter={"r": 4, "alpha": 8, "dropout": 0.0}, **sections)
+    cfg["data"]["train"][0]["format"] = fmt
+    cfg["data"]["max_length"] = 256  # alpaca's preamble is long in a 300-token vocabulary
+    path = tmp / f"{fmt}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("fmt, rows, line", [
+    ("completion", COMPLETION, "template: none (completion/text rows are plain text)"),
+    ("text", TEXT, "template: none (completion/text rows are plain text)"),
+    ("alpaca", ALPACA, "template: alpaca (the tokenizer has no chat template and the rows are alpaca)"),
+])
+def test_base_model_defaults_train_completion_text_and_alpaca(plain_base, tmp_path, capsys, fmt, rows, line):
+    """No chat template, LoRA, template auto: these rows train as they are, no tokens are added, and the run says
+    which template it used. Alpaca runs save the alpaca template with their tokenizer, for generate/chat/merge."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import JINJA
+
+    code = cli_main(["train", str(_config(tmp_path, plain_base, fmt, rows)), "train.max_steps=1"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert line in out.out.splitlines()
+    saved = AutoTokenizer.from_pretrained(tmp_path / f"run-{fmt}" / "final")
+    assert len(saved) == len(AutoTokenizer.from_pretrained(plain_base))
+    assert saved.chat_template == (JINJA["alpaca"] if fmt == "alpaca" else None)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(next(path.glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_base, tmp_path, capsys, padding_free):
+    """Chat rows, LoRA, template auto: ChatML's two tokens are added, their embedding and output rows start at the
+    mean row and are the only rows trained (PEFT trainable tokens), the adapter holds just those rows, and the
+    run dir, the adapter dir (PeftModel.from_pretrained on the grown base) and `tunelab merge` all read the same
+    model, which `tunelab generate` drives in ChatML."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.data.templates import JINJA
+    from tunelab.model import grow_to_tokenizer
+
+    cfg = _config(tmp_path, plain_base, "chat", CHAT, train={"max_steps": 3, "lr": 3e-2},
+                  data={"padding_free": padding_free})
+    assert cli_main(["train", str(cfg)]) == 0, capsys.readouterr().err
+    assert ("template: chatml (the tokenizer has no chat template and chat rows are conversations); added "
+            "<|im_start|> <|im_end|> as new tokens") in capsys.readouterr().out.splitlines()
+
+    final = tmp_path / "run-chat" / "final"
+    tokenizer, base_tokenizer = AutoTokenizer.from_pretrained(final), AutoTokenizer.from_pretrained(plain_base)
+    new = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert new == [len(base_tokenizer), len(base_tokenizer) + 1] and tokenizer.chat_template == JINJA["chatml"]
+    saved = _weights(final)
+    assert {tuple(v.shape) for k, v in saved.items() if "trainable_tokens" in k} == {(2, TINY_SHAPE.hidden_size)}
+    assert sum("trainable_tokens" in k for k in saved) == 2  # embed_tokens and the untied lm_head
+    assert all(v.shape[0] != len(tokenizer) for v in saved.values())  # no whole embedding matrix
+
+    base = AutoModelForCausalLM.from_pretrained(plain_base)
+    old = len(base_tokenizer)
+    peft = PeftModel.from_pretrained(grow_to_tokenizer(AutoModelForCausalLM.from_pretrained(plain_base), tokenizer),
+                                     final).eval()
+    assert cli_main(["merge", str(tmp_path / "run-chat"), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == old + 2
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        before, after = getattr(base, get)().weight, getattr(merged, get)().weight
+        assert after.shape[0] == old + 2
+        assert torch.equal(after[:old], before[:old])  # only the new rows were trained
+        mean = before.mean(0)
+        assert all(not torch.allclose(after[i], mean, atol=1e-4) for i in new)  # ... and they were
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Say red."}],
+                                                      add_generation_prompt=True, tokenize=True)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+    capsys.readouterr()
+    prompt = ["generate", "--prompt", "Say red.", "--max-new-tokens", "4"]
+    assert cli_main([prompt[0], str(tmp_path / "run-chat"), *prompt[1:]]) == 0
+    from_run = capsys.readouterr().out
+    assert cli_main([prompt[0], str(tmp_path / "merged"), *prompt[1:]]) == 0
+    assert capsys.readouterr().out == from_run
