@@ -308,7 +308,7 @@ def test_special_tokens_in_data_are_plain_text(tiny_tokenizer):
 
 def test_sentencepiece_segments_tokenize_like_the_whole_text():
     """Metaspace tokenizers add a prefix space per encode call; a reply after a prompt must not get one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -317,6 +317,7 @@ def test_sentencepiece_segments_tokenize_like_the_whole_text():
     # newline never merges with letters, as in Llama's SentencePiece vocab (where it is a byte token)
     tok.train_from_iterator(["Question: Hello world, how are you?"] * 5, trainers.BpeTrainer(
         vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["\n"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # adds BOS
     sp = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     example = tokenize_example([("Question:\n", False), ("Hello world", True)], sp, 64, False)
     assert example.input_ids == [sp.bos_token_id] + sp.encode("Question:\nHello world", add_special_tokens=False)

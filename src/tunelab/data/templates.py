@@ -1,12 +1,16 @@
 """Chat templates: messages -> text segments, each flagged as assistant (trainable) or not.
 
-The end-of-turn rule: every assistant segment ends with ONE stop token, and generation stops on it.
-  - chatml ends a turn with <|im_end|>, which must be a special token of the tokenizer (prepare_tokenizer adds
-    it); no EOS follows it, as in the chat models that use ChatML at inference (Qwen), so generation must treat
-    <|im_end|> as a stop token: `stop_token_ids` gives the ids to stop on.
-  - alpaca and none end a turn with the tokenizer's EOS.
+The end-of-turn rule: every assistant segment ends with ONE stop token, which carries loss, and generation stops on
+it (`stop_token_ids`).
+  - the built-in templates (builtin_templates.py) end a turn with their family's end-of-turn token: <|im_end|>
+    (chatml, no EOS after it, as Qwen), <|eot_id|> (llama3), </s> (mistral), <end_of_turn> (gemma), <|end|> (phi3);
+    alpaca and none end a turn with the tokenizer's EOS.
   - Jinja templates end a turn with whatever special token the template writes after the reply (<|eot_id|>,
     </s>, <end_of_turn>, ...); a template that writes none gets EOS appended to each reply.
+
+Which template a run uses: `choose_template` (data.template, or for "auto" the tokenizer's own, else one that
+fits the rows), and `prepare_tokenizer` installs it as the tokenizer's chat template, so that "auto" renders the
+same everywhere afterwards, the saved tokenizer included.
 
 Special tokens that appear in the data itself (a "</s>" or "<|im_end|>" inside a message or a text document) are
 encoded as plain text, never as control tokens: only the template writes control tokens. render() wraps them in
@@ -21,33 +25,12 @@ from functools import lru_cache
 from typing import Iterable
 
 from ..config import UserError
+from .builtin_templates import CONTROL_TOKENS, JINJA, RENDER
 from .formats import Message
 
-BUILTIN = ("auto", "none", "chatml", "alpaca")
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
+BUILTIN = ("auto", "none", *RENDER)
+CHATML_TOKENS = CONTROL_TOKENS["chatml"]
 PLAIN_FORMATS = ("completion", "text")  # rendered without a chat template whatever data.template says
-
-# Each built-in template as a Jinja chat template that renders the same text, so a run's saved tokenizer carries
-# the template it was trained with (tunelab generate/chat, merged models and other tools all read it from there)
-JINJA = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "alpaca": (
-        "{% set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | join('\n\n') %}"
-        "{{ (system or '" + ALPACA_PREAMBLE + "') + '\n\n' }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
-    ),
-}
 
 # Wrap special tokens found in the data (same private-use code points as transformers' sanitize_control_tokens)
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
@@ -67,10 +50,9 @@ def render(messages: list[Message] | str, template: str, tokenizer, *, add_gener
         return [(mark_special_tokens(messages, tokenizer) + eos, True)]
     messages = [{"role": m["role"], "content": mark_special_tokens(m["content"], tokenizer)} for m in messages]
     template = resolve_template(template, tokenizer)
-    if template == "chatml":
-        segments = _chatml(messages, tokenizer, add_generation_prompt)
-    elif template == "alpaca":
-        segments = _alpaca(messages, eos, add_generation_prompt)
+    if template in RENDER:
+        _check_control_tokens(template, tokenizer)
+        segments = RENDER[template](messages, tokenizer.bos_token or "", eos, add_generation_prompt)
     elif template == "none":
         segments = [(m["content"] + eos, True) if m["role"] == "assistant" else (m["content"], False) for m in messages]
     else:
@@ -118,6 +100,8 @@ def prepare_tokenizer(template: str, tokenizer, formats: Iterable[str] = ("chat"
     Returns (ids of the tokens added: the model needs embedding rows for them, one line saying what was picked).
     """
     chosen, why = choose_template(template, tokenizer, formats)
+    if chosen in RENDER and chosen != "chatml":
+        _check_control_tokens(chosen, tokenizer)
     new_tokens = [t for t in CHATML_TOKENS if t not in special_tokens(tokenizer)] if chosen == "chatml" else []
     if new_tokens:
         tokenizer.add_tokens(new_tokens, special_tokens=True)
@@ -176,34 +160,18 @@ def _merge(segments: Segments) -> Segments:
     return merged
 
 
-def _chatml(messages: list[Message], tokenizer, add_generation_prompt: bool) -> Segments:
-    missing = [t for t in CHATML_TOKENS if t not in special_tokens(tokenizer)]
-    if missing:
+def _check_control_tokens(template: str, tokenizer) -> None:
+    vocabulary = set(tokenizer.added_tokens_encoder)
+    missing = [t for t in CONTROL_TOKENS[template] if t not in vocabulary]
+    if not missing:
+        return
+    if template == "chatml":
         raise UserError(f"template chatml needs {' and '.join(missing)} as special tokens in the tokenizer, so that a "
                         "turn ends with one token generation can stop on; they are added by prepare_tokenizer, or "
                         "use a model with a chat template (template: auto) or template: alpaca")
-    segments = []
-    for m in messages:
-        if m["role"] == "assistant":
-            segments += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
-        else:
-            segments.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
-    if add_generation_prompt:
-        segments.append(("<|im_start|>assistant\n", False))
-    return segments
-
-
-def _alpaca(messages: list[Message], eos: str, add_generation_prompt: bool) -> Segments:
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    segments = [((system or ALPACA_PREAMBLE) + "\n\n", False)]
-    for m in messages:
-        if m["role"] == "user":
-            segments.append((f"### Instruction:\n{m['content']}\n\n", False))
-        elif m["role"] == "assistant":
-            segments += [("### Response:\n", False), (m["content"] + eos, True), ("\n\n", False)]
-    if add_generation_prompt:
-        segments.append(("### Response:\n", False))
-    return segments
+    raise UserError(f"data.template: {template} writes {', '.join(missing)}, which this tokenizer does not have as "
+                    f"tokens: it is for {template} models (template: auto uses the tokenizer's own chat template, "
+                    "or chatml)")
 
 
 def _jinja(messages: list[Message], template: str, tokenizer, add_generation_prompt: bool) -> Segments:

@@ -28,8 +28,8 @@ class Example:
 
 def tokenize_example(segments: Segments, tokenizer, max_length: int, train_on_prompt: bool) -> Example:
     """Tokenize each segment separately (so a label boundary is always a token boundary), labels on the assistant
-    segments (on all of them with train_on_prompt), the tokenizer's BOS first unless the text already starts with
-    it (templates that write bos_token), right-truncated to max_length.
+    segments (on all of them with train_on_prompt), right-truncated to max_length. Exactly one BOS when the
+    tokenizer adds one: prepended unless the template wrote it (llama3, mistral, gemma, Jinja with bos_token).
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -38,10 +38,15 @@ def tokenize_example(segments: Segments, tokenizer, max_length: int, train_on_pr
         ids += piece
         labels += piece if is_assistant or train_on_prompt else [IGNORE] * len(piece)
     bos = tokenizer.bos_token_id
-    if bos is not None and ids[:1] != [bos]:
+    if bos is not None and ids[:1] != [bos] and adds_bos(tokenizer):
         ids.insert(0, bos)
         labels.insert(0, IGNORE)
     return Example(ids[:max_length], labels[:max_length], truncated=len(ids) > max_length)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts an encoding with BOS (Llama, Mistral, Gemma do; Qwen and GPT-2 do not)."""
+    return tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
 
 
 def encode(text: str, tokenizer, at_start: bool = True) -> list[int]:
