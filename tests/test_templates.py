@@ -138,3 +138,43 @@ def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_
     from_run = capsys.readouterr().out
     assert cli_main([prompt[0], str(tmp_path / "merged"), *prompt[1:]]) == 0
     assert capsys.readouterr().out == from_run
+
+
+def test_preprocess_json_shows_what_the_model_sees(plain_base, tmp_path):
+    """`tunelab preprocess --show N --json` (a real process): N lines, each the example's ids, labels and text,
+    the same as the library's rendering + tokenization; the loss on the reply and its end-of-turn token only."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data import prepare_tokenizer, render, tokenize_example
+
+    result = run_cli("preprocess", str(_config(tmp_path, plain_base, "chat", CHAT)), "--show", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    tokenizer = AutoTokenizer.from_pretrained(plain_base)
+    prepare_tokenizer("auto", tokenizer, ["chat"])
+    for line, row in zip(lines, CHAT):
+        shown = json.loads(line)
+        expected = tokenize_example(render(row["messages"], "chatml", tokenizer), tokenizer, 256, False)
+        assert (shown["input_ids"], shown["labels"]) == (expected.input_ids, expected.labels)
+        assert shown["text"] == tokenizer.decode(expected.input_ids)
+        assert shown["text"].startswith("<s><|im_start|>system\nBe brief.<|im_end|>")
+        trained = [i for i, label in zip(shown["input_ids"], shown["labels"]) if label != -100]
+        assert tokenizer.decode(trained) == row["messages"][-1]["content"] + "<|im_end|>"
+
+
+def test_padding_is_eos_and_never_carries_loss(plain_base):
+    """A tokenizer without a pad token pads with EOS; padding is masked by position, so the EOS that ends a reply
+    still carries loss next to it."""
+    from tunelab.data import collate, render, tokenize_example
+    from tunelab.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(plain_base))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    rows = [[{"role": "user", "content": "Say red."}, {"role": "assistant", "content": w}] for w in ("red!", "a b c d e")]
+    examples = [tokenize_example(render(r, "alpaca", tokenizer), tokenizer, 256, False) for r in rows]
+    batch = collate(examples, tokenizer.pad_token_id)
+    short = len(examples[0].input_ids)
+    end = max(i for i, t in enumerate(examples[0].input_ids) if t == tokenizer.eos_token_id)  # the reply's EOS
+    assert batch["labels"][0, end] == tokenizer.eos_token_id
+    assert (batch["labels"][0, short:] == -100).all() and (batch["attention_mask"][0, short:] == 0).all()

@@ -44,7 +44,7 @@ def cmd_preprocess(args) -> int:
     cfg = _config(args)
     from tunelab.preprocess import preprocess
 
-    print(preprocess(cfg, show=args.show))
+    print(preprocess(cfg, show=args.show, as_json=args.json))
     return 0
 
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="show tokens, which carry loss, and length statistics")
     _add_config(p)
     p.add_argument("--show", type=int, default=3, help="examples to print")
+    p.add_argument("--json", action="store_true",
+                   help="print each shown example as one JSON line: input_ids, labels (-100 = no loss) and text")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("modules", help="list the linear layers a LoRA adapter can target")
