@@ -2,8 +2,8 @@
 
 - llama3 against Meta's own encoder, `llama_models.llama3.chat_format.ChatFormat`, with the tokenizer file that
   package ships (tiktoken BPE), converted offline to a transformers tokenizer by transformers' TikTokenConverter;
-- mistral against mistral-common's v3 instruct tokenizer (`MistralTokenizer.from_file` on the SentencePiece file the
-  package ships), converted offline to a transformers LlamaTokenizer;
+- mistral and mistral-v1 against mistral-common's v3 and v1 instruct tokenizers (`MistralTokenizer.from_file` on the
+  SentencePiece files the package ships), each converted offline to a transformers LlamaTokenizer;
 - gemma and phi3 (no maker encoder on PyPI that works offline) against their published Jinja chat templates, as
   written in the models' tokenizer_config.json, rendered by transformers' apply_chat_template.
 
@@ -110,13 +110,16 @@ def test_llama3_matches_metas_chat_format(llama3, k):
 
 # ---------------------------------------------------------------- mistral: mistral-common v3
 
-@pytest.fixture(scope="module")
-def mistral(pytestconfig, tmp_path_factory):
+MISTRAL_FILES = {"mistral": "mistral_instruct_tokenizer_240323.model.v3", "mistral-v1": "tokenizer.model.v1"}
+
+
+@pytest.fixture(scope="module", params=list(MISTRAL_FILES))
+def mistral(request, pytestconfig, tmp_path_factory):
     pytest.importorskip("sentencepiece")
     mistral_common = pytest.importorskip("mistral_common.tokens.tokenizers.mistral")
     from mistral_common.protocol.instruct.validator import ValidationMode
 
-    model_file = mistral_common.MistralTokenizer._data_path() / "mistral_instruct_tokenizer_240323.model.v3"
+    model_file = mistral_common.MistralTokenizer._data_path() / MISTRAL_FILES[request.param]
     maker = mistral_common.MistralTokenizer.from_file(str(model_file), mode=ValidationMode.finetuning)
 
     def build(path: Path):
@@ -129,7 +132,7 @@ def mistral(pytestconfig, tmp_path_factory):
         LlamaTokenizer.from_pretrained(path, legacy=False).save_pretrained(path)
         (path / "tokenizer.model").unlink()
 
-    return maker, _cached(pytestconfig, tmp_path_factory, "mistral-v3", build)
+    return request.param, maker, _cached(pytestconfig, tmp_path_factory, request.param, build)
 
 
 def _mistral_reference(maker, conversation):
@@ -159,20 +162,22 @@ def _mistral_reference(maker, conversation):
 
 
 @pytest.mark.parametrize("k", range(len(CONVERSATIONS)))
-def test_mistral_matches_mistral_common_v3(mistral, k):
+def test_mistral_matches_mistral_common(mistral, k):
     from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
     from mistral_common.protocol.instruct.request import InstructRequest
 
-    maker, tokenizer = mistral
+    name, maker, tokenizer = mistral
+    assert type(maker.instruct_tokenizer).__name__ == {"mistral": "InstructTokenizerV3",
+                                                         "mistral-v1": "InstructTokenizerV1"}[name]
     conversation = CONVERSATIONS[k]
-    ids, spans = _ours(conversation, "mistral", tokenizer)
+    ids, spans = _ours(conversation, name, tokenizer)
     assert (ids, spans) == _mistral_reference(maker, conversation)
     assert ids.count(tokenizer.bos_token_id) == 1
     prompt = conversation[:-1]
     system = "\n\n".join(c for r, c in prompt if r == "system") or None
     request = InstructRequest(messages=[(UserMessage if r == "user" else AssistantMessage)(content=c)
                                         for r, c in prompt if r != "system"], system_prompt=system)
-    assert _ours(prompt, "mistral", tokenizer, generation_prompt=True)[0] == \
+    assert _ours(prompt, name, tokenizer, generation_prompt=True)[0] == \
         maker.instruct_tokenizer.encode_instruct(request).tokens
 
 
@@ -263,7 +268,7 @@ def test_gemma_and_phi3_match_their_published_templates(family_tokenizer, name):
                                           add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("name", ["chatml", "alpaca", "llama3", "mistral", "gemma", "phi3"])
+@pytest.mark.parametrize("name", ["chatml", "alpaca", "llama3", "mistral", "mistral-v1", "gemma", "phi3"])
 def test_each_builtin_saves_a_jinja_template_that_renders_what_it_trained_on(family_tokenizer, name):
     """The Jinja twin installed as the run's chat template (what merged models carry to other tools) renders the
     same text as the template training used, with and without a generation prompt."""

@@ -87,8 +87,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(next(path.glob("*.safetensors")))
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_base, tmp_path, capsys, padding_free):
+def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_base, tmp_path, capsys):
     """Chat rows, LoRA, template auto: ChatML's two tokens are added, their embedding and output rows start at the
     mean row and are the only rows trained (PEFT trainable tokens), the adapter holds just those rows, and the
     run dir, the adapter dir (PeftModel.from_pretrained on the grown base) and `tunelab merge` all read the same
@@ -100,7 +99,7 @@ def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_
     from tunelab.model import grow_to_tokenizer
 
     cfg = _config(tmp_path, plain_base, "chat", CHAT, train={"max_steps": 3, "lr": 3e-2},
-                  data={"padding_free": padding_free})
+                  data={"padding_free": False})
     assert cli_main(["train", str(cfg)]) == 0, capsys.readouterr().err
     assert ("template: chatml (the tokenizer has no chat template and chat rows are conversations); added "
             "<|im_start|> <|im_end|> as new tokens") in capsys.readouterr().out.splitlines()
@@ -138,6 +137,18 @@ def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_
     from_run = capsys.readouterr().out
     assert cli_main([prompt[0], str(tmp_path / "merged"), *prompt[1:]]) == 0
     assert capsys.readouterr().out == from_run
+
+
+def test_added_tokens_train_padding_free(plain_base, tmp_path, capsys):
+    """The same with data.padding_free (one row of documents per micro-batch): the new rows are trained."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(tmp_path, plain_base, "chat", CHAT, train={"max_steps": 1, "lr": 3e-2}, data={"padding_free": True})
+    assert cli_main(["train", str(cfg)]) == 0, capsys.readouterr().err
+    mean = AutoModelForCausalLM.from_pretrained(plain_base).get_input_embeddings().weight.mean(0)
+    rows = next(v for k, v in _weights(tmp_path / "run-chat" / "final").items() if "embed_tokens" in k)
+    assert rows.shape == (2, TINY_SHAPE.hidden_size)
+    assert all(not torch.allclose(row, mean, atol=1e-4) for row in rows)
 
 
 def test_preprocess_json_shows_what_the_model_sees(plain_base, tmp_path):
@@ -178,3 +189,18 @@ def test_padding_is_eos_and_never_carries_loss(plain_base):
     end = max(i for i, t in enumerate(examples[0].input_ids) if t == tokenizer.eos_token_id)  # the reply's EOS
     assert batch["labels"][0, end] == tokenizer.eos_token_id
     assert (batch["labels"][0, short:] == -100).all() and (batch["attention_mask"][0, short:] == 0).all()
+
+
+def test_template_mistakes_are_one_line(plain_base, tmp_path, capsys):
+    """A misspelt template name is refused by `validate` naming the closest; a family template on a tokenizer
+    without its control tokens stops `train` before any weights load, naming them."""
+    cfg = _config(tmp_path, plain_base, "chat", CHAT)
+    assert cli_main(["validate", str(cfg), "data.template=llama-3"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: invalid config {cfg}: 'data.template': unknown template 'llama-3': use one of auto, none, chatml, "
+        "alpaca, llama3, mistral, mistral-v1, gemma, phi3 or a Jinja chat template; did you mean 'llama3'?"]
+    assert cli_main(["train", str(cfg), "data.template=llama3"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: data.template: llama3 writes <|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>, "
+        "which this tokenizer does not have as tokens: it is for llama3 models (template: auto uses the tokenizer's "
+        "own chat template, or chatml)"]

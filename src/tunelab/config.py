@@ -99,7 +99,7 @@ class DataConfig(Section):
     train: list[DataSource] = Field(min_length=1)
     eval: list[DataSource] = []
     eval_fraction: float = Field(0.0, ge=0, lt=1)
-    template: str = "auto"  # auto | alpaca | chatml | none | a Jinja string
+    template: str = "auto"  # auto | none | a built-in (tunelab/data/builtin_templates.py) | a Jinja template string
     max_length: int = Field(1024, gt=1)
     train_on_prompt: bool = False
     skip_bad_rows: bool = False
@@ -107,6 +107,18 @@ class DataConfig(Section):
     # SFT and DPO: each micro-batch as one row of its sequences end to end, attention per document
     # (tunelab.attention): no padding and no cross-document L x L mask, the same rows per step as padded batches.
     padding_free: bool = False
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from tunelab.data.builtin_templates import RENDER  # plain strings: no heavy import
+
+        names = ["auto", "none", *RENDER]
+        if value in names or "{%" in value or "{{" in value:
+            return value
+        close = difflib.get_close_matches(value, names, n=1, cutoff=0.5)
+        raise ValueError(f"unknown template {value!r}: use one of {', '.join(names)} or a Jinja chat template"
+                         + (f"; did you mean '{close[0]}'?" if close else ""))
 
     @model_validator(mode="after")
     def _padding_free(self):

@@ -6,6 +6,8 @@ The model families' formats follow their makers' encoders, checked token for tok
   llama3   Meta's llama_models ChatFormat (Llama 3, 3.1, 3.2, 3.3)
   mistral  mistral-common's v3 instruct tokenizer ([INST]/[/INST] control tokens: Mistral 7B v0.3, Mixtral 8x22B,
            Codestral...; the system prompt goes before the LAST user message, as mistral-common does)
+  mistral-v1  mistral-common's v1 instruct tokenizer ([INST] as plain text: Mistral 7B v0.1, Mixtral 8x7B; the
+           system prompt opens the FIRST user message)
   gemma    the Gemma chat template (a system prompt opens the first user turn, as Gemma 3's does)
   phi3     the Phi-3 / Phi-3.5 chat template
   chatml   ChatML (Qwen, and what tunelab adds to a base tokenizer that has no template)
@@ -26,6 +28,7 @@ CONTROL_TOKENS = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "mistral": ("[INST]", "[/INST]"),
+    "mistral-v1": (),
     "gemma": ("<start_of_turn>", "<end_of_turn>"),
     "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
     "alpaca": (),
@@ -86,6 +89,22 @@ def mistral(messages, bos: str, eos: str, generation_prompt: bool):
     return segments  # the generation prompt is the [/INST] already there
 
 
+def mistral_v1(messages, bos: str, eos: str, generation_prompt: bool):
+    # mistral-common InstructTokenizerV1: each message is encoded on its own, so SentencePiece starts each with a
+    # space: BOS, " [INST] user [/INST]" (the system prompt and two newlines open the first user message),
+    # " reply" EOS
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    first_user = min((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    segments = [(bos, False)]
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            prefix = system + "\n\n" if system and i == first_user else ""
+            segments.append((f" [INST] {prefix}{m['content']} [/INST]", False))
+        elif m["role"] == "assistant":
+            segments.append((" " + m["content"] + eos, True))
+    return segments
+
+
 def gemma(messages, bos: str, eos: str, generation_prompt: bool):
     system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
     segments = [(bos, False)]
@@ -112,7 +131,8 @@ def phi3(messages, bos: str, eos: str, generation_prompt: bool):
     return segments
 
 
-RENDER = {"chatml": chatml, "alpaca": alpaca, "llama3": llama3, "mistral": mistral, "gemma": gemma, "phi3": phi3}
+RENDER = {"chatml": chatml, "alpaca": alpaca, "llama3": llama3, "mistral": mistral, "mistral-v1": mistral_v1,
+          "gemma": gemma, "phi3": phi3}
 
 JINJA = {
     "chatml": (
@@ -149,6 +169,20 @@ JINJA = {
         "{% if message['role'] == 'user' %}"
         "{{ '[INST] ' + (system + '\\n\\n' if system and loop.index0 == ns.last_user else '') + message['content']"
         " + '[/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+        "{% endif %}{% endfor %}"
+    ),
+    "mistral-v1": (
+        "{% set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') "
+        "| join('\\n\\n') %}"
+        "{% set ns = namespace(first_user=-1) %}"
+        "{% for message in messages %}{% if message['role'] == 'user' and ns.first_user < 0 %}"
+        "{% set ns.first_user = loop.index0 %}{% endif %}{% endfor %}"
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ ' [INST] ' + (system + '\\n\\n' if system and loop.index0 == ns.first_user else '') + message['content']"
+        " + ' [/INST]' }}"
         "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
         "{% endif %}{% endfor %}"
     ),
