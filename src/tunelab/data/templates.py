@@ -78,15 +78,16 @@ def resolve_template(template: str, tokenizer) -> str:
 def choose_template(template: str, tokenizer, formats: Iterable[str]) -> tuple[str, str]:
     """The template a run whose rows have `formats` renders with, and why (one line for the console).
 
-    With "auto": the tokenizer's own chat template if it has one; otherwise none for completion/text rows only
-    (they never need one), alpaca for alpaca rows, and chatml for conversations (chat, sharegpt, preference, ...)."""
+    Completion/text rows only: none (they never need a template). Otherwise data.template, and for "auto" the
+    tokenizer's own chat template if it has one, else alpaca for alpaca rows and chatml for conversations (chat,
+    sharegpt, gemini, preference, prompt)."""
+    chat_formats = sorted(set(formats) - set(PLAIN_FORMATS))
+    if not chat_formats:
+        return "none", "completion/text rows are plain text"
     if template != "auto":
         return resolve_template(template, tokenizer), "set by data.template"
     if getattr(tokenizer, "chat_template", None):
         return resolve_template("auto", tokenizer), "the tokenizer's own chat template"
-    chat_formats = sorted(set(formats) - set(PLAIN_FORMATS))
-    if not chat_formats:
-        return "none", "completion/text rows are plain text"
     if chat_formats == ["alpaca"]:
         return "alpaca", "the tokenizer has no chat template and the rows are alpaca"
     return "chatml", f"the tokenizer has no chat template and {'/'.join(chat_formats)} rows are conversations"
