@@ -366,7 +366,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _dtypes(cfg: Config, dev: Device) -> tuple[str, str]:
-    """(weight dtype, compute dtype) as tunelab resolves them (model.resolve_dtype, trainer.precision_context)."""
+    """(weight dtype, compute dtype) as tunelab resolves them (model.resolve_dtype, precision.precision_context)."""
     weights = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if dev.cuda else "float32")
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if dev.cuda else "fp32")
     compute = {"bf16": "bfloat16", "fp16": "float16", "fp32": weights}[precision]

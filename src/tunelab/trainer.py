@@ -25,6 +25,7 @@ from torch import nn
 from tunelab import checkpoint
 from tunelab.config import Config, TrainConfig, UserError, dump_config, load_config
 from tunelab.objectives.base import Objective, move_to, real_tokens
+from tunelab.precision import precision_context
 
 
 class Interrupted(Exception):
@@ -226,19 +227,6 @@ def lr_lambda(tc: TrainConfig, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def precision_context(precision: str, device: torch.device):
-    """(autocast context factory, GradScaler or None) for the resolved precision."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("train.precision: fp16 needs a CUDA GPU (CPUs have no fast fp16 math); use fp32 or bf16")
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 # train.group_by_length sorts this many micro-batches' worth of the shuffled order at a time (HF Trainer's

@@ -199,7 +199,7 @@ class Distill(SFT):
         """The batch's prompts with replies sampled from the student: input_ids, labels (the sampled tokens, each
         reply up to and including its first stop token), attention_mask, num_loss_tokens."""
         from tunelab.data import stop_token_ids
-        from tunelab.trainer import precision_context
+        from tunelab.precision import precision_context
 
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         pad = self.tokenizer.pad_token_id

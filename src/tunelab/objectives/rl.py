@@ -159,7 +159,7 @@ class RLObjective(Objective):
         return self.kl_coef > 0 or bool(getattr(self.rc, "adaptive_kl", False))
 
     def _autocast(self):
-        from tunelab.trainer import precision_context
+        from tunelab.precision import precision_context
 
         return precision_context(self.cfg.train.precision, self.device)[0]()
 
