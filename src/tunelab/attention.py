@@ -45,8 +45,6 @@ def use_padding_free_attention(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from tunelab.model import unwrap
-
     def mask(*args, attention_mask=None, **kwargs):
         # Padded batches get SDPA's mask; without a padding mask none is built (a padding-free row needs none, and
         # the [tokens x tokens] one transformers would derive from its position_ids is exactly what we avoid).
@@ -54,7 +52,9 @@ def use_padding_free_attention(model) -> None:
 
     AttentionInterface.register(NAME, padding_free_attention)
     AttentionMaskInterface.register(NAME, mask)
-    unwrap(model).set_attn_implementation(NAME)
+    # A PEFT model's base model; called before any DDP/FSDP wrapping, so there is nothing else to unwrap.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(NAME)
 
 
 def check_reached(calls_before: int, model) -> None:
