@@ -41,7 +41,7 @@ def _texts(value) -> Iterator[str]:
 
 def _train_sources(cfg: Config):
     if cfg.method in ("pretrain", "mlm"):
-        from tunelab.objectives.pretrain import text_sources
+        from tunelab.data.readers import text_sources
 
         return text_sources(cfg.data.train, cfg.method, "data.train")
     return cfg.data.train
@@ -104,7 +104,7 @@ def train_tokenizer(cfg: Config):
     first (Dist.main_first); the other ranks then find the saved one and load it. The vocabulary can come out
     smaller than vocab_size on a small corpus (no pair is left to merge); the model is sized to the actual one.
     """
-    from tunelab.model import load_tokenizer
+    from transformers import AutoTokenizer
 
     if not cfg.tokenizer.train:
         raise UserError("model.init builds a model without a tokenizer: set tokenizer.train: true "
@@ -113,7 +113,7 @@ def train_tokenizer(cfg: Config):
     stamp = _stamp(cfg)
     if not (_read_stamp(saved) == stamp and (saved / "tokenizer.json").is_file()):
         _save_atomically(_train(cfg), stamp, saved)
-    return load_tokenizer(str(saved))
+    return AutoTokenizer.from_pretrained(str(saved))  # our own files, pad token included: nothing to check
 
 
 def _train(cfg: Config):
@@ -163,23 +163,6 @@ def _save_atomically(tokenizer, stamp: dict, saved: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if _read_stamp(saved) != stamp:
             raise
-
-
-def init_tokenizer(cfg: Config):
-    """The tokenizer of a model built by model.init: tokenizer.path if set, else one trained on the data
-    (tokenizer.train), else, for distillation, the teacher's (the student must share its vocabulary)."""
-    from tunelab.model import load_tokenizer
-
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path)
-    if cfg.tokenizer.train:
-        return train_tokenizer(cfg)
-    if cfg.method == "distill" and cfg.teacher is not None:
-        from tunelab.objectives.distill import teacher_tokenizer
-
-        return teacher_tokenizer(cfg.teacher.path)
-    raise UserError("model.init builds a model without a tokenizer: set tokenizer.train: true "
-                    "(train one on the data) or tokenizer.path (use an existing one)")
 
 
 def build_model(init: InitConfig, tokenizer, kind: str = "causal_lm"):
@@ -244,9 +227,6 @@ def _swiglu_width(hidden: int) -> int:
 
 def save_tiny_model(out: Path, tokenizer, init: InitConfig, kind: str | None = None) -> Path:
     """Build and save a model + tokenizer dir (used by tests and the demo to make a local base model)."""
-    from tunelab.model import quiet_imports
-
-    quiet_imports()
     kind = kind or ("masked_lm" if init.architecture == "bert" else "causal_lm")
     model = build_model(init, tokenizer, kind)
     out.mkdir(parents=True, exist_ok=True)

@@ -263,13 +263,20 @@ def uses_chat_template(cfg: Config) -> bool:
 
 
 def load_run_tokenizer(cfg: Config):
+    """tokenizer.path if set; else the model's, or for a model built by model.init one trained on the data
+    (tokenizer.train) or, for distillation, the teacher's (the student must share its vocabulary)."""
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
-    if cfg.model.init is not None:
-        from tunelab.init import init_tokenizer  # tokenizer.train, or the teacher's for distillation
+    if cfg.model.init is None:
+        return load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    if cfg.tokenizer.train:
+        from tunelab.init import train_tokenizer
 
-        return init_tokenizer(cfg)
-    return load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        return train_tokenizer(cfg)
+    if cfg.method == "distill" and cfg.teacher is not None:
+        return teacher_tokenizer(cfg.teacher.path)
+    raise UserError("model.init builds a model without a tokenizer: set tokenizer.train: true "
+                    "(train one on the data) or tokenizer.path (use an existing one)")
 
 
 def linear_module_names(model) -> set[str]:
@@ -321,6 +328,19 @@ def resolve_model_dir(path: str) -> Path:
     if not (is_adapter_dir(p) or (p / "config.json").is_file()):
         raise UserError(f"{path}: neither a run dir, an adapter dir nor a model dir")
     return p
+
+
+def teacher_tokenizer(path: str):
+    """The tokenizer of a teacher given as a model dir, a run dir (its final/) or an adapter dir (its base's)."""
+    import json
+
+    try:
+        p = resolve_model_dir(path)
+    except UserError as e:
+        raise UserError(f"teacher.path: {e}") from None
+    if not (p / "tokenizer_config.json").is_file() and (p / "adapter_config.json").is_file():
+        p = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return load_tokenizer(str(p))
 
 
 def load_pretrained(path: str, *, dtype: str = "auto", device: torch.device | None = None, kind: str = "causal_lm",

@@ -82,6 +82,21 @@ def load_rows(sources: list[DataSource], *, skip_bad_rows: bool = False) -> Rows
     return rows
 
 
+def text_sources(sources: list[DataSource], method: str, key: str) -> list[DataSource]:
+    """Raw-text methods read every source as format text (the `text_field` column, or whole .txt files); a source
+    that names another format explicitly is a mistake worth stopping for."""
+    out = []
+    for i, source in enumerate(sources):
+        if "format" not in source.model_fields_set:
+            source = source.model_copy(update={"format": "text"})
+        elif source.format != "text":
+            raise UserError(
+                f"{key}[{i}] ({source.path}): method: {method} trains on raw text, not format {source.format}; set "
+                f"format: text (the '{source.text_field}' column of each row, or whole .txt files)")
+        out.append(source)
+    return out
+
+
 def _text_field(row: Row, field: str) -> str:
     if field not in row.data:
         raise UserError(f"{row.where}: text row needs '{field}' (data.text_field)")

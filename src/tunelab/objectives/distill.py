@@ -37,21 +37,6 @@ from tunelab.objectives.sft import SFT, attention_mask_for, causal_lm_loss, deco
 CHUNK = 1024  # loss rows whose student and teacher logits exist at once
 
 
-def teacher_tokenizer(path: str):
-    """The tokenizer of a teacher given as a model dir, a run dir (its final/) or an adapter dir (its base's)."""
-    import json
-
-    from tunelab.model import load_tokenizer, resolve_model_dir
-
-    try:
-        p = resolve_model_dir(path)
-    except UserError as e:
-        raise UserError(f"teacher.path: {e}") from None
-    if not (p / "tokenizer_config.json").is_file() and (p / "adapter_config.json").is_file():
-        p = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return load_tokenizer(str(p))
-
-
 def check_same_vocabulary(student, teacher, teacher_path: str) -> None:
     """UserError unless both tokenizers map the same tokens to the same ids."""
     s, t = student.get_vocab(), teacher.get_vocab()
@@ -95,6 +80,8 @@ class Distill(SFT):
     model_kind = "causal_lm"
 
     def __init__(self, cfg: Config, tokenizer):
+        from tunelab.model import teacher_tokenizer
+
         super().__init__(cfg, tokenizer)
         self.dc = cfg.distill
         check_same_vocabulary(tokenizer, teacher_tokenizer(cfg.teacher.path), cfg.teacher.path)

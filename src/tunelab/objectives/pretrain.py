@@ -20,26 +20,12 @@ from itertools import chain
 import numpy as np
 
 from tunelab.config import Config, DataSource, UserError
+from tunelab.data.readers import text_sources
 from tunelab.objectives.base import Objective
 from tunelab.objectives.sft import causal_lm_loss, load_sources, split_eval
 
 IGNORE = -100
 ENCODE_BATCH = 1024  # documents per call of the fast tokenizer
-
-
-def text_sources(sources: list[DataSource], method: str, key: str) -> list[DataSource]:
-    """Raw-text methods read every source as format text (the `text_field` column, or whole .txt files); a source
-    that names another format explicitly is a mistake worth stopping for."""
-    out = []
-    for i, source in enumerate(sources):
-        if "format" not in source.model_fields_set:
-            source = source.model_copy(update={"format": "text"})
-        elif source.format != "text":
-            raise UserError(
-                f"{key}[{i}] ({source.path}): method: {method} trains on raw text, not format {source.format}; set "
-                f"format: text (the '{source.text_field}' column of each row, or whole .txt files)")
-        out.append(source)
-    return out
 
 
 @dataclass
