@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.trainer import Batches, TrainState, epoch_order, item_length
+from tunelab.data.order import Batches, epoch_order, item_length
+from tunelab.trainer import TrainState
 
 # ---------------------------------------------------------------- length-grouped order
 

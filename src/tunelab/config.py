@@ -145,7 +145,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     # Batch rows of similar length (sorted within windows of the seeded order, batches then shuffled): little
-    # padding without packing's cross-document attention mask. See trainer.epoch_order.
+    # padding without packing's cross-document attention mask. See data.order.epoch_order.
     group_by_length: bool = False
     seed: int = 42
     log_every: int = Field(1, gt=0)

@@ -24,6 +24,7 @@ from torch import nn
 
 from tunelab import checkpoint
 from tunelab.config import Config, TrainConfig, UserError, dump_config, load_config
+from tunelab.data.order import Batches, item_length
 from tunelab.objectives.base import Objective, move_to, real_tokens
 from tunelab.precision import precision_context
 
@@ -227,63 +228,6 @@ def lr_lambda(tc: TrainConfig, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-# train.group_by_length sorts this many micro-batches' worth of the shuffled order at a time (HF Trainer's
-# length-grouped sampler uses 50): a larger window pads less but makes batch lengths less random.
-GROUP_WINDOW = 64
-
-
-def epoch_order(n_items: int, micro_batch: int, seed: int, epoch: int,
-                lengths: list[int] | None = None) -> list[list[int]]:
-    """Micro-batches of item indices for one epoch: a seeded shuffle, so resume replays the same order.
-
-    With `lengths` (train.group_by_length), each window of GROUP_WINDOW micro-batches of the shuffled order is
-    sorted by length (longest first) and cut into micro-batches, and the micro-batches are then shuffled: rows of
-    similar length share a batch, so there is little padding, while every batch of the epoch is still a seeded
-    draw. A pure function of (seed, epoch, lengths), so resume replays it exactly.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n_items, generator=g).tolist()
-    if lengths is None:
-        return [perm[i:i + micro_batch] for i in range(0, n_items, micro_batch)]
-    window, batches = GROUP_WINDOW * micro_batch, []
-    for start in range(0, n_items, window):
-        chunk = sorted(perm[start:start + window], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
-        batches += [chunk[i:i + micro_batch] for i in range(0, len(chunk), micro_batch)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-
-def item_length(item) -> int:
-    """Tokens an item takes in a padded batch, for train.group_by_length: its input_ids, or its longest *_ids
-    sequence (a preference pair pads chosen and rejected to one length)."""
-    ids = getattr(item, "input_ids", None)
-    if ids is not None:
-        return len(ids)
-    seqs = [v for k, v in getattr(item, "__dict__", {}).items() if k.endswith("_ids") and v is not None]
-    if not seqs:
-        raise UserError(f"train.group_by_length: training items of type {type(item).__name__} carry no token ids "
-                        "to group by; set it to false for this method")
-    return max(len(s) for s in seqs)
-
-
-class Batches:
-    """Endless micro-batch index stream over epochs, positioned by (epoch, micro) for exact resume."""
-
-    def __init__(self, n_items: int, micro_batch: int, seed: int, state: TrainState, lengths: list[int] | None = None):
-        self.n, self.mb, self.seed, self.state, self.lengths = n_items, micro_batch, seed, state, lengths
-        self._order = epoch_order(n_items, micro_batch, seed, state.epoch, lengths)
-
-    def take(self, count: int) -> list[list[int]]:
-        out = []
-        while len(out) < count:
-            if self.state.micro >= len(self._order):
-                self.state.epoch += 1
-                self.state.micro = 0
-                self._order = epoch_order(self.n, self.mb, self.seed, self.state.epoch, self.lengths)
-            out.append(self._order[self.state.micro])
-            self.state.micro += 1
-        return out
 
 
 @contextlib.contextmanager
