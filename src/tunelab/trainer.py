@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tunelab import checkpoint
 from tunelab.config import Config, TrainConfig, UserError, dump_config, load_config
 from tunelab.data.order import Batches, item_length
+from tunelab.distributed import Dist, full_state_dict, grad_sync, wrap
 from tunelab.objectives.base import Objective, move_to, real_tokens
 from tunelab.precision import precision_context
 
@@ -35,106 +35,6 @@ class Interrupted(Exception):
 
 class TooManyBadSteps(Exception):
     pass
-
-
-# ---------------------------------------------------------------- distributed context
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this run started the process group, so it ends it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, single_rank_group: bool = False) -> "Dist":
-        """From torchrun's variables. A process group is started for world > 1, and for a world of 1 under torchrun
-        when `single_rank_group` (FSDP on one GPU still shards through the same collectives)."""
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        wanted = world > 1 or (single_rank_group and "WORLD_SIZE" in os.environ)
-        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        owns = wanted and not dist.is_initialized()
-        if owns:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        return cls(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)), owns)
-
-    @property
-    def initialized(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    def _device(self):
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def sum(self, value: float | torch.Tensor, device=None) -> float:
-        if not self.initialized:
-            return float(value)
-        t = torch.as_tensor(float(value), dtype=torch.float64, device=self._device())
-        dist.all_reduce(t)
-        return float(t)
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any (a stop request, a failed write)."""
-        return self.sum(1.0 if flag else 0.0) > 0
-
-    def barrier(self) -> None:
-        if self.initialized:
-            dist.barrier()
-
-    def from_main(self, obj):
-        """Rank 0's `obj`, on every rank."""
-        if not self.initialized:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def agree(self, fn):
-        """Run `fn` on rank 0 only and give its result to every rank; a UserError it raises is raised on every rank
-        (so no rank waits forever at a collective its peer never reaches)."""
-        result, error = None, None
-        if self.main:
-            try:
-                result = fn()
-            except UserError as e:
-                error = str(e)
-        result, error = self.from_main((result, error))
-        if error is not None:
-            raise UserError(error)
-        return result
-
-    @contextlib.contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (it trains the tokenizer, writes caches); the others wait, then run it and read
-        what rank 0 wrote. If rank 0 fails, the others fail with its message instead of waiting forever."""
-        if not self.initialized:
-            yield
-            return
-        if self.main:
-            try:
-                yield
-            except BaseException as e:
-                self.from_main(str(e) if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}: {e}")
-                raise
-            self.from_main(None)
-        else:
-            error = self.from_main(None)
-            if error is not None:
-                raise UserError(error)
-            yield
-
-    def close(self, finished: bool = False) -> None:
-        """End the group this run started. After a finished run every rank waits for the others first, so no rank
-        tears its connections down while a peer still has a collective in flight."""
-        if self.owns_group and self.initialized:
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- state
@@ -228,15 +128,6 @@ def lr_lambda(tc: TrainConfig, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(module: nn.Module):
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
 
 
 @contextlib.contextmanager
@@ -390,13 +281,7 @@ class Trainer:
         self.objective.setup(self.model)
         self.module = ObjectiveModule(self.model, self.objective).to(self.device)
         self.dist.agree(lambda: self._check_disk_space())
-        self.wrapped: nn.Module = self.module
-        if self.sharded and self.dist.initialized:
-            self._shard()
-        elif self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.wrapped = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.wrapped, self._tied_names = wrap(self.module, self.device, self.dist, self.sharded)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(tc, self.module, self.device)
         window = tc.micro_batch_size * tc.grad_accum * self.dist.world
@@ -453,31 +338,6 @@ class Trainer:
                 f"({n_ckpts} checkpoints of {one_ckpt / gb:.3g} GB at train.keep_checkpoints={tc.keep_checkpoints}, "
                 f"plus the final model of {final / gb:.3g} GB). Free space, lower train.keep_checkpoints, "
                 "or set another output_dir")
-
-    def _shard(self) -> None:
-        """FSDP2: each decoder layer its own unit, then the root (ObjectiveModule: embeddings, head, the objective's
-        modules), whose forward runs the whole loss so every parameter is gathered while it is used."""
-        from torch.distributed.fsdp import fully_shard
-
-        from tunelab.model import unwrap
-
-        hf = unwrap(self.module.model)
-        # Tied weights (input embedding = output head) are one parameter under two names; gathered, they become two
-        # tensors, and save_pretrained expects the second name left out, as an unsharded model's state dict does.
-        seen: set[int] = set()
-        self._tied_names = set()
-        for name, p in self.module.named_parameters(remove_duplicate=False):
-            if id(p) in seen:
-                self._tied_names.add(name)
-            seen.add(id(p))
-        names = set(getattr(hf, "_no_split_modules", None) or ())
-        layers = [m for m in self.module.modules() if type(m).__name__ in names]
-        if not layers:  # no hint from transformers: shard each block of the longest ModuleList
-            lists = [m for m in self.module.modules() if isinstance(m, nn.ModuleList)]
-            layers = list(max(lists, key=len)) if lists else []
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(self.module)
 
     # -- checkpoints
 
@@ -625,7 +485,7 @@ class Trainer:
         scale = self.dist.world / units
         loss_sum, metric_sums, tokens = 0.0, {}, 0
         for i, batch in enumerate(batches):
-            with self._grad_sync(i == len(batches) - 1):
+            with grad_sync(self.wrapped, self.dist, self.sharded, sync=i == len(batches) - 1):
                 with self.autocast():
                     loss, metrics = self.wrapped(batch)
                 scaled = loss * scale
@@ -656,14 +516,6 @@ class Trainer:
         out["grad_norm"] = grad_norm
         out["tokens"] = int(self.dist.sum(tokens, self.device))
         return out
-
-    def _grad_sync(self, sync: bool):
-        """Reduce gradients across ranks only on the last micro-batch of an update (DDP no_sync, FSDP2's switch)."""
-        if sync or not self.dist.initialized:
-            return contextlib.nullcontext()
-        if self.sharded:
-            return _fsdp_no_sync(self.module)
-        return self.wrapped.no_sync()
 
     def _updates(self, updates: list[list[dict]]) -> dict | None:
         """The optimizer updates of one loop step (one for most objectives; PPO: epochs x minibatches of a
@@ -814,7 +666,7 @@ class Trainer:
                     self._load_sharded(best, optimizer=False)
                 else:
                     self._load_weights(checkpoint.load(best)[0], best)
-        full_state = self._full_state_dict() if self.sharded and self.dist.initialized else None
+        full_state = full_state_dict(self.module, self._tied_names) if self.sharded and self.dist.initialized else None
         error = None
         if self.dist.main:
             tmp, old = self.run_dir / ".final-tmp", self.run_dir / ".final-old"
@@ -836,15 +688,6 @@ class Trainer:
         if error is not None:
             raise checkpoint.CheckpointWriteError(error)
         return final
-
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """FSDP: the whole model's weights gathered onto rank 0's CPU (empty on the other ranks), keyed as the
-        unwrapped model names them, for save_pretrained."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        tied = getattr(self, "_tied_names", set())
-        return {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.") and k not in tied}
 
     def _interrupt(self, force_save: bool = False) -> None:
         if force_save:
