@@ -136,11 +136,8 @@ def run_tunelab(spec: dict) -> dict:
             self.t_end = time.perf_counter()
             return out
 
-        def _finish(self, stopped_early):
+        def _finish(self):
             return self.run_dir
-
-        def _summary(self, *args):
-            pass
 
     with tempfile.TemporaryDirectory() as d:
         cfg = _tunelab_config(spec, Path(d))

@@ -134,7 +134,8 @@ def test_distilling_into_a_smaller_new_student_lowers_the_kl(setup, tmp_path):
     """model.init with no tokenizer settings: the student takes the teacher's tokenizer. The teacher stays
     frozen, in eval mode and out of the trainable module and the checkpoint."""
     from tunelab import checkpoint
-    from tunelab.trainer import Trainer, trainable_state
+    from tunelab.run_state import trainable_state
+    from tunelab.trainer import Trainer
     from tunelab.tracking import read_metrics
 
     cfg = _cfg(setup, tmp_path / "run", distill={"alpha": 0.8}, data={"eval_fraction": 0.2},

@@ -224,10 +224,10 @@ def test_best_eval_checkpoint_is_kept_and_restored_with_early_stopping(base, dat
 
 
 def test_not_enough_disk_space_is_refused_before_training(base, data, tmp_path, capsys, monkeypatch):
-    import tunelab.trainer
+    import tunelab.preflight
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(tunelab.trainer.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    monkeypatch.setattr(tunelab.preflight.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
     run = tmp_path / "run"
     code, out, err = cli(capsys, "train", write_config(tmp_path / "cfg.yaml", base, data, run))
     assert code == 2

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.order import Batches, epoch_order, item_length
-from tunelab.trainer import TrainState
+from tunelab.run_state import TrainState
 
 # ---------------------------------------------------------------- length-grouped order
 

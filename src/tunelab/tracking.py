@@ -108,3 +108,28 @@ def plot_loss(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def progress_bar(cfg: Config, total_steps: int, step: int):
+    """A tqdm bar over the run's optimizer steps (train.progress), or None."""
+    if not cfg.train.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, initial=step, desc=cfg.method, unit="step", dynamic_ncols=True)
+
+
+def summary(state, total_steps: int, elapsed: float, steps: int, tokens: int, final: Path, metrics: Path,
+            plot: Path | None) -> str:
+    """The lines a finished run ends with; `state` is the loop's TrainState."""
+    lines = [
+        f"done at step {state.step}/{total_steps}: {steps} steps in {elapsed:.1f}s, {tokens:,} tokens "
+        f"({tokens / max(elapsed, 1e-9):,.0f} tok/s)",
+    ]
+    if state.best_eval < math.inf:
+        lines.append(f"best eval loss {state.best_eval:.4f} at step {state.best_step}")
+    if state.skipped_total:
+        lines.append(f"skipped {state.skipped_total} non-finite steps")
+    lines.append(f"model: {final}")
+    lines.append(f"metrics: {metrics}" + (f", plot: {plot}" if plot else ""))
+    return "\n".join(lines)

@@ -2,31 +2,33 @@
 
 Every objective runs through `train`. An objective supplies data, collation and a *summed* loss;
 the loop owns everything else, so resume, DDP, NaN guards and logging work the same for SFT, DPO,
-PPO or distillation.
+PPO or distillation. Read `Trainer.setup` (what a run builds) and `Trainer.run` (epoch -> accumulation
+window -> step -> log / eval / checkpoint); the machinery they call lives in modules named for their job:
+preflight (checks before anything heavy), distributed (process group, DDP / FSDP), data.order (the seeded
+batch order), optim, precision, run_state (checkpoint contents, save / load, the final model), tracking.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import os
-import random
-import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tunelab import checkpoint
-from tunelab.config import Config, TrainConfig, UserError, dump_config, load_config
+from tunelab.config import Config, dump_config
 from tunelab.data.order import Batches, item_length
 from tunelab.distributed import Dist, full_state_dict, grad_sync, wrap
 from tunelab.objectives.base import Objective, move_to, real_tokens
+from tunelab.optim import lr_lambda, make_optimizer
 from tunelab.precision import precision_context
+from tunelab.preflight import check_disk_space, check_run, check_sharding, report_data
+from tunelab.run_state import RunCheckpoints, TrainState, save_final, seed_everything
 
 
 class Interrupted(Exception):
@@ -36,43 +38,6 @@ class Interrupted(Exception):
 class TooManyBadSteps(Exception):
     pass
 
-
-# ---------------------------------------------------------------- state
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    micro: int = 0  # micro-batches consumed within `epoch` (all ranks together)
-    tokens: int = 0
-    bad_steps: int = 0  # consecutive skipped (non-finite) steps
-    skipped_total: int = 0
-    best_eval: float = math.inf
-    best_step: int = 0
-    patience: int = 0
-    rng: dict = field(default_factory=dict)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------- pieces
 
 class ObjectiveModule(nn.Module):
     """Model + the objective's own modules as one nn.Module, so DDP wraps the whole loss computation
@@ -86,98 +51,6 @@ class ObjectiveModule(nn.Module):
 
     def forward(self, batch: dict):
         return self.objective.loss(self.model, batch)
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
-
-
-def make_optimizer(tc: TrainConfig, module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            # Biases and norm gains are not weights to shrink (Loshchilov & Hutter's AdamW setup).
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if tc.optimizer == "adamw":
-        # The fused kernel updates each parameter in one pass; on CPU it is several times faster than the
-        # foreach path, which makes ~6 full passes over the weights and both moments (bench/README.md).
-        fused = device.type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.adam_betas, fused=fused, foreach=None if fused else True)
-    if device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
-        raise UserError("train.optimizer: paged_adamw_8bit is CUDA only (it pages optimizer state through "
-                        "CUDA unified memory); use adamw on this machine")
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.PagedAdamW8bit if tc.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return cls(groups, lr=tc.lr, betas=tc.adam_betas)
-
-
-def lr_lambda(tc: TrainConfig, total_steps: int):
-    warmup = tc.warmup_steps or int(round(tc.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if tc.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if tc.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-@contextlib.contextmanager
-def _quiet_dcp():
-    """torch.distributed.checkpoint warns that it assumes one process when no process group exists: that is intended
-    (an FSDP-format checkpoint written or read by a single process)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
-        yield
-
-
-# ---------------------------------------------------------------- the run
-
-# What fixes the weights, the data and its order. train.grad_accum is checked as part of the global batch
-# (micro_batch_size x grad_accum x ranks), so a resume on another number of ranks stays exact when that is kept.
-RESUME_KEYS = ("model", "adapter", "method", "data", "tokenizer", "train.micro_batch_size", "train.seed",
-               "train.optimizer", "train.distributed", "train.group_by_length")
-
-
-def _check_resume_compatible(saved: dict, cfg: Config, source: str, saved_world: int = 1, world: int = 1) -> None:
-    old, new = saved, cfg.model_dump(mode="json")
-    accum = (old.get("train") or {}).get("grad_accum")
-    if accum is not None and accum * saved_world != cfg.train.grad_accum * world:
-        fix = (f"; on {world} rank(s) set train.grad_accum: {accum * saved_world // world}"
-               if accum * saved_world % world == 0 else "")
-        raise UserError(
-            f"--resume: the global batch changed since {source} was written (train.grad_accum x ranks: "
-            f"{accum} x {saved_world} -> {cfg.train.grad_accum} x {world}); that breaks an exact resume{fix}")
-    for key in RESUME_KEYS:
-        a, b = old, new
-        for part in key.split("."):
-            a, b = (a or {}).get(part), (b or {}).get(part)
-        if a != b:
-            raise UserError(
-                f"--resume: '{key}' changed since {source} was written ({a!r} -> {b!r}); "
-                "that breaks an exact resume. Restore it, or start a new run with another output_dir"
-            )
-
-
-def _check_output_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        culprit = f" ({e.filename})" if e.filename and str(e.filename) != str(run_dir) else ""
-        raise UserError(f"output_dir {run_dir} is not writable: {e.strerror or e}{culprit}") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -194,58 +67,12 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         self._stop_signal: int | None = None
-        self._saved_step: int | None = None
         # Everything that can be checked without loading anything heavy, once (rank 0), before the data and model.
         try:
-            self.resume_from = self.dist.agree(lambda: self._preflight(resume))
+            self.resume_from = self.dist.agree(lambda: check_run(cfg, resume, self.dist.world, say))
         except BaseException:
             self.dist.close()
             raise
-
-    def _preflight(self, resume: bool) -> Path | None:
-        from tunelab.objectives import REGISTRY
-
-        cfg = self.cfg
-        if cfg.method not in REGISTRY:
-            raise UserError(f"method: {cfg.method} is not available in this version (available: {', '.join(REGISTRY)})")
-        if cfg.train.distributed == "fsdp" and cfg.model.quantize:
-            raise UserError("train.distributed: fsdp cannot shard 4-bit (model.quantize) weights; use distributed: ddp "
-                            "for QLoRA, or leave out model.quantize to shard a full-precision model")
-        _check_output_dir(self.run_dir)
-        for line in checkpoint.clean_leftovers(self.ckpt_root):
-            self.say(line)
-        final, old = self.run_dir / "final", self.run_dir / ".final-old"
-        if old.is_dir() and not final.exists():  # killed while swapping in a new final/: the old one is whole
-            os.rename(old, final)
-        for leftover in (self.run_dir / ".final-tmp", old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        if cfg.model.path and cfg.model.init is None:
-            from tunelab.model import check_model_dir
-
-            check_model_dir(cfg.model.path, cfg.model.allow_pickle)
-        if not resume:
-            if checkpoint.list_steps(self.ckpt_root):
-                raise UserError(
-                    f"{self.ckpt_root} already holds checkpoints; continue with `tunelab train CONFIG --resume`, "
-                    "or set another output_dir")
-            return None
-        return self._find_resume()
-
-    def _find_resume(self) -> Path:
-        path = checkpoint.latest_valid(self.ckpt_root, warn=self.say, quarantine=True)
-        if path is None:
-            raise UserError(f"--resume: no usable checkpoint in {self.ckpt_root}")
-        meta = checkpoint.manifest(path).get("meta", {})
-        saved = meta.get("config")
-        if saved is not None:
-            _check_resume_compatible(saved, self.cfg, str(path), meta.get("world_size", 1), self.dist.world)
-        elif (self.run_dir / "config.yaml").is_file():
-            saved_cfg = load_config(self.run_dir / "config.yaml")
-            _check_resume_compatible(saved_cfg.model_dump(mode="json"), self.cfg, str(self.run_dir / "config.yaml"))
-        if checkpoint.is_sharded(path) != (self.cfg.train.distributed == "fsdp"):
-            raise UserError(f"--resume: {path} was written with train.distributed: "
-                            f"{'fsdp' if checkpoint.is_sharded(path) else 'ddp'}; resume with the same setting")
-        return path
 
     # -- setup
 
@@ -272,15 +99,13 @@ class Trainer:
             self.tokenizer, added = build_tokenizer(cfg, kind, say=self.say)
             self.objective = make_objective(cfg, self.tokenizer)
             self.train_items, self.eval_items = self.objective.datasets()
-        self._report_data()
+        report_data(self.objective, self.train_items, self.eval_items, self.dist.main, self.say)
+        check_sharding(cfg, self.objective)
         self.sharded = tc.distributed == "fsdp"
-        if self.sharded and self._on_policy():
-            raise UserError(f"train.distributed: fsdp does not support method {cfg.method} yet (it generates with the "
-                            "model outside the sharded forward pass); use distributed: ddp")
         self.model = build_model(cfg, kind, self.device, self.tokenizer, added)
         self.objective.setup(self.model)
         self.module = ObjectiveModule(self.model, self.objective).to(self.device)
-        self.dist.agree(lambda: self._check_disk_space())
+        self.dist.agree(lambda: check_disk_space(cfg, self.module))
         self.wrapped, self._tied_names = wrap(self.module, self.device, self.dist, self.sharded)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(tc, self.module, self.device)
@@ -289,187 +114,12 @@ class Trainer:
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc, self.total_steps))
         self.state = TrainState()
+        self.checkpoints = RunCheckpoints(cfg, self.dist, self.ckpt_root, self.module, self.optimizer, self.scheduler,
+                                          self.scaler, self.objective, self.sharded)
         if self.resume_from is not None:
-            self._load(self.resume_from)
-
-    def _on_policy(self) -> bool:
-        base = Objective
-        cls = type(self.objective)
-        return cls.stream is not base.stream or getattr(cls, "updates", None) is not getattr(base, "updates", None)
-
-    def _report_data(self) -> None:
-        """Say what the data came to, the rows skipped (data.skip_bad_rows) and dropped (no loss tokens) counted;
-        refuse when nothing is left to train on, naming where the rows went."""
-        stats = self.objective.log_stats() or {}
-        skipped, dropped = stats.get("skipped_bad_rows", 0), stats.get("dropped_no_loss", 0)
-        where = ", ".join(stats.get("dropped_lines", []))
-        notes = []
-        if skipped:
-            first = stats.get("skipped_errors") or []
-            notes.append(f"skipped {skipped} bad rows (data.skip_bad_rows)" + (f", first: {first[0]}" if first else ""))
-        if dropped:
-            notes.append(f"dropped {dropped} rows with no loss tokens after masking/truncation"
-                         + (f" ({where}{', ...' if dropped > len(stats.get('dropped_lines', [])) else ''})" if where else ""))
-        if not self.train_items:
-            detail = "; ".join(notes) or "the data produced no examples"
-            raise UserError(f"no training examples left after loading and filtering the data: {detail}. "
-                            "Check data.max_length (truncation), data.train_on_prompt and the assistant turns")
-        if self.dist.main:
-            self.say(f"data: {len(self.train_items)} training / {len(self.eval_items)} eval examples"
-                     + (f"; {'; '.join(notes)}" if notes else ""))
-
-    def _check_disk_space(self) -> None:
-        """Refuse before training when the checkpoints and the final model cannot fit in output_dir's free space."""
-        tc = self.cfg.train
-        params = list(self.module.parameters())
-        trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-        n_trainable = sum(p.numel() for p in params if p.requires_grad)
-        moment_bytes = 1 if tc.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 4
-        one_ckpt = trainable + 2 * n_trainable * moment_bytes
-        n_ckpts = (tc.keep_checkpoints + 1 + bool(tc.early_stopping_patience)) if tc.save_every else 0
-        final = trainable if self.cfg.adapter is not None else sum(
-            p.numel() * p.element_size() for p in params if p.dtype.is_floating_point)
-        need = n_ckpts * one_ckpt + final - checkpoint.bytes_on_disk(self.ckpt_root)
-        free = shutil.disk_usage(self.run_dir).free
-        if need > free:
-            gb = 1e9
-            raise UserError(
-                f"output_dir {self.run_dir}: {free / gb:.3g} GB free, but this run writes about {need / gb:.3g} GB "
-                f"({n_ckpts} checkpoints of {one_ckpt / gb:.3g} GB at train.keep_checkpoints={tc.keep_checkpoints}, "
-                f"plus the final model of {final / gb:.3g} GB). Free space, lower train.keep_checkpoints, "
-                "or set another output_dir")
-
-    # -- checkpoints
-
-    def _save(self) -> Path | None:
-        """Checkpoint the current step (at most once per step). Rank 0 writes alone, except with FSDP, where every rank
-        writes its shards into the same temporary dir. A failed write raises CheckpointWriteError on every rank."""
-        if self._saved_step == self.state.step:
-            return None
-        tc = self.cfg.train
-        self.state.rng = rng_state()
-        state = {
-            "scheduler": self.scheduler.state_dict(),
-            "trainer": asdict(self.state),
-            "objective": self.objective.state_dict(),
-        }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        protect = {self.state.best_step} if tc.early_stopping_patience else set()
-        meta = {"config": self.cfg.model_dump(mode="json"), "world_size": self.dist.world}
-        if self.sharded:
-            path = self._save_sharded(state, protect, meta)
-        else:
-            path, error = None, None
+            self.state = self.checkpoints.load(self.resume_from)
             if self.dist.main:
-                state["optimizer"] = self.optimizer.state_dict()
-                try:
-                    path = checkpoint.save(self.ckpt_root, self.state.step, trainable_state(self.module), state,
-                                           tc.keep_checkpoints, protect, meta)
-                except checkpoint.CheckpointWriteError as e:
-                    error = str(e)
-            error = self.dist.from_main(error)
-            if error is not None:
-                raise checkpoint.CheckpointWriteError(error)
-        self._saved_step = self.state.step
-        return path
-
-    def _sharded_state(self, optimizer: bool = True):
-        """(trainable weights, optimizer state) as torch.distributed.checkpoint state dicts: this rank's shards."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-        names = set(trainable_state(self.module))
-        if optimizer:
-            model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        else:
-            model_sd, optim_sd = get_model_state_dict(self.module), None
-        return {k: v for k, v in model_sd.items() if k in names}, optim_sd
-
-    def _save_sharded(self, state: dict, protect: set[int], meta: dict) -> Path | None:
-        import torch.distributed.checkpoint as dcp
-
-        root, step, tc = self.ckpt_root, self.state.step, self.cfg.train
-        error = None
-        if self.dist.main:
-            try:
-                checkpoint.begin(root, step)
-            except checkpoint.CheckpointWriteError as e:
-                error = str(e)
-        error = self.dist.from_main(error)
-        if error is not None:
-            raise checkpoint.CheckpointWriteError(error)
-        tmp = checkpoint.tmp_dir(root, step)
-        model_sd, optim_sd = self._sharded_state()
-        failure = None
-        try:
-            with _quiet_dcp():
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / checkpoint.SHARDED)
-            if self.dist.main:
-                torch.save(state, tmp / checkpoint.STATE)
-        except Exception as e:  # an OSError, or dcp's CheckpointException carrying one from some rank
-            failure = e
-        path = None
-        if self.dist.any(failure is not None):
-            if self.dist.main:
-                try:
-                    checkpoint.abort(root, step, failure or OSError("another rank failed to write its shard"))
-                except checkpoint.CheckpointWriteError as e:
-                    error = str(e)
-        elif self.dist.main:
-            try:
-                path = checkpoint.commit(root, step, tc.keep_checkpoints, protect, meta)
-            except checkpoint.CheckpointWriteError as e:
-                error = str(e)
-        error = self.dist.from_main(error)
-        if error is not None:
-            raise checkpoint.CheckpointWriteError(error)
-        return path
-
-    def _load(self, path: Path) -> None:
-        weights, state = checkpoint.load(path, verify=False)  # rank 0 verified it in _find_resume
-        if self.sharded:
-            self._load_sharded(path, optimizer=True)
-        else:
-            self._load_weights(weights, path)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState(**state["trainer"])
-        self.objective.load_state_dict(state.get("objective", {}))
-        set_rng_state(self.state.rng)
-        self._saved_step = self.state.step
-        if self.dist.main:
-            self.say(f"resumed from {path} (step {self.state.step})")
-
-    def _load_sharded(self, path: Path, optimizer: bool) -> None:
-        """Load a torch.distributed.checkpoint written at any world size into this rank's shards."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-        model_sd, optim_sd = self._sharded_state(optimizer)
-        sd = {"model": model_sd, **({"optim": optim_sd} if optimizer else {})}
-        try:
-            with _quiet_dcp():
-                dcp.load(sd, checkpoint_id=path / checkpoint.SHARDED)
-        except Exception as e:  # dcp reports a missing key as a CheckpointException / RuntimeError
-            raise UserError(f"checkpoint {path} does not match this model's trainable parameters "
-                            f"(was the adapter or model config changed?): {str(e).splitlines()[0][:300]}") from None
-        options = StateDictOptions(strict=False)
-        if optimizer:
-            set_state_dict(self.module, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                           options=options)
-        else:
-            set_model_state_dict(self.module, sd["model"], options=options)
-
-    def _load_weights(self, weights: dict[str, torch.Tensor], path: Path | None = None) -> None:
-        expected = trainable_state(self.module)
-        if set(weights) != set(expected):
-            raise UserError(f"checkpoint {path or ''} does not match this model's trainable parameters "
-                            "(was the adapter or model config changed?)")
-        with torch.no_grad():
-            for name, p in expected.items():
-                p.copy_(weights[name].to(p.device, p.dtype))
+                self.say(f"resumed from {self.resume_from} (step {self.state.step})")
 
     # -- steps
 
@@ -565,7 +215,7 @@ class Trainer:
             self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint ...")
 
     def run(self) -> Path:
-        from tunelab.tracking import Tracker, plot_loss
+        from tunelab.tracking import Tracker, plot_loss, progress_bar, summary
 
         self.setup()
         cfg, tc, state = self.cfg, self.cfg.train, self.state
@@ -575,7 +225,7 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         lengths = [item_length(item) for item in self.train_items] if tc.group_by_length else None
         stream = Batches(len(self.train_items), tc.micro_batch_size, tc.seed, state, lengths)
-        bar = self._progress_bar()
+        bar = progress_bar(cfg, self.total_steps, state.step) if self.dist.main else None
         started, tokens_at_start, step_at_start, stopped_early = time.time(), state.tokens, state.step, False
         self.module.train()
         try:
@@ -621,7 +271,7 @@ class Trainer:
                 # best step is saved too: the final model is restored from it, and pruning keeps it.
                 keep_best = new_best and bool(tc.early_stopping_patience)
                 if tc.save_every and (state.step % tc.save_every == 0 or stopped_early or keep_best):
-                    self._save()
+                    self.checkpoints.save(self.state)
                 if stop:
                     self._interrupt()
                 if stopped_early:
@@ -635,11 +285,12 @@ class Trainer:
                 bar.close()
             if tracker:
                 tracker.close()
-        final = self._finish(stopped_early)
+        final = self._finish()
         elapsed = time.time() - started
         if self.dist.main:
             plot = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png") if cfg.log.plot else None
-            self._summary(elapsed, state.step - step_at_start, state.tokens - tokens_at_start, final, plot)
+            self.say(summary(state, self.total_steps, elapsed, state.step - step_at_start, state.tokens - tokens_at_start,
+                             final, self.run_dir / "metrics.jsonl", plot))
         return final
 
     def _early_stopping(self, metrics: dict) -> bool:
@@ -653,46 +304,21 @@ class Trainer:
         state.patience += 1
         return bool(patience) and state.patience >= patience
 
-    def _finish(self, stopped_early: bool) -> Path:
-        from tunelab.model import save_model
-
-        final = self.run_dir / "final"
+    def _finish(self) -> Path:
+        """With early stopping the final model is the best step's, restored from its checkpoint."""
         best = checkpoint.step_dir(self.ckpt_root, self.state.best_step)
         if self.cfg.train.early_stopping_patience and self.state.best_step and best.is_dir():
             if self.state.best_step != self.state.step:
                 if self.dist.main:
                     self.say(f"restoring the best checkpoint (step {self.state.best_step}) for the final model")
-                if self.sharded:
-                    self._load_sharded(best, optimizer=False)
-                else:
-                    self._load_weights(checkpoint.load(best)[0], best)
+                self.checkpoints.load_weights(best)
         full_state = full_state_dict(self.module, self._tied_names) if self.sharded and self.dist.initialized else None
-        error = None
-        if self.dist.main:
-            tmp, old = self.run_dir / ".final-tmp", self.run_dir / ".final-old"
-            try:  # written beside, then swapped in: a crash leaves the previous final/ or the new one, whole
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                save_model(self.module.model, self.tokenizer, tmp, state_dict=full_state)
-                (tmp / "config.yaml").write_text(dump_config(self.cfg))
-                if final.exists():
-                    os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                error = (f"could not write the final model to {final}: {e.strerror or e}"
-                         f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}; the checkpoints in "
-                         f"{self.ckpt_root} are intact. Free space and continue with --resume")
-        error = self.dist.from_main(error)
-        if error is not None:
-            raise checkpoint.CheckpointWriteError(error)
-        return final
+        return save_final(self.run_dir, self.module.model, self.tokenizer, self.cfg, self.dist, full_state)
 
     def _interrupt(self, force_save: bool = False) -> None:
         if force_save:
-            self._saved_step = None
-        self._save()  # on a stop request always, whatever train.save_every says
+            self.checkpoints.saved_step = None
+        self.checkpoints.save(self.state)  # on a stop request always, whatever train.save_every says
         where = checkpoint.step_dir(self.ckpt_root, self.state.step)
         raise Interrupted(
             f"stopped at step {self.state.step}/{self.total_steps}; checkpoint saved: {where}. Continue with: "
@@ -705,27 +331,6 @@ class Trainer:
         return (f"{self.state.bad_steps} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
                 f"{tc.max_bad_steps}); stopped after step {self.state.step}, skipped updates leave the weights "
                 f"unchanged. {last}. Lower train.lr, check the data, or use precision: fp32, then continue with --resume")
-
-    def _progress_bar(self):
-        if not (self.dist.main and self.cfg.train.progress):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.total_steps, initial=self.state.step, desc=self.cfg.method, unit="step", dynamic_ncols=True)
-
-    def _summary(self, elapsed: float, steps: int, tokens: int, final: Path, plot: Path | None) -> None:
-        state = self.state
-        lines = [
-            f"done at step {state.step}/{self.total_steps}: {steps} steps in {elapsed:.1f}s, {tokens:,} tokens "
-            f"({tokens / max(elapsed, 1e-9):,.0f} tok/s)",
-        ]
-        if state.best_eval < math.inf:
-            lines.append(f"best eval loss {state.best_eval:.4f} at step {state.best_step}")
-        if state.skipped_total:
-            lines.append(f"skipped {state.skipped_total} non-finite steps")
-        lines.append(f"model: {final}")
-        lines.append(f"metrics: {self.run_dir / 'metrics.jsonl'}" + (f", plot: {plot}" if plot else ""))
-        self.say("\n".join(lines))
 
 
 def train(cfg: Config, resume: bool = False, say=print) -> Path:

@@ -19,7 +19,7 @@ from itertools import chain
 
 import numpy as np
 
-from tunelab.config import Config, DataSource, UserError
+from tunelab.config import Config, UserError
 from tunelab.data.readers import text_sources
 from tunelab.objectives.base import Objective
 from tunelab.objectives.sft import causal_lm_loss, load_sources, split_eval
