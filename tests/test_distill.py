@@ -17,7 +17,7 @@ STUDENT = {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, 
 
 
 def _tokenizer(root, rows, vocab_size=300):
-    from tunelab.init import train_tokenizer
+    from tunelab.scratch import train_tokenizer
 
     cfg = load_config(data={"model": {"init": TEACHER.model_dump()}, "tokenizer": {"train": True, "vocab_size": vocab_size},
                             "data": {"train": [{"path": str(rows), "format": "alpaca"}]}, "output_dir": str(root)})
@@ -26,7 +26,7 @@ def _tokenizer(root, rows, vocab_size=300):
 
 def _teacher(out, tokenizer, seed: int):
     """A random tiny Llama with sharpened output (an untied head scaled up: a confident teacher, logits well beyond init's ±0.3)."""
-    from tunelab.init import build_model
+    from tunelab.scratch import build_model
 
     torch.manual_seed(seed)
     model = build_model(TEACHER, tokenizer)
@@ -197,7 +197,7 @@ def test_on_policy_rollouts_grade_the_students_samples(setup, tmp_path):
 
 
 def test_vocabulary_mismatch_is_a_clear_error_through_the_cli(setup, tmp_path):
-    from tunelab.init import save_tiny_model
+    from tunelab.scratch import save_tiny_model
 
     other_tok = _tokenizer(tmp_path / "tok2", setup["data"], vocab_size=280)
     student = save_tiny_model(tmp_path / "student", other_tok, TEACHER)

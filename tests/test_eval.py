@@ -22,7 +22,7 @@ MAX_NEW = 6
 def models(tmp_path_factory):
     """Two random tiny Llamas with untied heads (a tied random model only echoes its last input token) sharing one
     tokenizer trained on task text."""
-    from tunelab.init import save_tiny_model, train_tokenizer
+    from tunelab.scratch import save_tiny_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("eval-models")
     data = tasks.write_jsonl([tasks.to_alpaca(i) for i in tasks.make_items(100, 3)], root / "tok.jsonl")

@@ -55,7 +55,7 @@ def _cfg(corpus, out, method="pretrain", arch="llama", **sections) -> dict:
 @pytest.fixture(scope="module")
 def tokenizers(corpus, tmp_path_factory):
     """The trained tokenizers of a llama (decoder) run and a bert (encoder) run."""
-    from tunelab.init import train_tokenizer
+    from tunelab.scratch import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     return {arch: train_tokenizer(load_config(data=_cfg(corpus, out / arch, "pretrain" if arch == "llama" else "mlm", arch)))
@@ -109,7 +109,7 @@ def test_trained_tokenizer_round_trips_text_and_has_the_special_tokens(tokenizer
 
 
 def test_tokenizer_is_reused_until_its_data_or_settings_change(corpus, tmp_path):
-    from tunelab.init import STAMP, train_tokenizer
+    from tunelab.scratch import STAMP, train_tokenizer
 
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
@@ -208,7 +208,7 @@ def test_packed_documents_do_not_see_each_other(tokenizers, corpus, tmp_path, me
     bit-identical; without the document mask the same change does move it (so the test can fail)."""
     import numpy as np
 
-    from tunelab.init import build_model
+    from tunelab.scratch import build_model
     from tunelab.objectives import make_objective
     from tunelab.objectives.pretrain import BlockList, Blocks, tokenize_corpus
 

@@ -4,9 +4,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Loaded on first use, so `import tunelab` stays light: the tuning service's client. `tunelab.init(url=...)` is
-# the module tunelab.init made callable (see the end of init.py), since a submodule shadows any attribute of its name.
-_LAZY = {"init": "tunelab.init", "GenerativeModel": "tunelab.client", "TuningJob": "tunelab.client",
+# Loaded on first use, so `import tunelab` stays light: the tuning service's client (`tunelab.init(url=...)`).
+_LAZY = {"init": "tunelab.client", "GenerativeModel": "tunelab.client", "TuningJob": "tunelab.client",
          "ServiceError": "tunelab.client"}
 
 
@@ -14,4 +13,4 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'tunelab' has no attribute {name!r}")
     module = importlib.import_module(_LAZY[name])
-    return module if name == "init" else getattr(module, name)
+    return getattr(module, name)

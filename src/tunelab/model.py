@@ -105,7 +105,7 @@ def load_model(cfg: Config, kind: str = "causal_lm", device: torch.device | None
     device = device or pick_device()
     dtype = resolve_dtype(mc.dtype, device)
     if mc.init is not None:
-        from tunelab.init import build_model  # pretraining from scratch
+        from tunelab.scratch import build_model  # pretraining from scratch
 
         model = build_model(mc.init, tokenizer, kind).to(device=device, dtype=dtype)
         return model
@@ -270,7 +270,7 @@ def load_run_tokenizer(cfg: Config):
     if cfg.model.init is None:
         return load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     if cfg.tokenizer.train:
-        from tunelab.init import train_tokenizer
+        from tunelab.scratch import train_tokenizer
 
         return train_tokenizer(cfg)
     if cfg.method == "distill" and cfg.teacher is not None:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -233,17 +232,3 @@ def save_tiny_model(out: Path, tokenizer, init: InitConfig, kind: str | None = N
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
-
-
-class _ClientInit(sys.modules[__name__].__class__):
-    """`tunelab.init(url=..., api_key=...)` is the tuning service client's entry point (the managed-service
-    workflow), and `tunelab.init` is also this module's name: the module, once imported, sits at that attribute.
-    So the module itself is callable and forwards the call to tunelab.client.init."""
-
-    def __call__(self, url: str | None = None, api_key: str | None = None):
-        from tunelab.client import init
-
-        return init(url=url, api_key=api_key)
-
-
-sys.modules[__name__].__class__ = _ClientInit
