@@ -60,23 +60,29 @@ def _config(tmp: Path, base: Path, fmt: str, rows: list[dict], **sections) -> Pa
     return path
 
 
-@pytest.mark.parametrize("fmt, rows, line", [
-    ("completion", COMPLETION, "template: none (completion/text rows are plain text)"),
-    ("text", TEXT, "template: none (completion/text rows are plain text)"),
-    ("alpaca", ALPACA, "template: alpaca (the tokenizer has no chat template and the rows are alpaca)"),
+@pytest.mark.parametrize("fmt, line", [
+    ("completion+text", "template: none (completion/text rows are plain text)"),
+    ("alpaca", "template: alpaca (the tokenizer has no chat template and the rows are alpaca)"),
 ])
-def test_base_model_defaults_train_completion_text_and_alpaca(plain_base, tmp_path, capsys, fmt, rows, line):
+def test_base_model_defaults_train_completion_text_and_alpaca(plain_base, tmp_path, capsys, fmt, line):
     """No chat template, LoRA, template auto: these rows train as they are, no tokens are added, and the run says
     which template it used. Alpaca runs save the alpaca template with their tokenizer, for generate/chat/merge."""
     from transformers import AutoTokenizer
 
     from tunelab.data.templates import JINJA
 
-    code = cli_main(["train", str(_config(tmp_path, plain_base, fmt, rows)), "train.max_steps=1"])
+    if fmt == "alpaca":
+        cfg = _config(tmp_path, plain_base, "alpaca", ALPACA)
+    else:  # one run, two sources
+        cfg = _config(tmp_path, plain_base, "completion", COMPLETION)
+        data = yaml.safe_load(cfg.read_text())
+        data["data"]["train"].append({"path": str(_jsonl(tmp_path / "text.jsonl", TEXT)), "format": "text"})
+        cfg.write_text(yaml.safe_dump(data))
+    code = cli_main(["train", str(cfg), "train.max_steps=1"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert line in out.out.splitlines()
-    saved = AutoTokenizer.from_pretrained(tmp_path / f"run-{fmt}" / "final")
+    saved = AutoTokenizer.from_pretrained(next(tmp_path.glob("run-*")) / "final")
     assert len(saved) == len(AutoTokenizer.from_pretrained(plain_base))
     assert saved.chat_template == (JINJA["alpaca"] if fmt == "alpaca" else None)
 
@@ -90,15 +96,15 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_base, tmp_path, capsys):
     """Chat rows, LoRA, template auto: ChatML's two tokens are added, their embedding and output rows start at the
     mean row and are the only rows trained (PEFT trainable tokens), the adapter holds just those rows, and the
-    run dir, the adapter dir (PeftModel.from_pretrained on the grown base) and `tunelab merge` all read the same
-    model, which `tunelab generate` drives in ChatML."""
+    adapter dir (PeftModel.from_pretrained on the grown base) and `tunelab merge` give the same model, and
+    `tunelab generate` runs on the run dir."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.data.templates import JINJA
     from tunelab.model import grow_to_tokenizer
 
-    cfg = _config(tmp_path, plain_base, "chat", CHAT, train={"max_steps": 3, "lr": 3e-2},
+    cfg = _config(tmp_path, plain_base, "chat", CHAT, train={"max_steps": 2, "lr": 3e-2},
                   data={"padding_free": False})
     assert cli_main(["train", str(cfg)]) == 0, capsys.readouterr().err
     assert ("template: chatml (the tokenizer has no chat template and chat rows are conversations); added "
@@ -132,11 +138,13 @@ def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_
         torch.testing.assert_close(peft(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
     capsys.readouterr()
-    prompt = ["generate", "--prompt", "Say red.", "--max-new-tokens", "4"]
-    assert cli_main([prompt[0], str(tmp_path / "run-chat"), *prompt[1:]]) == 0
-    from_run = capsys.readouterr().out
-    assert cli_main([prompt[0], str(tmp_path / "merged"), *prompt[1:]]) == 0
-    assert capsys.readouterr().out == from_run
+    assert cli_main(["generate", str(tmp_path / "run-chat"), "--prompt", "Say red.", "--max-new-tokens", "4"]) == 0
+    # plain transformers generate on the merged model, prompted with the saved tokenizer's own chat template
+    prompt = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "Say red."}], tokenize=False,
+                                                     add_generation_prompt=True), return_tensors="pt").input_ids
+    out = merged.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                          eos_token_id=[tokenizer.eos_token_id, new[1]], pad_token_id=tokenizer.eos_token_id)
+    assert capsys.readouterr().out == tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip() + "\n"
 
 
 def test_added_tokens_train_padding_free(plain_base, tmp_path, capsys):
