@@ -212,3 +212,16 @@ def test_template_mistakes_are_one_line(plain_base, tmp_path, capsys):
         "error: data.template: llama3 writes <|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>, "
         "which this tokenizer does not have as tokens: it is for llama3 models (template: auto uses the tokenizer's "
         "own chat template, or chatml)"]
+
+
+@pytest.mark.parametrize("method", ["dpo", "reward"])
+def test_preference_rows_on_a_base_model_train_with_chatml_added(plain_base, tmp_path, capsys, method):
+    """DPO (the reference is the base with the adapter off: its new rows at their mean start) and a reward model
+    (a scalar head, no output embedding) train on preference rows with ChatML's tokens added."""
+    rows = [{"prompt": f"Say {w}.", "chosen": f"{w}!", "rejected": "no"} for w in WORDS]
+    cfg = _config(tmp_path, plain_base, "preference", rows, method=method)
+    assert cli_main(["train", str(cfg), "train.max_steps=1"]) == 0, capsys.readouterr().err
+    assert ("template: chatml (the tokenizer has no chat template and preference rows are conversations); added "
+            "<|im_start|> <|im_end|> as new tokens") in capsys.readouterr().out.splitlines()
+    assert sum("trainable_tokens" in k for k in _weights(tmp_path / "run-preference" / "final")) == \
+        {"dpo": 2, "reward": 1}[method]
