@@ -69,42 +69,42 @@ def cmd_merge(args) -> int:
 
 
 def _inference(args):
-    from tunelab.infer import Sampling
+    from tunelab.infer import Sampling, run_template
     from tunelab.model import load_pretrained, resolve_model_dir
 
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype)
-    template = args.template or _run_template(resolve_model_dir(args.model))
+    template = args.template or run_template(resolve_model_dir(args.model))
     s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, template=template)
     return model, tokenizer, s
 
 
-def _run_template(model_dir: Path) -> str:
-    """The template the model was trained with, when its run config is beside it."""
-    import yaml
+def _reply(args):
+    """How a turn is answered: by a local model, or by a `tunelab serve` endpoint when MODEL is its URL."""
+    from tunelab.remote import is_url, remote_reply
 
-    for cfg_path in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
-        if cfg_path.is_file():
-            data = yaml.safe_load(cfg_path.read_text()) or {}
-            if isinstance(data.get("data"), dict) and "template" in data["data"]:
-                return data["data"]["template"]
-    return "auto"
+    if is_url(args.model):
+        if args.template or args.dtype != "auto":
+            raise UserError("--template and --dtype apply to local models; a server uses each run's own template")
+        return remote_reply(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"))
+    from tunelab.infer import local_reply
+
+    return local_reply(*_inference(args))
 
 
 def cmd_generate(args) -> int:
-    from tunelab.infer import generate
-
-    model, tokenizer, s = _inference(args)
+    reply = _reply(args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    system = [{"role": "system", "content": args.system}] if args.system else []
     for prompt in prompts:
-        print(generate(model, tokenizer, prompt, s, system=args.system))
+        print(reply(system + [{"role": "user", "content": prompt}]))
     return 0
 
 
 def cmd_chat(args) -> int:
     from tunelab.infer import chat
 
-    model, tokenizer, s = _inference(args)
-    chat(model, tokenizer, s, system=args.system)
+    chat(_reply(args), system=args.system)
     return 0
 
 
@@ -155,13 +155,15 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run dir (uses its final/), an adapter dir, or a model dir")
+    p.add_argument("model", help="a run dir (uses its final/), an adapter dir, a model dir, or the URL of a model "
+                   "served by `tunelab serve`: http://HOST:PORT/endpoints/NAME")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--template", default=None, help="override the chat template (default: the run's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--api-key", default=None, help="a server URL's API key (default: $TUNELAB_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:

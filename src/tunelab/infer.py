@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,18 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     template: str = "auto"  # how a chat turn is rendered; "none" feeds the prompt as raw text
+
+
+def run_template(model_dir: Path) -> str:
+    """The template the model was trained with, when its run config is beside it."""
+    import yaml
+
+    for cfg_path in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
+        if cfg_path.is_file():
+            data = yaml.safe_load(cfg_path.read_text()) or {}
+            if isinstance(data.get("data"), dict) and "template" in data["data"]:
+                return data["data"]["template"]
+    return "auto"
 
 
 def prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
@@ -49,8 +63,16 @@ def generate(model, tokenizer, prompt: str, s: Sampling, system: str | None = No
     return decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, messages, s.template), s))
 
 
-def chat(model, tokenizer, s: Sampling, system: str | None = None, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    """A multi-turn session: the whole history goes through the template each turn."""
+def local_reply(model, tokenizer, s: Sampling) -> Callable[[list[dict]], str]:
+    """The reply function `chat` calls: the whole history through the template, decoded."""
+    return lambda history: decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, history,
+                                                                                            s.template), s))
+
+
+def chat(reply: Callable[[list[dict]], str], system: str | None = None, stdin=None, stdout=None) -> None:
+    """A multi-turn session kept here, on the client side: `reply(history)` answers the whole history each turn
+    (a local model, or a remote server through tunelab.remote)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history = [{"role": "system", "content": system}] if system else []
     interactive = stdin.isatty()
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits", file=stdout)
@@ -69,6 +91,6 @@ def chat(model, tokenizer, s: Sampling, system: str | None = None, stdin=sys.std
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        reply = decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, history, s.template), s))
-        history.append({"role": "assistant", "content": reply})
-        print(f"assistant> {reply}", file=stdout, flush=True)
+        answer = reply(history)
+        history.append({"role": "assistant", "content": answer})
+        print(f"assistant> {answer}", file=stdout, flush=True)
