@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,25 +20,6 @@ import torch
 from tiny import TINY_SHAPE, make_base_model, run_cli
 
 PROMPTS = ["Reverse the word: apple", "What is 12 + 30?", "Sort the letters: dcba"]
-
-
-@dataclass(frozen=True)
-class Ref:  # the shared interface's ModelRef
-    name: str
-    path: Path
-    created: int = 0
-    owned_by: str = "tunelab"
-
-
-class StubRegistry:
-    def __init__(self, models: dict[str, Path]):
-        self.refs = {name: Ref(name, path) for name, path in models.items()}
-
-    def resolve(self, name: str):
-        return self.refs.get(name.removeprefix("endpoints/"))
-
-    def list(self):
-        return list(self.refs.values())
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -93,29 +73,16 @@ class Server:
         self.thread.join(10)
 
 
-def make_app(models: dict[str, Path], max_loaded: int = 4):
-    from fastapi import FastAPI
-    from fastapi.exceptions import HTTPException
-    from fastapi.responses import JSONResponse
-
-    from tunelab.serve import openai_api
-    from tunelab.serve.engine import Engine
-
-    app = FastAPI()
-    app.include_router(openai_api.router)
-    app.state.registry = StubRegistry(models)
-    app.state.engine = Engine(max_loaded=max_loaded)
-
-    @app.exception_handler(HTTPException)
-    async def one_line(request, exc):
-        return JSONResponse({"error": {"message": exc.detail, "type": "invalid_request_error",
-                                       "code": exc.status_code}}, status_code=exc.status_code)
-    return app
+KEY = "serve-test-key"
 
 
 @pytest.fixture(scope="module")
-def server(models):
-    s = Server(make_app(models))
+def server(models, tmp_path_factory):
+    """`tunelab serve --model base=... --model a1=... --model a2=... --api-key KEY`'s app."""
+    from tunelab.serve.app import create_app
+    from tunelab.serve.settings import ServeSettings
+
+    s = Server(create_app(ServeSettings(home=tmp_path_factory.mktemp("home"), models=models, api_key=KEY)))
     yield s
     s.stop()
 
@@ -124,7 +91,7 @@ def server(models):
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
 
 
 def local_reference(path: Path, messages: list[dict], template: str | None = None, max_new_tokens: int = 24):
@@ -160,7 +127,7 @@ def test_chat_equals_tunelab_generate(models, client):
     assert cli.returncode == 0, cli.stderr
     answers = []
     for prompt in PROMPTS:
-        answer = chat(client, "endpoints/a2", prompt)
+        answer = chat(client, "a2", prompt)
         answers.append(answer.choices[0].message.content)
         streamed, finish = stream_text(chat(client, "a2", prompt, stream=True))
         assert streamed == answers[-1]
@@ -275,7 +242,7 @@ def test_bad_requests_get_one_line_errors(server):
         ({**good, "max_tokens": 100_000}, 400, "context"),
         ({**good, "stream": True, "max_tokens": 100_000}, 400, "context"),
     ]
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+    with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
         for body, status, needle in bad:
             r = http.post("/v1/chat/completions", json=body)
             assert r.status_code == status, (body, r.text)
@@ -287,6 +254,8 @@ def test_bad_requests_get_one_line_errors(server):
         assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
         r = http.get("/v1/models/endpoints/nope")
         assert r.status_code == 404
+        r = http.post("/v1/chat/completions", json=good, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
         ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
         assert ids == ["base", "a1", "a2"]
         assert http.post("/v1/chat/completions", json=good).status_code == 200  # still serving
@@ -301,7 +270,8 @@ def test_remote_generate_and_chat(models, server, capsys, monkeypatch):
     from tunelab.infer import Sampling, chat as local_chat, local_reply, run_template
     from tunelab.model import load_pretrained, resolve_model_dir
 
-    url = f"{server.url}/endpoints/a2"
+    url = f"{server.url}/a2"
+    monkeypatch.setenv("TUNELAB_API_KEY", KEY)
     assert main(["generate", url, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "24"]) == 0
     remote = capsys.readouterr().out
     model, tokenizer = load_pretrained(str(models["a2"]))
@@ -316,7 +286,13 @@ def test_remote_generate_and_chat(models, server, capsys, monkeypatch):
     assert main(["chat", url, "--system", "Be brief.", "--max-new-tokens", "24"]) == 0
     assert capsys.readouterr().out == local_out.getvalue()
 
-    assert main(["generate", f"{server.url}/endpoints/nope", "--prompt", "x"]) == 2
-    assert "HTTP 404" in capsys.readouterr().err
-    assert main(["generate", f"http://127.0.0.1:{free_port()}/endpoints/a2", "--prompt", "x"]) == 2
-    assert "cannot reach" in capsys.readouterr().err
+    for argv, error in [
+        (["generate", f"{server.url}/endpoints/nope", "--prompt", "x"], "HTTP 404"),
+        (["generate", url, "--prompt", "x", "--api-key", "wrong"], "HTTP 401: invalid API key"),
+        (["generate", url, "--prompt", "x", "--max-new-tokens", "-3"], "HTTP 400: max_tokens"),
+        (["generate", url, "--prompt", "x", "--template", "chatml"], "--template and --dtype apply to local"),
+        (["generate", f"http://127.0.0.1:{free_port()}/a2", "--prompt", "x"], "cannot reach the server"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert error in err and err.count("\n") == 1, err

@@ -6,7 +6,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import dashboard, errors, jobs_api
+from . import dashboard, errors, jobs_api, openai_api
+from .engine import Engine
 from .registry import Registry
 from .scheduler import Scheduler
 from .security import Guard
@@ -26,18 +27,20 @@ def create_app(settings: ServeSettings) -> FastAPI:
             yield
         finally:
             scheduler.stop()
+            app.state.engine.close()
 
     app = FastAPI(title="tunelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.store = store
     app.state.registry = Registry(settings, store)
     app.state.scheduler = scheduler
-    app.state.engine = None  # the model pool (serve/engine.py) sets this
+    app.state.engine = Engine(max_loaded=settings.max_loaded)
     # Paths served without the API key: no data behind them. Routers add theirs (an entry ending in '/' is a prefix).
     app.state.public_paths = {"/healthz"}
     app.add_middleware(Guard, settings=settings, public=app.state.public_paths)
     errors.install(app)
     app.include_router(jobs_api.router)
+    app.include_router(openai_api.router)
     app.state.public_paths |= dashboard.PUBLIC
     app.include_router(dashboard.router)
     return app
