@@ -12,4 +12,6 @@ It takes tuning jobs over HTTP, runs each as a `tunelab train` child process, ke
 - registry.py   names -> models (endpoints of finished jobs, --model base models)
 - security.py   API key, loopback default, paths inside the roots, body size limits
 - errors.py     every error as one JSON line: {"error": {"message", "type", "code"}}
+- engine.py     the model pool: lazy loading, LoRA adapters switched on one base, LRU, batched generation
+- openai_api.py the OpenAI-compatible /v1/models, /v1/chat/completions and /v1/completions routes
 """
