@@ -195,7 +195,7 @@ def test_concurrent_requests_over_two_adapters(models, server, client):
 
 def test_lru_one_resident_model(models, tmp_path):
     """--max-loaded 1: alternating two bases answers as each alone, with only one resident (each reloaded)."""
-    from tunelab.init import save_tiny_model
+    from tunelab.scratch import save_tiny_model
     from tunelab.model import load_tokenizer
     from tunelab.serve.engine import Engine, Request, target_of
 

@@ -80,7 +80,7 @@ def _inference(args):
 
 def _reply(args):
     """How a turn is answered: by a local model, or by a `tunelab serve` endpoint when MODEL is its URL."""
-    from tunelab.remote import is_url, remote_reply
+    from tunelab.serve.remote import is_url, remote_reply
 
     if is_url(args.model):
         if args.template or args.dtype != "auto":

@@ -71,7 +71,7 @@ def local_reply(model, tokenizer, s: Sampling) -> Callable[[list[dict]], str]:
 
 def chat(reply: Callable[[list[dict]], str], system: str | None = None, stdin=None, stdout=None) -> None:
     """A multi-turn session kept here, on the client side: `reply(history)` answers the whole history each turn
-    (a local model, or a remote server through tunelab.remote)."""
+    (a local model, or a remote server through tunelab.serve.remote)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history = [{"role": "system", "content": system}] if system else []
     interactive = stdin.isatty()

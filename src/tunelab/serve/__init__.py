@@ -14,4 +14,5 @@ It takes tuning jobs over HTTP, runs each as a `tunelab train` child process, ke
 - errors.py     every error as one JSON line: {"error": {"message", "type", "code"}}
 - engine.py     the model pool: lazy loading, LoRA adapters switched on one base, LRU, batched generation
 - openai_api.py the OpenAI-compatible /v1/models, /v1/chat/completions and /v1/completions routes
+- remote.py     the client side of those routes for `tunelab generate URL` / `tunelab chat URL` (stdlib only)
 """
