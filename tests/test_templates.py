@@ -1,5 +1,6 @@
 """Chat templates on a base model whose tokenizer has none (as Llama-2, Mistral-7B-v0.1 and the Llama-3 base models
-ship): the defaults must just work, through the real CLI.
+ship): the defaults must just work, through the CLI (tunelab.cli.main in this process: argv in, exit code and
+printed lines out; a subprocess per command would cost seconds of imports each).
 
 The base here is a tiny Llama with untied embeddings (like the big ones) and a Llama-style tokenizer: <s> added on
 encode, </s> EOS, no pad token, no chat template, no ChatML tokens.
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import TINY_SHAPE, config_dict, run_cli
+from tiny import TINY_SHAPE, config_dict
 
 from tunelab.cli import main as cli_main
 
@@ -159,16 +160,15 @@ def test_added_tokens_train_padding_free(plain_base, tmp_path, capsys):
     assert all(not torch.allclose(row, mean, atol=1e-4) for row in rows)
 
 
-def test_preprocess_json_shows_what_the_model_sees(plain_base, tmp_path):
-    """`tunelab preprocess --show N --json` (a real process): N lines, each the example's ids, labels and text,
-    the same as the library's rendering + tokenization; the loss on the reply and its end-of-turn token only."""
+def test_preprocess_json_shows_what_the_model_sees(plain_base, tmp_path, capsys):
+    """`tunelab preprocess --show N --json`: N lines, each the example's ids, labels and text, the same as the
+    library's rendering + tokenization; the loss on the reply and its end-of-turn token only."""
     from transformers import AutoTokenizer
 
     from tunelab.data import prepare_tokenizer, render, tokenize_example
 
-    result = run_cli("preprocess", str(_config(tmp_path, plain_base, "chat", CHAT)), "--show", "2", "--json")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    assert cli_main(["preprocess", str(_config(tmp_path, plain_base, "chat", CHAT)), "--show", "2", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     tokenizer = AutoTokenizer.from_pretrained(plain_base)
     prepare_tokenizer("auto", tokenizer, ["chat"])
