@@ -131,7 +131,7 @@ CASES = [
     ("unknown optimizer", lambda e: e.train(e.cfg(train={"optimizer": "adamw9"})), ["'train.optimizer'", "adamw9"]),
     ("unknown data format", lambda e: e.train(e.cfg(fmt="alpacca")), ["'data.train.0.format'", "alpacca"]),
     ("unknown template name", lambda e: e.train(e.cfg(data={"template": "chatmll"})),
-     ["unknown data.template 'chatmll'"]),
+     ["'data.template': unknown template 'chatmll'", "did you mean 'chatml'?"]),
     ("eval_fraction out of range", lambda e: e.train(e.cfg(data={"eval_fraction": 1.5})), ["'data.eval_fraction'"]),
     ("data.train not a list", lambda e: e.train({**e.cfg(), "data": {"train": "train.jsonl"}}), ["'data.train'"]),
     ("negative warmup", lambda e: e.train(e.cfg(train={"warmup_steps": -3})), ["'train.warmup_steps'"]),
