@@ -1,0 +1,36 @@
+"""`tunelab estimate`: parameters, peak memory and time per epoch of a run, before running it.
+
+Everything comes from the model's *config* (no weights are loaded) and accounting of what our loop
+keeps alive. The activation terms are counted tensor by tensor from what autograd saves in a Llama
+block under tunelab's setup (peft LoRA, bitsandbytes NF4, sdpa attention, autocast on GPUs) and were
+checked against allocator-measured peaks of real training steps on CPU (tests/test_estimate.py).
+
+Assumptions, also printed with every estimate:
+- Params stay in their load dtype (model.dtype auto: bf16 on GPUs, fp32 on CPU); AdamW keeps two
+  moments in the param dtype (torch's zeros_like), so there is no fp32 master copy: full FT in bf16 is
+  2 + 2 + 4 = 8 bytes/param, in fp32 16. adamw_8bit / paged_adamw_8bit: 2 bytes/param of state.
+- LoRA adapters are fp32 (peft upcasts them); QLoRA: linear layers NF4, and peft's
+  prepare_model_for_kbit_training makes everything else fp32 (embeddings, lm_head, norms), so the
+  residual stream and MLP activations are fp32 too.
+- Micro-batches are full: micro_batch_size x max_length tokens (packing, or long rows).
+- Attention uses a flash / memory-efficient sdpa kernel: no seq^2 memory term.
+- GPUs: fused AdamW (no temporaries), a bool dropout mask, + 1 GiB CUDA context/workspaces and 5 %
+  allocator slack. CPU: foreach AdamW (one param-sized temporary), dropout keeps a float noise tensor.
+
+The pieces: shapes (a model's shape from its config), devices (datasheet GPUs, the measured CPU), counting
+(parameters, FLOPs, memory by component: the model of what a step keeps alive), tokens (tokens per epoch from
+the data files), planner (the estimate of a run, and the switches that make it fit), report (the printout).
+"""
+
+from .counting import CE_CHUNK, NF4_BITS, NF4_DQ_BITS, flops_per_token, lora_params, lora_targets, memory_breakdown
+from .devices import DEVICES, GIB, Device, get_device
+from .planner import Estimate, estimate, switches
+from .report import format_estimate
+from .shapes import KNOWN_SHAPES, ModelShape, model_shape, shape_from_hf_config
+from .tokens import count_tokens
+
+__all__ = [
+    "CE_CHUNK", "DEVICES", "GIB", "KNOWN_SHAPES", "NF4_BITS", "NF4_DQ_BITS", "Device", "Estimate", "ModelShape",
+    "count_tokens", "estimate", "flops_per_token", "format_estimate", "get_device", "lora_params", "lora_targets",
+    "memory_breakdown", "model_shape", "shape_from_hf_config", "switches",
+]

@@ -1,0 +1,241 @@
+"""The counting model: trainable parameters, FLOPs per token and the peak memory of one training step, by
+component, counted tensor by tensor from what tunelab's loop and autograd keep alive (see the package doc)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.config import Config, UserError
+
+from .devices import Device
+from .shapes import ModelShape
+
+# Rows of logits the SFT loss computes at once (mirrors tunelab.objectives.sft.CE_CHUNK; a test checks).
+CE_CHUNK = 2048
+
+# bits per parameter of bitsandbytes 4-bit weights: 4-bit codes + one absmax per block of 64 weights,
+# fp32 (32/64 bit), or with double quantization 8-bit absmax + one fp32 constant per 256 of those.
+NF4_BITS = 4 + 32 / 64
+NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+def lora_targets(shape: ModelShape, target_modules) -> list[str]:
+    """Leaf names of the block's linear layers that get an adapter ("all-linear": all but lm_head, as peft)."""
+    names = list(shape.linears())
+    if target_modules == "all-linear":
+        return names
+    chosen = [n for n in names if n in set(target_modules)]
+    if not chosen:
+        raise UserError(f"adapter.target_modules {target_modules}: none matches this model's linear layers "
+                        f"({', '.join(names)})")
+    return chosen
+
+
+def lora_params(shape: ModelShape, targets: list[str], r: int, dora: bool = False) -> int:
+    """Adapter parameters, counted as peft does: A is r x in, B is out x r (DoRA adds a magnitude per output)."""
+    per_layer = sum(r * (a + b) + (b if dora else 0) for n, (a, b) in shape.linears().items() if n in targets)
+    return shape.layers * per_layer
+
+
+def flops_per_token(shape: ModelShape, seq: int, train_base: bool, adapter_params: int = 0,
+                    checkpointing: bool = False) -> float:
+    """Training FLOPs per token: 6N with a trainable base, 4N frozen (no weight gradients), plus attention.
+
+    N counts the matmul weights: the blocks' linear layers and the output head (also when tied: the head
+    matmul still runs). Attention adds 6·layers·seq·d per token (Kaplan et al.). Checkpointing
+    recomputes the blocks' forward: +2N (blocks only) and +2·layers·seq·d.
+    """
+    n_blocks, head = shape.linear_params, shape.vocab * shape.hidden
+    attn = 2 * shape.layers * seq * shape.q_dim  # forward
+    flops = (6 if train_base else 4) * (n_blocks + head) + 6 * adapter_params + 3 * attn
+    if checkpointing:
+        flops += 2 * n_blocks + attn
+    return flops
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The few facts about a run that decide what autograd keeps alive."""
+
+    mode: str  # full | lora | qlora
+    act: int  # bytes of matmul outputs: 2 under bf16/fp16, else 4
+    autocast: bool  # 16-bit compute over fp32 adapters / fp32 QLoRA activations
+    targets: tuple[str, ...] = ()
+    r: int = 0
+    dropout: bool = False
+    cuda: bool = True
+
+
+def _mask_bytes(plan: Plan, dropped: int) -> int:
+    # CUDA's fused dropout keeps a bool mask; the CPU path multiplies by a noise tensor of the input's dtype.
+    return 1 if plan.cuda else dropped
+
+
+def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
+    """Bytes one transformer block keeps for its backward pass, per token.
+
+    Counted from what autograd saves in transformers' Llama block; within 1-2 % of the CPU measurements.
+    """
+    h, q, kv, i = s.hidden, s.q_dim, s.kv_dim, s.intermediate
+    a, full, quant = p.act, p.mode == "full", p.mode == "qlora"
+    x = 4 if quant else a  # the residual stream and 4-bit layer outputs are fp32 in QLoRA (see module doc)
+    n = 0
+    # Two RMSNorms: each keeps its input upcast to fp32; the normalised value only when its gain trains;
+    # its output only when the linear layers after it train (LoRA keeps its own copy, below).
+    n += 2 * (4 * h + (2 * a * h if full else 0))
+    # Attention: sdpa keeps q, k, v and its output (which is also o_proj's input).
+    n += a * (2 * q + 2 * kv)
+    # MLP: SwiGLU keeps gate, act(gate) and up; down_proj's input (their product) only if it trains.
+    # A plain MLP keeps up and, if down trains, act(up).
+    mlp_kept = 3 if s.gated_mlp else 1
+    n += x * i * (mlp_kept + (1 if full else 0))
+    if full:
+        return n
+    # LoRA: lora_A keeps its (dropped-out) input, lora_B keeps lora_A's r-wide output.
+    inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
+    in_bytes = {"attn_in": x, "attn_out": a, "mlp_in": x, "mlp_mid": x}
+    shared = set()
+    for name in p.targets:
+        width, src = s.linears()[name][0], inputs[name]
+        if p.autocast:
+            # fp32 adapters under autocast: peft casts x to fp32 first (its 4-bit layer skips that under
+            # CUDA autocast); autocast then gives lora_A a 16-bit copy of an fp32 input, which it keeps.
+            dropped = in_bytes[src] if quant and p.cuda else 4
+            copies = dropped == 4
+            kept = 2
+        else:
+            dropped, copies, kept = 4, False, 4
+        if p.dropout:
+            n += width * (_mask_bytes(p, dropped) + kept)
+        elif copies:
+            n += width * kept
+        else:
+            shared.add(src)  # lora_A keeps the layer's own input, one tensor for q, k and v
+        n += p.r * kept
+    width = {"attn_in": h, "mlp_in": h, "mlp_mid": i}
+    n += sum(width[src] * in_bytes[src] for src in shared if src != "attn_out")  # sdpa keeps attn_out already
+    return n
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _dtypes(cfg: Config, dev: Device) -> tuple[str, str]:
+    """(weight dtype, compute dtype) as tunelab resolves them (model.resolve_dtype, precision.precision_context)."""
+    weights = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if dev.cuda else "float32")
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if dev.cuda else "fp32")
+    compute = {"bf16": "bfloat16", "fp16": "float16", "fp32": weights}[precision]
+    return weights, compute
+
+
+@dataclass
+class Memory:
+    parts: dict[str, float]  # bytes by component
+    labels: dict[str, str]  # a short note per component
+    peak: float  # bytes of tensors at the peak moment of a step
+    rule: str  # how the parts combine into the peak
+    params: int  # base + adapter
+    trainable: int
+    plan: Plan
+
+
+def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = True) -> Memory:
+    """Peak tensor memory of one training step of `cfg`, by component."""
+    tc, ac = cfg.train, cfg.adapter
+    mode = "qlora" if cfg.model.quantize else ("lora" if ac is not None else "full")
+    weights_dtype, compute_dtype = _dtypes(cfg, dev)
+    wb, cb = DTYPE_BYTES[weights_dtype], DTYPE_BYTES[compute_dtype]
+    a = min(wb, cb)  # 16-bit weights or 16-bit autocast: matmul outputs are 16-bit
+    seqs = tc.micro_batch_size * (2 if cfg.method == "dpo" else 1)  # DPO runs chosen and rejected together
+    T = seqs * cfg.data.max_length
+    head_out = 1 if cfg.method == "reward" else shape.vocab  # reward models end in a scalar head
+    rest = shape.params - shape.linear_params  # embeddings, head, norms: never quantized
+    mem, labels = {}, {}
+
+    # -- weights, adapter, trainable count
+    if mode == "qlora":
+        bits = NF4_DQ_BITS if cfg.model.double_quant else NF4_BITS
+        mem["weights"] = shape.linear_params * bits / 8 + rest * 4
+        labels["weights"] = f"{cfg.model.quantize.upper()} {bits:.3f} bit/param; embeddings, head, norms fp32"
+    else:
+        mem["weights"] = shape.params * wb
+        labels["weights"] = weights_dtype
+    trainable, adapter = shape.params, 0
+    if ac is not None:
+        targets = lora_targets(shape, ac.target_modules)
+        adapter = lora_params(shape, targets, ac.r, ac.dora)
+        extra = sum(shape.vocab * shape.hidden for m in ac.modules_to_save if m in ("lm_head", "embed_tokens"))
+        trainable = adapter + extra
+        mem["adapter"] = adapter * 4 + extra * wb  # modules_to_save are trainable copies
+        labels["adapter"] = f"LoRA r={ac.r} on {len(targets)}/{len(shape.linears())} linears per layer, fp32"
+    mem["gradients"] = adapter * 4 + (trainable - adapter) * wb
+    labels["gradients"] = "trainable params only"
+
+    # -- optimizer
+    if tc.optimizer == "adamw":
+        mem["optimizer"] = 2 * mem["gradients"]  # exp_avg, exp_avg_sq in each param's dtype
+        labels["optimizer"] = "AdamW, 2 moments in the param dtype"
+    else:
+        mem["optimizer"] = 2 * trainable
+        labels["optimizer"] = "8-bit AdamW, 2 bytes/param" + (" (pageable to CPU RAM)" if "paged" in tc.optimizer else "")
+    # CPU: foreach AdamW makes one param-sized temporary (sqrt of exp_avg_sq); GPU: fused, none.
+    step_temp = 0 if dev.cuda or tc.optimizer != "adamw" else mem["gradients"]
+
+    # -- activations
+    plan = Plan(mode, a, autocast=cb == 2, cuda=dev.cuda,
+                targets=tuple(targets) if ac is not None else (), r=ac.r if ac else 0,
+                dropout=bool(ac and ac.dropout > 0))
+    per_layer = layer_activation_bytes(shape, plan)
+    x = 4 if mode == "qlora" else a
+    # The final norm keeps its fp32 input, and in full FT its normalised value and (for the head) its output.
+    final_norm = 4 * shape.hidden + ((1 if chunked_ce else 2) * a * shape.hidden if mode == "full" else 0)
+    # Autocast keeps 16-bit copies of fp32 weights it multiplies by: the adapters, and in QLoRA the fp32 head.
+    cast_copies = 2 * adapter if plan.autocast and ac is not None else 0
+    head_copy = 2 * head_out * shape.hidden if plan.autocast and mode == "qlora" else 0
+    if tc.gradient_checkpointing:
+        # Each block keeps only its input; one block at a time is recomputed in the backward pass.
+        kept = T * (shape.layers * x * shape.hidden + final_norm) + head_copy
+        recompute = T * per_layer + cast_copies / shape.layers
+        labels["activations"] = f"checkpointed: the inputs of {shape.layers} blocks"
+    else:
+        kept = T * (shape.layers * per_layer + final_norm) + cast_copies + head_copy
+        recompute = 0
+        labels["activations"] = f"{shape.layers} blocks x {per_layer / shape.hidden:.1f} bytes x hidden per token"
+    # -- logits: the fp32 log-softmax kept for backward, then two fp32 gradients of it at once = 12 bytes per
+    # logit, over the whole micro-batch, or one chunk of label positions (tunelab's SFT loss recomputes them).
+    ce_tokens = min(T, CE_CHUNK) if chunked_ce else T
+    logits = 12 * head_out * ce_tokens
+    if chunked_ce:
+        kept += T * x * shape.hidden  # the hidden states at label positions, input of the chunks
+    labels["logits"] = f"chunked CE: {ce_tokens} positions at a time" if chunked_ce else f"whole micro-batch ({T} positions)"
+    mem["activations"] = kept
+    mem["logits"] = logits
+    if tc.gradient_checkpointing:
+        mem["recompute"] = recompute
+        labels["recompute"] = "one block's activations, rebuilt during the backward pass"
+    mem["other"] = 0
+    if mode == "qlora":
+        # One 4-bit layer at a time is dequantized to the compute dtype (again in the backward pass).
+        mem["other"] = max(i * o for i, o in shape.linears().values()) * cb
+        labels["other"] = "one dequantized 4-bit layer"
+    if step_temp:
+        mem["step temp"] = step_temp
+        labels["step temp"] = "foreach AdamW temporary, during optimizer.step()"
+
+    # -- the peak. Gradients and activations coincide only once gradients outlive a step's first micro-batch
+    # (grad_accum > 1): otherwise the backward pass creates gradients as it frees activations.
+    static = mem["weights"] + mem.get("adapter", 0) + mem["optimizer"]
+    # With checkpointing the loss backward and the blocks' recomputation happen one after the other.
+    transient = max(mem["logits"], mem.get("recompute", 0))
+    forward_backward = mem["activations"] + transient + mem["other"]
+    fb_rule = "activations + " + ("max(logits, recompute)" if "recompute" in mem else "logits") + \
+        (" + other" if mem["other"] else "")
+    rule = "weights" + (" + adapter" if "adapter" in mem else "") + " + optimizer"
+    if tc.grad_accum > 1:
+        peak = static + mem["gradients"] + max(forward_backward, step_temp)
+        rule += f" + gradients + max({fb_rule}, step temp)" if step_temp else f" + gradients + {fb_rule}"
+    else:
+        peak = static + max(forward_backward, mem["gradients"] + step_temp)
+        rule += f" + max({fb_rule}, gradients" + (" + step temp)" if step_temp else ")")
+    return Memory(mem, labels, peak, rule, shape.params + (adapter if ac is not None else 0), trainable, plan)
