@@ -201,7 +201,7 @@ class Trainer:
         units = self.dist.sum(units, self.device)
         out = {f"eval_{k}": self.dist.sum(v, self.device) / max(units, 1) for k, v in metric_sums.items()}
         out["eval_loss"] = self.dist.sum(loss_sum, self.device) / max(units, 1)
-        if self.cfg.method in ("sft", "pretrain", "distill"):
+        if self.objective.perplexity:
             out["eval_perplexity"] = math.exp(min(out.get("eval_ce", out["eval_loss"]), 50.0))  # distill: CE part
         return out
 

@@ -20,6 +20,7 @@ class Objective:
     """
 
     model_kind = "causal_lm"  # which transformers Auto class loads the model
+    perplexity = False  # evaluation also reports exp(eval CE): the loss is a next-token cross-entropy
 
     def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg

@@ -223,6 +223,7 @@ class TextBlocks(Objective):
 
 class Pretrain(TextBlocks):
     model_kind = "causal_lm"
+    perplexity = True
 
     def wrap_ids(self):
         tok = self.tokenizer

@@ -116,6 +116,8 @@ def split_eval(cfg: Config, train_rows: list, eval_rows: list) -> tuple[list, li
 
 
 class SFT(Objective):
+    perplexity = True
+
     def __init__(self, cfg: Config, tokenizer):
         super().__init__(cfg, tokenizer)
         self.stats: dict = {}
