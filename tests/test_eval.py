@@ -79,7 +79,7 @@ def test_generation_scores_match_hand_computed(models, items, tmp_path):
     """Half the rows' answers are the model's own greedy reply (computed one prompt at a time), the other half a
     reply it did not give: exact match is known exactly, per family too, and the batched left-padded generation
     must reproduce every unbatched reply."""
-    from tunelab.evaluate import evaluate, eval_rows
+    from tunelab.evaluation import evaluate, eval_rows
 
     model, tokenizer = _load(models[0])
     rows, expected = [], {}
@@ -119,7 +119,7 @@ def test_generation_scores_match_hand_computed(models, items, tmp_path):
 
 
 def test_perplexity_and_preference_match_hand_computed(models, items, tmp_path):
-    from tunelab.evaluate import evaluate, eval_rows
+    from tunelab.evaluation import evaluate, eval_rows
 
     model, tokenizer = _load(models[0])
     reference, _ = _load(models[1])
@@ -194,7 +194,7 @@ def test_bad_scorer_gives_a_clear_error(models, items, tmp_path, spec, fragment)
         result = run_cli("eval", str(path), "--model", str(models[0]))
         assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
         return
-    from tunelab.evaluate import load_scorer
+    from tunelab.evaluation import load_scorer
 
     with pytest.raises(UserError, match="eval.scorer") as e:
         load_scorer(spec)
@@ -202,7 +202,7 @@ def test_bad_scorer_gives_a_clear_error(models, items, tmp_path, spec, fragment)
 
 
 def test_no_eval_data_is_a_clear_error(models, tmp_path):
-    from tunelab.evaluate import eval_rows
+    from tunelab.evaluation import eval_rows
 
     data = tasks.write_jsonl([tasks.to_alpaca(i) for i in tasks.make_items(4, 0)], tmp_path / "a.jsonl")
     cfg = load_config(data={"model": {"path": str(models[0])}, "data": {"train": [{"path": str(data), "format": "alpaca"}]}})

@@ -1,12 +1,28 @@
-"""tunelab: fine-tune language models from one YAML file."""
+"""tunelab: fine-tune language models from one YAML file.
+
+`import tunelab` stays light (no torch): every name below is imported on first use.
+
+    from tunelab import train, load_config, evaluate, merge, generate, UserError   # the Python API (tunelab.api)
+    import tunelab; tunelab.init(url=...); tunelab.GenerativeModel(...)             # the tuning service's client
+"""
 
 import importlib
 
 __version__ = "0.1.0"
 
-# Loaded on first use, so `import tunelab` stays light: the tuning service's client (`tunelab.init(url=...)`).
-_LAZY = {"init": "tunelab.client", "GenerativeModel": "tunelab.client", "TuningJob": "tunelab.client",
-         "ServiceError": "tunelab.client"}
+# name -> the module that defines it, loaded on first use.
+_LAZY = {
+    "train": "tunelab.api",
+    "load_config": "tunelab.api",
+    "evaluate": "tunelab.api",
+    "merge": "tunelab.api",
+    "generate": "tunelab.api",
+    "UserError": "tunelab.config",
+    "init": "tunelab.client",
+    "GenerativeModel": "tunelab.client",
+    "TuningJob": "tunelab.client",
+    "ServiceError": "tunelab.client",
+}
 
 
 def __getattr__(name: str):

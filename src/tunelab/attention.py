@@ -32,18 +32,46 @@ def padding_free_attention(module, query, key, value, attention_mask, dropout: f
         raise ValueError("padding-free batches are one row of documents end to end")
     global bounded_calls
     bounded_calls += 1
+    window = kwargs.get("sliding_window")  # Mistral, Gemma, Qwen: local layers see the last `window` tokens only
     outputs = []
     for start, end in zip(bounds, bounds[1:]):
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                        None, dropout=dropout, scaling=scaling, is_causal=True)
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if window and end - start > window:
+            out, _ = sdpa_attention_forward(module, q, k, v, _band(end - start, window, query.device), dropout=dropout,
+                                            scaling=scaling, is_causal=False)
+        else:
+            out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
+
+
+def _band(length: int, window: int, device) -> torch.Tensor:
+    """[1, 1, L, L] bool: query i sees keys j with 0 <= i - j < window (transformers' sliding-window overlay)."""
+    i = torch.arange(length, device=device)
+    distance = i[:, None] - i[None, :]
+    return ((distance >= 0) & (distance < window))[None, None]
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this model cannot run padding-free (None when it can): per-document SDPA has no attention soft-capping."""
+    config = model.config  # a PEFT model forwards .config to its base model
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "attn_logit_softcapping", None):
+        return (f"{config.model_type} soft-caps its attention scores (attn_logit_softcapping), which SDPA per "
+                "document cannot do")
+    return None
 
 
 def use_padding_free_attention(model) -> None:
     """Switch a transformers model (PEFT-wrapped or not) to padding-free attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from tunelab.config import UserError
+
+    reason = unsupported_reason(model)
+    if reason:
+        raise UserError(f"data.padding_free: {reason}; use data.packing or train.group_by_length")
 
     def mask(*args, attention_mask=None, **kwargs):
         # Padded batches get SDPA's mask; without a padding mask none is built (a padding-free row needs none, and

@@ -51,12 +51,25 @@ def cmd_preprocess(args) -> int:
 def cmd_modules(args) -> int:
     from tunelab.model import linear_module_names, load_pretrained
 
+    from tunelab.moe import all_linear_targets, expert_parameters, leaf, router_modules
+
     model, _ = load_pretrained(args.model)
-    names = sorted(linear_module_names(model))
+    names = linear_module_names(model)
+    experts, routers = expert_parameters(model), router_modules(model)
     print("linear layers a LoRA adapter can target (adapter.target_modules):")
-    for name in names:
+    for name in sorted(names):
         print(f"  {name}")
-    print("all-linear = all of the above (the output head is left out)")
+    if not experts:
+        print("all-linear = all of the above (the output head is left out)")
+        return 0
+    print("expert weights (fused [experts, out, in] parameters; LoRA per expert, without dropout):")
+    for name in sorted({leaf(n, 2) for n in experts}):
+        print(f"  {name}")
+    print("routers (frozen unless named, e.g. adapter.modules_to_save: [gate] trains them fully):")
+    for name in sorted({leaf(n) for n in routers}):
+        print(f"  {name}")
+    modules, params = all_linear_targets(model, names)
+    print(f"all-linear = {', '.join(modules + params)} (the output head and the routers are left out)")
     return 0
 
 
@@ -118,7 +131,7 @@ def cmd_estimate(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = _config(args)
-    from tunelab.evaluate import run_eval
+    from tunelab.evaluation import run_eval
 
     run_eval(cfg, model_path=args.model, out=args.out)
     return 0

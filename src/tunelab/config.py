@@ -144,6 +144,9 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    # MoE models: weight of the router load-balancing loss (Switch Transformer); null = the model config's
+    # router_aux_loss_coef. Logged as router_aux_loss.
+    router_aux_loss_coef: float | None = Field(None, ge=0)
     # Batch rows of similar length (sorted within windows of the seeded order, batches then shuffled): little
     # padding without packing's cross-document attention mask. See data.order.epoch_order.
     group_by_length: bool = False

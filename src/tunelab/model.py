@@ -159,23 +159,45 @@ def attach_adapter(model, ac: AdapterConfig, *, quantized: bool, gradient_checkp
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     task_type = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "masked_lm": None}[kind]
+    targets, expert_params, dropout = adapter_targets(model, ac)
     lora = LoraConfig(
         r=ac.r,
         lora_alpha=ac.alpha,
-        lora_dropout=ac.dropout,
-        target_modules=ac.target_modules,
+        lora_dropout=dropout,
+        target_modules=targets,
+        target_parameters=expert_params or None,
         bias=ac.bias,
         modules_to_save=ac.modules_to_save or None,
         use_rslora=ac.rslora,
         use_dora=ac.dora,
         task_type=task_type,
         trainable_token_indices=_token_layers(model, new_token_ids) if new_token_ids else None,
+        fan_in_fan_out=uses_conv1d(model),
     )
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as e:
         names = ", ".join(sorted(linear_module_names(model))[:20])
         raise UserError(f"adapter.target_modules: {e} (linear layers in this model: {names})") from None
+    if dropout != ac.dropout:
+        from tunelab.moe import split_dropout
+
+        split_dropout(peft_model, ac.dropout)
+        print(f"adapter: LoRA on the fused expert weights ({', '.join(expert_params)}) runs without dropout (PEFT "
+              f"cannot apply dropout there); the linear layers use adapter.dropout {ac.dropout}")
+    return peft_model
+
+
+def adapter_targets(model, ac: AdapterConfig) -> tuple:
+    """(target_modules, target_parameters, lora_dropout) for PEFT. On a MoE model `all-linear` means every linear layer
+    but the output head and the routers, plus the fused expert weights (tunelab.moe); elsewhere PEFT resolves it.
+    LoRA on expert weights cannot take dropout, so the adapter is created with 0 and the rest gets it back."""
+    from tunelab.moe import all_linear_targets, is_moe
+
+    if ac.target_modules != "all-linear" or not is_moe(model):
+        return ac.target_modules, [], ac.dropout
+    modules, params = all_linear_targets(model, linear_module_names(model))
+    return modules, params, 0.0 if params else ac.dropout
 
 
 def _token_layers(model, token_ids: list[int]) -> dict[str, list[int]]:
@@ -286,10 +308,15 @@ def linear_module_names(model) -> set[str]:
     names = set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
-        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")
         if is_linear and module is not out:
             names.add(name.rsplit(".", 1)[-1])
     return names
+
+
+def uses_conv1d(model) -> bool:
+    """GPT-2 style models store their projections as transformers' Conv1D ([in, out] weights): LoRA must transpose."""
+    return any(type(m).__name__ == "Conv1D" for m in model.modules())
 
 
 def unwrap(model):

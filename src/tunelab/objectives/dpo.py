@@ -90,6 +90,10 @@ class DPO(PreferenceObjective):
         return self.dc.loss != "simpo"
 
     def setup(self, model):
+        from tunelab.model import unwrap
+        from tunelab.moe import RouterLoss
+
+        self.router = RouterLoss.for_model(unwrap(model), self.cfg.train.router_aux_loss_coef)
         if not self.needs_reference:
             return
         if self.dc.precompute_reference:
@@ -125,7 +129,9 @@ class DPO(PreferenceObjective):
 
     def loss(self, model, batch):
         n = int(batch["num_pairs"])
-        logps, counts = response_logprobs(model, batch)
+        router = getattr(self, "router", None)
+        with router.record() if router else contextlib.nullcontext():
+            logps, counts = response_logprobs(model, batch)
         ref_c = ref_r = None
         if self.needs_reference:
             if "ref_chosen" in batch:
@@ -149,4 +155,8 @@ class DPO(PreferenceObjective):
             "logps/chosen": logps[:n].detach().sum(),
             "logps/rejected": logps[n:].detach().sum(),
         }
+        if router:
+            from tunelab.objectives.sft import add_router_loss
+
+            return add_router_loss(router, losses.sum(), n, batch, metrics)
         return losses.sum(), metrics

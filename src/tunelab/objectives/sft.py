@@ -18,9 +18,25 @@ from tunelab.objectives.losses import chunked_cross_entropy
 CE_CHUNK = 2048
 
 
+class SoftcappedHead(nn.Module):
+    """Gemma 2 and 3 squash their logits as cap * tanh(logits / cap) (`final_logit_softcapping`) after the LM head.
+    Objectives that run the head themselves must do the same, or they train a different model from the one that
+    generates."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        super().__init__()
+        self.head, self.cap = head, cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(hidden) / self.cap) * self.cap
+
+
 def decoder_and_head(model):
+    """(the decoder that gives the last hidden states, the function from them to the logits the model outputs)."""
     hf = unwrap(model)
-    return hf.base_model, hf.get_output_embeddings()
+    head = hf.get_output_embeddings()
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    return hf.base_model, SoftcappedHead(head, cap) if cap else head
 
 
 def attention_mask_for(model, mask):
@@ -95,6 +111,14 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             total = total + _chunk_ce(head, hc, yc)
     return total, keep.sum()
+
+
+def add_router_loss(router, total, units, batch, metrics):
+    """MoE: the router load-balancing loss of the recorded forward, weighted by this micro-batch's units (see
+    moe.RouterLoss for why), added to the summed loss and logged as router_aux_loss."""
+    aux = router.loss(batch.get("attention_mask"))
+    metrics["router_aux_loss"] = aux.detach() * units
+    return total + router.coef * aux * units, metrics
 
 
 def load_sources(sources: list[DataSource], skip_bad_rows: bool):
@@ -180,9 +204,19 @@ class SFT(Objective):
             return collate_padding_free(items)
         return collate(items, self.tokenizer.pad_token_id)
 
+    def setup(self, model):
+        from tunelab.moe import RouterLoss
+
+        self.router = RouterLoss.for_model(unwrap(model), self.cfg.train.router_aux_loss_coef)
+
     def loss(self, model, batch):
-        total, n = causal_lm_loss(model, batch)
-        return total, {"loss": total.detach()}
+        router = getattr(self, "router", None)
+        if router is None:
+            total, n = causal_lm_loss(model, batch)
+            return total, {"loss": total.detach()}
+        with router.record():
+            total, n = causal_lm_loss(model, batch)
+        return add_router_loss(router, total, n, batch, {"loss": total.detach()})
 
     def log_stats(self):
         return self.stats

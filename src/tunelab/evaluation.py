@@ -404,3 +404,4 @@ def format_table(report: dict) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     head = f"eval of {report['model']} ({report['params']:,} parameters, {report['rows']} rows, {report['seconds']:.1f}s)"
     return "\n".join([head, *text])
+
