@@ -254,26 +254,25 @@ def test_matrix(family, mode, data, preference_data, tmp_path, tmp_path_factory)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(DECODERS))
-def test_generate_matches_plain_transformers(family, data, tmp_path, tmp_path_factory):
-    """`tunelab.generate` on a merged model gives plain transformers' greedy continuation."""
+def test_generate_matches_plain_transformers(family, data, tmp_path_factory):
+    """`tunelab.generate` gives plain transformers' greedy continuation of the same prompt ids."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab import generate, merge
+    from tunelab import generate
     from tunelab.infer import prompt_ids
     from tunelab.model import load_tokenizer
 
     base = model_dir(family, data, tmp_path_factory)
-    train_quietly(arch_config(base, data, tmp_path / "run", adapter={}))
-    merged = merge(tmp_path / "run", tmp_path / "merged", dtype="float32")
-    reply = generate(tmp_path / "run", "Reverse the word: apple", max_new_tokens=8, dtype="float32")
-    tokenizer = load_tokenizer(str(merged))
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": "Reverse the word: apple"}], "alpaca")
-    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    prompt = "Reverse the word: apple"
+    reply = generate(base, prompt, max_new_tokens=8, template="alpaca", dtype="float32")
+    tokenizer = load_tokenizer(str(base))
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}], "alpaca")
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-    assert reply.strip() == expected.strip()
+    assert expected.strip() and reply.strip() == expected.strip()
 
 
 @pytest.mark.slow
