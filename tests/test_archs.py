@@ -42,11 +42,11 @@ def model_dir(family: str, data, tmp_path_factory, kind: str | None = None):
     return _MODELS[key]
 
 
-def arch_config(base, data, out, **sections) -> dict:
+def arch_config(base, data_path, out, **sections) -> dict:
     # Templates: the tokenizers have no chat template; alpaca needs no new tokens (an adapter cannot train them).
     sections["data"] = {"template": "alpaca", "max_length": 160, **sections.get("data", {})}
     sections["train"] = {"max_steps": 2, "micro_batch_size": 2, "lr": 2e-2, **sections.get("train", {})}
-    return config_dict(base, data, out, **sections)
+    return config_dict(base, data_path, out, **sections)
 
 
 def train_quietly(cfg: dict):
