@@ -26,10 +26,10 @@ def setup(tmp_path_factory):
 
 
 def test_import_is_light_and_names_resolve():
-    code = ("import sys, tunelab; from tunelab import train, load_config, merge, generate, UserError; "
-            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules), callable(tunelab.evaluate))")
+    code = ("import sys, tunelab; from tunelab import train, load_config, evaluate, merge, generate, UserError; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules), callable(evaluate))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[] True"  # evaluate is the module tunelab.evaluate (torch), callable
+    assert out.strip() == "[] True"
     with pytest.raises(AttributeError):
         tunelab.no_such_name
 
