@@ -118,8 +118,8 @@ function drawStats(stats, job) {
     stat('Best eval loss', number(best.eval_loss)),
     stat('Method', job.method || '—'),
     stat('Base model', h('span', { class: 'truncate', title: job.source_model || '' }, job.source_model || '—')),
-    stat('Training data', job.train_dataset || '—'),
-    stat('Validation data', job.validation_dataset || '—'),
+    stat('Training data', h('span', { class: 'mono small' }, job.train_dataset || '—')),
+    stat('Validation data', h('span', { class: 'mono small' }, job.validation_dataset || '—')),
     stat('Created', when(job.create_time)),
     stat('Attempt', job.attempt ?? '—'));
 }

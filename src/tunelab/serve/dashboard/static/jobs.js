@@ -5,6 +5,7 @@ import { sparkline } from './charts.js';
 import { TERMINAL, duration, emptyState, errorBox, h, jobId, progressBar, shortState, stateBadge, when } from './dom.js';
 
 const REFRESH_MS = 3000;
+const PAGE_SIZE = 200; // the newest jobs; older ones stay reachable through the API and their pages
 const STATES = ['', 'PENDING', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLING', 'CANCELLED'];
 const finishedLosses = new Map(); // a finished job's curve never changes: fetch it once
 
@@ -31,7 +32,8 @@ function row(job) {
     h('td', { 'data-label': 'Progress' }, progressBar(progress)),
     h('td', { 'data-label': 'ETA' }, eta),
     spark,
-    h('td', { 'data-label': 'Base model', class: 'truncate', title: job.source_model || '' }, job.source_model || '—'),
+    h('td', { 'data-label': 'Base model' },
+      h('span', { class: 'truncate', title: job.source_model || '' }, job.source_model || '—')),
     h('td', { 'data-label': 'Created' }, when(job.create_time)));
 }
 
@@ -50,8 +52,8 @@ export async function render(main) {
   async function refresh() {
     clearTimeout(timer);
     try {
-      const query = filter.value ? `?state=${filter.value}` : '';
-      const { tuning_jobs: jobs } = await api(`/v1/tuningJobs${query}`);
+      const state = filter.value ? `&state=${filter.value}` : '';
+      const { tuning_jobs: jobs } = await api(`/v1/tuningJobs?page_size=${PAGE_SIZE}${state}`);
       body.replaceChildren(jobs.length ? table(jobs) : emptyState('No tuning jobs yet.',
         h('a', { href: '/new', class: 'button primary' }, 'Start your first tuning job')));
       if (jobs.some((job) => !TERMINAL.has(shortState(job.state)))) timer = setTimeout(refresh, REFRESH_MS);
