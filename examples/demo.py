@@ -14,6 +14,8 @@ Every step is a `tunelab` command a user would type; each is printed before it r
   4. distill    a student with under a quarter of the parameters learns the tuned teacher  -> work/runs/distill
   5. eval       `tunelab eval` on held-out prompts for every model: exact match per task family, preference
                 accuracy, perplexity; one table -> work/demo/results.{json,md}
+  6. serve      `tunelab serve`, one short LoRA SFT job submitted through the Python client (tunelab.tuning.sft),
+                and the tuned endpoint called through the official `openai` client  -> work/service
 Everything is written under work/ (git-ignored). A stage whose training method is not available in this
 checkout is kept in the table as "pending", never faked.
 """
@@ -271,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         stage["eval_time"] = run("eval", cfg("demo/eval.yaml"), *smoke("eval"), "--model", stage["model"], "--out", out)
         stage["eval"] = json.loads((root / out).read_text())
 
+    # 6. the tuning service: the same kind of job over HTTP, and its endpoint through the openai client
+    print("\n== 6. the tuning service: submit a LoRA SFT job, wait for it, chat with the tuned endpoint ==")
+    service = service_stage(root, work, args.smoke)
+
     results = summarize(stages, time.time() - started, mode)
+    results["service"] = service
     results["cpu_seconds"] = round(_cpu_seconds(), 1)
     results["torch_threads"] = os.environ.get("OMP_NUM_THREADS", "default")
     (demo_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -281,6 +288,97 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {results['total_seconds']:.0f}s wall, {results['cpu_seconds']:.0f}s CPU; written: work/demo/results.json, work/demo/results.md "
           f"(eval details: work/demo/eval-*.json)")
     return 0
+
+
+# ---------------------------------------------------------------- the tuning service
+
+def service_stage(root: Path, work: Path, smoke: bool) -> dict:
+    """`tunelab serve` in the background, one tuning job through the Python client, one chat through `openai`.
+
+    The job continues the merged SFT model (work/models/tiny-sft) on a small sample of the task rows, so its
+    endpoint answers like the SFT model after seconds of training; the dashboard is at the printed URL meanwhile."""
+    import openai
+
+    import tunelab
+    from tunelab.tuning import sft
+
+    rows = (work / "data/tasks-train.jsonl").read_text().splitlines()[:8 if smoke else 64]
+    (work / "data/service-train.jsonl").write_text("\n".join(rows) + "\n")
+    shutil.rmtree(work / "service", ignore_errors=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--port", str(port), "--home", "work/service", "--data-root", "work/data",
+            "--model", "tiny-sft=work/models/tiny-sft"]
+    print(f"\n$ tunelab {' '.join(args)} &    # dashboard: {url}/")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    started = time.time()
+    with open(work / "demo/serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "tunelab", *args], cwd=root, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        _wait_until_up(url, server, work / "demo/serve.log")
+        up = time.time() - started
+        held_out = json.loads((work / "data/tasks-test.jsonl").read_text().splitlines()[0])
+        print(f"""(up after {up:.1f}s)
+>>> import tunelab, openai
+>>> from tunelab.tuning import sft
+>>> tunelab.init(url="{url}")
+>>> job = sft.train(source_model="tiny-sft", train_dataset="work/data/service-train.jsonl",
+...                 tuned_model_display_name="tiny-tasks", epochs=1, batch_size=8)
+>>> job.wait()
+>>> client = openai.OpenAI(base_url="{url}/v1", api_key="unused")
+>>> client.chat.completions.create(model=job.tuned_model_endpoint_name, max_tokens=16, temperature=0,
+...     messages=[{{"role": "user", "content": {held_out['instruction']!r}}}]).choices[0].message.content""", flush=True)
+        tunelab.init(url=url)
+        t0 = time.time()
+        job = sft.train(source_model="tiny-sft", train_dataset="work/data/service-train.jsonl",
+                        tuned_model_display_name="tiny-tasks", epochs=1, batch_size=8)
+        job.wait(poll=0.5, timeout=600)
+        tuned = time.time() - t0
+        if job.state != "JOB_STATE_SUCCEEDED":
+            raise SystemExit(f"demo: tuning job {job.id} ended {job.state}: {job.error}")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")  # the server has no key: any is fine
+        t0 = time.time()
+        reply = client.chat.completions.create(
+            model=job.tuned_model_endpoint_name, max_tokens=16, temperature=0,
+            messages=[{"role": "user", "content": held_out["instruction"]}]).choices[0].message.content
+        first_reply = time.time() - t0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    steps = job.to_dict()["progress"]["step"]
+    print(f"{reply!r}    (expected: {held_out['output']!r})")
+    print(f"service: up in {up:.1f}s; job {job.id} ({steps} steps) SUCCEEDED in {tuned:.1f}s from submission; "
+          f"first reply in {first_reply:.2f}s (loads the adapter); endpoint {job.tuned_model_endpoint_name}")
+    return {"job": job.id, "state": job.state, "steps": steps, "endpoint": job.tuned_model_endpoint_name,
+            "prompt": held_out["instruction"], "expected": held_out["output"], "reply": reply,
+            "startup_seconds": round(up, 1), "job_seconds": round(tuned, 1), "first_reply_seconds": round(first_reply, 2),
+            "total_seconds": round(time.time() - started, 1)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"demo: tunelab serve exited ({server.returncode}): {log.read_text()[-1500:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                return
+        except OSError:
+            if time.time() > deadline:
+                raise SystemExit(f"demo: tunelab serve did not answer within {timeout:.0f}s; see {log}") from None
+            time.sleep(0.2)
 
 
 # ---------------------------------------------------------------- the table

@@ -41,6 +41,11 @@ def test_demo_smoke(tmp_path):
         assert (work / f"demo/eval-{name}.json").is_file()
     if "pending" not in stages["student"]:
         assert stages["student"]["params"] <= stages["base"]["params"] / 4
+    # the tuning service: a job through the Python client succeeded and its endpoint answered the openai client
+    service = results["service"]
+    assert service["state"] == "JOB_STATE_SUCCEEDED" and service["steps"] >= 1
+    assert service["endpoint"] == "endpoints/tiny-tasks" and isinstance(service["reply"], str)
+    assert "$ tunelab serve" in out and f"{service['reply']!r}    (expected:" in out
     table = (work / "demo/results.md").read_text()
     assert table.startswith("| stage |") and "| sft |" in table
     assert table.strip() in out  # the printed table is the written one
