@@ -196,6 +196,9 @@ CASES = [
     ("preference pairs all identical", lambda e: e.train(e.cfg(e.data("pref.jsonl", IDENTICAL), fmt="preference",
                                                                method="dpo", adapter={})),
      ["no usable preference pairs", "2 with chosen identical to rejected ({tmp}/pref.jsonl:1, {tmp}/pref.jsonl:2)"]),
+    ("OpenAI preference row without input.messages", lambda e: e.train(e.cfg(e.data("pref.jsonl", jsonl(
+        [{"input": {"text": "hi"}, "preferred_output": "a", "non_preferred_output": "b"}])), fmt="preference",
+        method="dpo", adapter={})), ["{tmp}/pref.jsonl:1: 'input' must be an object with a 'messages' list"]),
     ("teacher with another vocabulary", lambda e: e.train(e.cfg(method="distill", teacher={"path": str(_other_vocab_teacher(e))})),
      ["teacher.path {tmp}/teacher: the teacher's vocabulary differs from the student's"]),
     # -- resume
@@ -239,7 +242,7 @@ def _check(env: Env, argv: list[str], fragments: list[str], capsys):
 def _available(case_id: str) -> bool:
     from tunelab.objectives import REGISTRY
 
-    needs = {"preference pairs all identical": "dpo", "teacher with another vocabulary": "distill"}.get(case_id)
+    needs = {"preference pairs all identical": "dpo", "OpenAI preference row without input.messages": "dpo", "teacher with another vocabulary": "distill"}.get(case_id)
     return needs is None or needs in REGISTRY
 
 

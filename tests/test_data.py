@@ -121,6 +121,29 @@ def test_preference_explicit_prompt():
     assert pair.prompt == [user] and pair.chosen == [{"role": "assistant", "content": "A"}]
 
 
+def test_preference_shapes_other_tools_ship():
+    """LLaMA-Factory's sharegpt and messages shapes, and OpenAI's preference fine-tuning rows, give the same pair."""
+    expected = ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                [{"role": "assistant", "content": "Hello!"}], [{"role": "assistant", "content": "Go away."}])
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}], "system": "Be brief.",
+                "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Go away."}}
+    messages = {"messages": CHAT[:1] + [{"role": "user", "content": "Hi"}],
+                "chosen": [{"role": "assistant", "content": "Hello!"}],
+                "rejected": {"role": "assistant", "content": "Go away."}}
+    openai = {"input": {"messages": messages["messages"], "tools": [], "parallel_tool_calls": True},
+              "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+              "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}
+    for data in (sharegpt, messages, openai):
+        pair = to_preference(row(data))
+        assert (pair.prompt, pair.chosen, pair.rejected) == expected, data
+    with pytest.raises(UserError, match="data.jsonl:1: 'preferred_output' and 'non_preferred_output' are identical"):
+        to_preference(row({**openai, "non_preferred_output": openai["preferred_output"]}))
+    with pytest.raises(UserError, match="data.jsonl:1: 'input' must be an object with a 'messages' list"):
+        to_preference(row({**openai, "input": "Hi"}))
+    with pytest.raises(UserError, match=r"data.jsonl:1: chosen\[0\] has role 'function_call'"):
+        to_preference(row({**sharegpt, "chosen": {"from": "function_call", "value": "{}"}}))
+
+
 def test_preference_hh_rlhf_splits_shared_prompt():
     shared = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant:"
     pair = to_preference(row({"chosen": shared + " 6.", "rejected": shared + " 7, I think."}))

@@ -50,3 +50,21 @@ def test_gemini_rows_preprocess_and_train(base, tmp_path, capsys):
            "[[red!<|im_end|>]]" in shown
     run(tmp_path, "train", cfg, capsys)
     assert (tmp_path / "out" / "final").is_dir()
+
+
+def test_preference_shapes_train_dpo(base, tmp_path, capsys):
+    """LLaMA-Factory's sharegpt pairs (once: "'chosen' must be a str or list, got dict") and OpenAI's preference
+    rows, two sources of one run, train with method: dpo."""
+    words = ("red", "green", "blue", "black")
+    sharegpt = [{"conversations": [{"from": "human", "value": f"Say {w}."}], "chosen": {"from": "gpt", "value": f"{w}!"},
+                 "rejected": {"from": "gpt", "value": "No."}} for w in words]
+    openai = [{"input": {"messages": [{"role": "user", "content": f"Say {w}."}]},
+               "preferred_output": [{"role": "assistant", "content": f"{w}!"}],
+               "non_preferred_output": [{"role": "assistant", "content": "No."}]} for w in words]
+    cfg = config(base, tmp_path, sharegpt, "preference", method="dpo", adapter={"r": 4})
+    (tmp_path / "openai.jsonl").write_text(jsonl(openai))
+    cfg["data"]["train"].append({"path": str(tmp_path / "openai.jsonl"), "format": "preference"})
+    out = run(tmp_path, "preprocess", cfg, capsys)
+    assert "train items: 8" in out and "[[red!" in out
+    run(tmp_path, "train", cfg, capsys)
+    assert (tmp_path / "out" / "final" / "adapter_config.json").is_file()

@@ -72,28 +72,41 @@ def to_messages(row: Row, fmt: str) -> list[Message] | str:
 
 
 def to_preference(row: Row) -> PreferencePair:
-    """{prompt, chosen, rejected}, each a string or a list of messages; or, without a prompt, chosen and rejected as
-    whole dialogues (Anthropic hh-rlhf "\\n\\nHuman: ...\\n\\nAssistant: ..." strings, or message lists) whose shared
-    turns up to the last differing assistant reply become the prompt."""
-    chosen = _field(row, "chosen", "preference", (str, list))
-    rejected = _field(row, "rejected", "preference", (str, list))
-    if "prompt" in row.data:
-        prompt = _as_messages(row, _field(row, "prompt", "preference", (str, list)), "prompt", "user")
-        chosen = _drop_prefix(_as_messages(row, chosen, "chosen", "assistant"), prompt)
-        rejected = _drop_prefix(_as_messages(row, rejected, "rejected", "assistant"), prompt)
+    """A preference pair from any of the shapes tools ship:
+    - {prompt, chosen, rejected}, each a string, one message or a list of messages (TRL, UltraFeedback);
+    - {messages | conversations, chosen, rejected}: the prompt as a conversation, each reply one message or a
+      list, messages either {role, content} or sharegpt {from, value} (LLaMA-Factory's dpo demo files);
+    - {input: {messages}, preferred_output, non_preferred_output} (OpenAI preference fine-tuning);
+    - without a prompt, chosen and rejected as whole dialogues (Anthropic hh-rlhf "\\n\\nHuman: ...\\n\\nAssistant:
+      ..." strings, or message lists) whose shared turns up to the last differing assistant reply become the prompt.
+    An optional top-level "system" string (LLaMA-Factory) opens the prompt."""
+    names = ("preferred_output", "non_preferred_output") if "preferred_output" in row.data else ("chosen", "rejected")
+    chosen = _field(row, names[0], "preference", (str, list, dict))
+    rejected = _field(row, names[1], "preference", (str, list, dict))
+    prompt_field = next((k for k in ("prompt", "messages", "conversations", "input") if k in row.data), None)
+    if prompt_field is not None:
+        raw = _field(row, prompt_field, "preference", (str, list, dict))
+        if prompt_field == "input":
+            if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list):
+                raise UserError(f"{row.where}: 'input' must be an object with a 'messages' list (OpenAI preference rows)")
+            raw, prompt_field = raw["messages"], "input.messages"
+        prompt = _system(row) + _as_messages(row, raw, prompt_field, "user")
+        chosen = _drop_prefix(_as_messages(row, chosen, names[0], "assistant"), prompt)
+        rejected = _drop_prefix(_as_messages(row, rejected, names[1], "assistant"), prompt)
     else:
-        if type(chosen) is not type(rejected):
+        if isinstance(chosen, str) != isinstance(rejected, str):
             raise UserError(f"{row.where}: 'chosen' and 'rejected' must both be strings or both message lists")
         if isinstance(chosen, str):
             chosen, rejected = _parse_dialogue(row, chosen, "chosen"), _parse_dialogue(row, rejected, "rejected")
         else:
-            chosen, rejected = _messages(row, chosen, "chosen"), _messages(row, rejected, "rejected")
+            chosen, rejected = _as_messages(row, chosen, "chosen", ""), _as_messages(row, rejected, "rejected", "")
         prompt, chosen, rejected = _split_shared_prompt(row, chosen, rejected)
+        prompt = _system(row) + prompt
     if chosen == rejected:
-        raise UserError(f"{row.where}: 'chosen' and 'rejected' are identical")
+        raise UserError(f"{row.where}: '{names[0]}' and '{names[1]}' are identical")
     if not prompt or prompt[-1]["role"] != "user":
         raise UserError(f"{row.where}: the prompt must end with a user message")
-    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+    for name, reply in zip(names, (chosen, rejected)):
         if not reply or reply[0]["role"] != "assistant":
             raise UserError(f"{row.where}: '{name}' must be a reply starting with an assistant message")
     return PreferencePair(prompt, chosen, rejected)
@@ -150,7 +163,10 @@ def _messages(row: Row, raw: list, name: str) -> list[Message]:
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise UserError(f"{row.where}: {name}[{i}] must be an object with role and content, got {type(m).__name__}")
-        role, content = m.get("role"), m.get("content")
+        if "from" in m and "role" not in m:  # a sharegpt turn
+            role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m.get("value")
+        else:
+            role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise UserError(f"{row.where}: {name}[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str) or not content.strip():
@@ -201,8 +217,16 @@ def _check_conversation(row: Row, messages: list[Message]) -> None:
         raise UserError(f"{row.where}: conversation must start with a user message (after any system message)")
 
 
-def _as_messages(row: Row, value: str | list, name: str, role: str) -> list[Message]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(row, value, name)
+def _as_messages(row: Row, value: str | list | dict, name: str, role: str) -> list[Message]:
+    """A string (one message of `role`), one message object, or a list of them."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return _messages(row, [value] if isinstance(value, dict) else value, name)
+
+
+def _system(row: Row) -> list[Message]:
+    system = _optional(row, "system", "preference")
+    return [{"role": "system", "content": system}] if system else []
 
 
 def _drop_prefix(reply: list[Message], prompt: list[Message]) -> list[Message]:

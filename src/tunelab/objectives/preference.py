@@ -62,7 +62,8 @@ def read_preference_rows(sources: list[DataSource], skip_bad_rows: bool, method:
         if source.format != "preference":
             raise UserError(
                 f"data source {source.path} has format: {source.format}; method: {method} trains on "
-                "format: preference rows ({prompt, chosen, rejected}, or hh-rlhf style {chosen, rejected})")
+                "format: preference rows ({prompt, chosen, rejected}, {messages, chosen, rejected}, hh-rlhf style "
+                "{chosen, rejected}, or OpenAI's {input, preferred_output, non_preferred_output})")
     pairs: list[tuple[Row, PreferencePair]] = []
     identical: list[str] = []
     skipped, errors = 0, []
@@ -79,7 +80,7 @@ def read_preference_rows(sources: list[DataSource], skip_bad_rows: bool, method:
                     pairs.append((item, to_preference(item)))
                 except UserError as e:
                     # hh-rlhf dialogues can differ as text yet parse to the same turns
-                    if str(e).endswith("'chosen' and 'rejected' are identical"):
+                    if str(e).endswith("are identical"):
                         identical.append(item.where)
                         continue
                     if not skip_bad_rows:
@@ -91,7 +92,8 @@ def read_preference_rows(sources: list[DataSource], skip_bad_rows: bool, method:
 
 
 def _same_raw_reply(row: Row) -> bool:
-    chosen, rejected = row.data.get("chosen"), row.data.get("rejected")
+    chosen = row.data.get("chosen", row.data.get("preferred_output"))
+    rejected = row.data.get("rejected", row.data.get("non_preferred_output"))
     return chosen is not None and chosen == rejected
 
 
