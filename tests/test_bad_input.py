@@ -187,7 +187,10 @@ CASES = [
     ("chat without assistant turn", lambda e: e.train(e.cfg(e.data("train.jsonl", jsonl(
         [{"messages": [{"role": "user", "content": "hi"}]}])), fmt="chat")),
      ["{tmp}/train.jsonl:1: conversation has no assistant message"]),
-    ("no loss tokens left after truncation", lambda e: e.train(e.cfg(data={"max_length": 8})),
+    ("no response fits max_length", lambda e: e.train(e.cfg(data={"max_length": 4})),
+     ["no training examples left", "dropped 4 rows whose response alone exceeds data.max_length=4",
+      "({tmp}/train.jsonl:1, {tmp}/train.jsonl:2, {tmp}/train.jsonl:3, {tmp}/train.jsonl:4)"]),
+    ("no loss tokens left after truncation", lambda e: e.train(e.cfg(data={"max_length": 8, "truncation": "right"})),
      ["no training examples left", "dropped 4 rows with no loss tokens after masking/truncation",
       "{tmp}/train.jsonl:1, {tmp}/train.jsonl:2", "data.max_length"]),
     ("every row bad even when skipping", lambda e: e.train(e.cfg(e.data("train.jsonl", "{\n{\n"), data={"skip_bad_rows": True})),
@@ -199,6 +202,15 @@ CASES = [
     ("OpenAI preference row without input.messages", lambda e: e.train(e.cfg(e.data("pref.jsonl", jsonl(
         [{"input": {"text": "hi"}, "preferred_output": "a", "non_preferred_output": "b"}])), fmt="preference",
         method="dpo", adapter={})), ["{tmp}/pref.jsonl:1: 'input' must be an object with a 'messages' list"]),
+    ("kto row with a string label", lambda e: e.train(e.cfg(e.data("kto.jsonl", jsonl(
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "label": "yes"}])),
+        fmt="kto", method="kto", adapter={})), ["{tmp}/kto.jsonl:1: kto row needs 'label': true (desirable) or false"]),
+    ("kto with one row per micro-batch", lambda e: e.train(e.cfg(method="kto", train={"micro_batch_size": 1})),
+     ["method: kto needs train.micro_batch_size >= 2"]),
+    ("kto with padding_free", lambda e: e.train(e.cfg(method="kto", data={"padding_free": True})),
+     ["data.padding_free is implemented for method: sft, dpo and orpo (got kto)"]),
+    ("kto on alpaca rows", lambda e: e.train(e.cfg(method="kto")),
+     ["has format: alpaca; method: kto trains on format: kto rows"]),
     ("teacher with another vocabulary", lambda e: e.train(e.cfg(method="distill", teacher={"path": str(_other_vocab_teacher(e))})),
      ["teacher.path {tmp}/teacher: the teacher's vocabulary differs from the student's"]),
     # -- resume

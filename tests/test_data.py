@@ -382,12 +382,56 @@ def test_build_sft_examples_counts_truncation_and_drops(tiny_tokenizer):
         Row("a.jsonl", 3, {"messages": [{"role": "user", "content": long_prompt},
                                         {"role": "assistant", "content": "ok"}]}, "chat"),
     ]
-    examples, stats = build_sft_examples(rows, None, tiny_tokenizer, cfg(max_length=48, template="chatml"))
+    right = cfg(max_length=48, template="chatml", truncation="right")
+    examples, stats = build_sft_examples(rows, None, tiny_tokenizer, right)
     assert stats["rows"] == 3 and stats["examples"] == 2
     assert stats["truncated"] == 3
     assert stats["dropped_no_loss"] == 1 and stats["dropped_lines"] == ["a.jsonl:3"]
     assert all(len(e.input_ids) == 48 and e.truncated for e in examples)
     assert stats["tokens"] == 96 and stats["length_max"] == 48 and 0 < stats["loss_tokens"] < 96
+
+
+def test_keep_response_cuts_the_prompt_from_the_left(tiny_tokenizer):
+    """data.truncation keep_response (the default): oldest turns go first, then the start of the last prompt message;
+    the system message and the response stay whole; a row whose response alone cannot fit is dropped and counted."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    system = {"role": "system", "content": "Be brief."}
+    rows = [
+        Row("a.jsonl", 1, {"messages": CHAT}, "chat"),
+        Row("a.jsonl", 2, {"messages": [{"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": "Hello " * 40}]}, "chat"),
+        Row("a.jsonl", 3, {"messages": [system, {"role": "user", "content": long_prompt},
+                                        {"role": "assistant", "content": "ok"}]}, "chat"),
+    ]
+    data_cfg = cfg(max_length=48, template="chatml")
+    examples, stats = build_sft_examples(rows, None, tiny_tokenizer, data_cfg)
+    assert stats["examples"] == 2 and stats["truncated"] == 2
+    assert stats["dropped_too_long"] == 1 and stats["too_long_lines"] == ["a.jsonl:2"]
+    latest = tokenize_example(render([CHAT[0], *CHAT[3:]], "chatml", tiny_tokenizer), tiny_tokenizer, 512, False)
+    assert (examples[0].input_ids, examples[0].labels) == (latest.input_ids, latest.labels)
+    assert len(latest.input_ids) <= 48 < len(tokenize_example(render(CHAT, "chatml", tiny_tokenizer),
+                                                              tiny_tokenizer, 512, False).input_ids)
+    cut = examples[1]
+    assert 40 < len(cut.input_ids) <= 48 and trained_spans(cut, tiny_tokenizer) == ["ok<|im_end|>"]
+    text = tiny_tokenizer.decode(cut.input_ids)
+    assert text.startswith("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("the lazy dog. <|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n")
+    assert long_prompt not in text
+
+
+def test_keep_response_cuts_one_prompt_for_both_sides_of_a_pair(tiny_tokenizer):
+    from tunelab.objectives.preference import build_pairs
+
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    pair = to_preference(row({"prompt": long_prompt, "chosen": "Two plus two is four.", "rejected": "No."}))
+    items, no_response, _ = build_pairs([(row({}), pair)], tiny_tokenizer, cfg(max_length=40, template="chatml"))
+    (item,) = items
+    assert item.truncated and not no_response and len(item.chosen_ids) <= 40
+    assert trained_spans(Example(item.chosen_ids, item.chosen_labels), tiny_tokenizer) == \
+        ["Two plus two is four.<|im_end|>"]
+    prompt_len = next(i for i, label in enumerate(item.chosen_labels) if label != IGNORE)
+    assert item.rejected_ids[:prompt_len] == item.chosen_ids[:prompt_len]
+    assert tiny_tokenizer.decode(item.chosen_ids[:prompt_len]).endswith("lazy dog. <|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_completion_and_text_formats(tiny_tokenizer):

@@ -305,13 +305,13 @@ def test_pairs_share_the_prompt_tokens_and_label_only_the_reply(base, tmp_path):
 
 
 def test_pairs_that_cannot_teach_are_dropped_and_reported(base, tmp_path, caplog):
-    long_prompt = " ".join(tasks.WORDS) * 2
+    long_text = " ".join(tasks.WORDS) * 2
     hh = "\n\nHuman: Uppercase: river\n\nAssistant: RIVER"
     rows = [
         {"prompt": "Uppercase: apple", "chosen": "APPLE", "rejected": "Apple"},
         {"prompt": "Uppercase: stone", "chosen": "STONE", "rejected": "STONE"},
         {"prompt": "Uppercase: cloud", "chosen": "CLOUD", "rejected": "Cloud"},
-        {"prompt": long_prompt, "chosen": "yes", "rejected": "no"},
+        {"prompt": "Say it all.", "chosen": long_text, "rejected": "no"},  # a response longer than max_length
         {"chosen": hh, "rejected": hh + "  "},  # the same turns once parsed
         {"prompt": "Uppercase: green", "chosen": "GREEN", "rejected": "Green"},
     ]
@@ -323,7 +323,7 @@ def test_pairs_that_cannot_teach_are_dropped_and_reported(base, tmp_path, caplog
     report = " ".join(r.getMessage() for r in caplog.records)
     assert "dropped 3 of 6 preference pairs" in report
     assert f"2 with chosen identical to rejected ({path}:2, {path}:5)" in report
-    assert f"1 with no response tokens left after truncation to data.max_length=64 ({path}:4)" in report
+    assert f"1 whose response does not fit data.max_length=64 ({path}:4)" in report
     stats = objective.log_stats()
     assert stats["dropped_identical"] == 2 and stats["dropped_no_response"] == 1 and stats["pairs"] == 3
 
@@ -332,8 +332,8 @@ def test_pairs_that_cannot_teach_are_dropped_and_reported(base, tmp_path, caplog
 
     bad = tasks.write_jsonl([rows[1], rows[3]], tmp_path / "bad.jsonl")
     with pytest.raises(UserError, match=r"no usable preference pairs: train data: dropped 2 of 2 preference pairs: "
-                                        rf"1 with chosen identical to rejected \({bad}:1\); 1 with no response "
-                                        rf"tokens .*\({bad}:2\)\. Raise data.max_length"):
+                                        rf"1 with chosen identical to rejected \({bad}:1\); 1 whose response does "
+                                        rf"not fit .*\({bad}:2\)\. Raise data.max_length"):
         Trainer(load_config(data=dpo_config(base, bad, tmp_path / "bad-run")), say=lambda *a: None).run()
 
 

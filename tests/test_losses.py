@@ -23,8 +23,10 @@ from tunelab.objectives.losses import (
     gae,
     group_advantages,
     kl_penalty,
+    kto_loss,
     masked_mean,
     mlm_mask,
+    orpo_loss,
     ppo_policy_loss,
     ppo_value_loss,
     sequence_logprobs,
@@ -191,6 +193,79 @@ def test_simpo_matches_trl_cpo(gamma, eps):
         i = 3
         x = beta * pc[i].item() / lc[i].item() - beta * pr[i].item() / lr[i].item() - gamma
         _close(losses[i], math.log1p(math.exp(-x)))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_matches_trl(beta):
+    """The odds-ratio term equals TRL ORPOTrainer.odds_ratio_loss on the same length-averaged log-probs (both
+    sides of log1mexp's -ln 2 branch occur), and the SFT term is the chosen response's per-token NLL."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    pc, pr, _, _, lc, lr = _pref_batch()
+    avg_c, avg_r = pc / lc, pr / lr
+    assert (avg_c > -math.log(2)).any() and (avg_c < -math.log(2)).any()
+    losses, log_odds, ratio = orpo_loss(avg_c, avg_r, beta=beta)
+    stub = SimpleNamespace(beta=beta, accelerator=_accelerator())
+    t_losses, _, _, t_ratio_mean, t_log_odds_mean = ORPOTrainer.odds_ratio_loss(stub, avg_c, avg_r)
+    _close(losses, -avg_c - t_losses)  # TRL: loss = nll - mean(beta * log sigma(log_odds))
+    _close(ratio.mean(), t_ratio_mean)
+    _close(log_odds.mean(), t_log_odds_mean)
+    i = 2  # closed form: odds = p / (1 - p)
+    p_c, p_r = math.exp(avg_c[i].item()), math.exp(avg_r[i].item())
+    odds = (p_c / (1 - p_c)) / (p_r / (1 - p_r))
+    _close(losses[i], -avg_c[i].item() - beta * math.log(odds / (1 + odds)))
+
+
+def _trl_kto(logps, ref_logps, kl_logps, ref_kl_logps, labels, beta, dw, uw):
+    """TRL 1.16 KTOTrainer._compute_loss on a fake model whose per-token log-probs sum to the given sequence
+    log-probs (main rows) and KL log-probs (the mismatched rows), with the reference log-probs precomputed."""
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    n, T = len(logps), 4
+    main_ids, kl_ids = torch.zeros(n, T, dtype=torch.long), torch.ones(n, T, dtype=torch.long)
+
+    def outputs(seq):
+        per_token = torch.zeros(n, T - 1, dtype=F64)
+        per_token[:, 0] = seq
+        zeros = torch.zeros(n, T - 1, dtype=F64)
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros)
+
+    class Model:
+        training = True
+
+        def __call__(self, input_ids, **kwargs):
+            return outputs(kl_logps if input_ids is kl_ids else logps)
+
+    stub = SimpleNamespace(
+        model=Model(), accelerator=_accelerator(), aux_loss_enabled=False, precompute_ref_logps=True,
+        calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=dw, undesirable_weight=uw,
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    stub._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(stub, model, batch)
+    mask = torch.ones(n, T, dtype=torch.long)
+    inputs = {"input_ids": main_ids, "attention_mask": mask, "completion_mask": mask, "label": labels,
+              "KL_input_ids": kl_ids, "KL_attention_mask": mask, "KL_completion_mask": mask,
+              "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
+    loss = KTOTrainer._compute_loss(stub, stub.model, inputs, return_outputs=False)
+    return loss, stub._metrics["train"]["kl"][0]
+
+
+@pytest.mark.parametrize("beta,dw,uw,kl_shift", [(0.1, 1.0, 1.0, 2.0), (0.5, 1.33, 1.0, 2.0), (0.1, 1.0, 1.0, -5.0)])
+def test_kto_matches_trl(beta, dw, uw, kl_shift):
+    """Per-example KTO losses averaged over the batch equal TRL's KTOTrainer loss, with the KL reference point
+    computed as TRL does (mean over the mismatched rows, clamped at 0: kl_shift -5 makes it negative)."""
+    pc, pr, rc, rr, *_ = _pref_batch(6)
+    logps, ref_logps = pc, rc
+    kl_logps, ref_kl_logps = pr, pr - kl_shift + 0.1 * rr
+    labels = torch.tensor([True, False, True, True, False, False])
+    kl = (kl_logps - ref_kl_logps).mean().clamp(min=0)
+    losses, rewards = kto_loss(logps, ref_logps, labels, kl, beta=beta, desirable_weight=dw, undesirable_weight=uw)
+    t_loss, t_kl = _trl_kto(logps, ref_logps, kl_logps, ref_kl_logps, labels, beta, dw, uw)
+    _close(losses.mean(), t_loss)
+    _close(kl, t_kl)
+    assert (kl == 0) == (kl_shift < 0)
+    _close(rewards, beta * (logps - ref_logps))
+    i = 1  # undesirable, closed form
+    _close(losses[i], uw * (1 - 1 / (1 + math.exp(-beta * (kl.item() - (logps[i] - ref_logps[i]).item())))))
 
 
 def test_dpo_unknown_type_and_gradients():

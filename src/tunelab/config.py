@@ -86,7 +86,7 @@ class AdapterConfig(Section):
 
 # ---------------------------------------------------------------- data
 
-Format = Literal["alpaca", "chat", "sharegpt", "gemini", "completion", "text", "preference", "prompt"]
+Format = Literal["alpaca", "chat", "sharegpt", "gemini", "completion", "text", "preference", "kto", "prompt"]
 
 
 class DataSource(Section):
@@ -101,6 +101,9 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     template: str = "auto"  # auto | none | a built-in (tunelab/data/builtin_templates.py) | a Jinja template string
     max_length: int = Field(1024, gt=1)
+    # Rows over max_length: keep_response cuts the prompt from the left (oldest turns first; the system message
+    # and the response stay) and drops only rows whose response alone cannot fit; right cuts the tokens' end.
+    truncation: Literal["keep_response", "right"] = "keep_response"
     train_on_prompt: bool = False
     skip_bad_rows: bool = False
     packing: bool = False
@@ -189,6 +192,18 @@ class DPOConfig(Section):
         return self
 
 
+class ORPOConfig(Section):
+    beta: float = Field(0.1, gt=0)  # weight of the odds-ratio term against the chosen response's NLL (TRL: beta)
+
+
+class KTOConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    # Weights of the desirable / undesirable examples' losses; with unbalanced data the KTO paper keeps
+    # desirable_weight x n_desirable / (undesirable_weight x n_undesirable) within [1, 4/3].
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+
+
 class RewardConfig(Section):
     margin: float = 0.0
 
@@ -267,7 +282,7 @@ class EvalConfig(Section):
         return value
 
 
-Method = Literal["sft", "pretrain", "mlm", "reward", "dpo", "ppo", "grpo", "distill"]
+Method = Literal["sft", "pretrain", "mlm", "reward", "dpo", "orpo", "kto", "ppo", "grpo", "distill"]
 
 
 class Config(Section):
@@ -280,6 +295,8 @@ class Config(Section):
     log: LogConfig = LogConfig()
     output_dir: str = "runs/default"
     dpo: DPOConfig = DPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    kto: KTOConfig = KTOConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     grpo: GRPOConfig = GRPOConfig()
@@ -300,9 +317,12 @@ class Config(Section):
                 "model.init builds random weights, which an adapter cannot usefully adapt; train the new model "
                 "fully (leave out `adapter:`), then fine-tune its output with an adapter in a second run"
             )
-        if self.data.padding_free and self.method not in ("sft", "dpo"):
-            raise ValueError(f"data.padding_free is implemented for method: sft and dpo (got {self.method}); use data.packing "
+        if self.data.padding_free and self.method not in ("sft", "dpo", "orpo"):
+            raise ValueError(f"data.padding_free is implemented for method: sft, dpo and orpo (got {self.method}); use data.packing "
                              "or train.group_by_length")
+        if self.method == "kto" and self.train.micro_batch_size < 2:
+            raise ValueError("method: kto needs train.micro_batch_size >= 2: its KL reference point pairs each prompt "
+                             "with another row's completion of the same micro-batch (as TRL's KTOTrainer)")
         if self.method == "distill" and self.teacher is None:
             raise ValueError("method: distill needs a `teacher: {path: ...}` section")
         if self.tokenizer.train and self.model.init is None:

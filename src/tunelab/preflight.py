@@ -128,6 +128,15 @@ def report_data(objective: Objective, train_items: list, eval_items: list, main:
     if skipped:
         first = stats.get("skipped_errors") or []
         notes.append(f"skipped {skipped} bad rows (data.skip_bad_rows)" + (f", first: {first[0]}" if first else ""))
+    data = objective.cfg.data
+    if stats.get("truncated"):
+        how = "prompt cut" if data.truncation == "keep_response" else "cut at the end"
+        notes.append(f"{stats['truncated']} rows over data.max_length={data.max_length} truncated ({how})")
+    if stats.get("dropped_too_long"):
+        lines = stats.get("too_long_lines", [])
+        more = ", ..." if stats["dropped_too_long"] > len(lines) else ""
+        notes.append(f"dropped {stats['dropped_too_long']} rows whose response alone exceeds data.max_length="
+                     f"{data.max_length} ({', '.join(lines)}{more})")
     if dropped:
         notes.append(f"dropped {dropped} rows with no loss tokens after masking/truncation"
                      + (f" ({where}{', ...' if dropped > len(stats.get('dropped_lines', [])) else ''})" if where else ""))

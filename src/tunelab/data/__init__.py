@@ -2,7 +2,7 @@
 pack and collate. See each module's docstring; the end-of-turn rule is in templates.py."""
 
 from .batch import Packed, collate, collate_padding_free, pack_examples, pack_stream
-from .formats import Message, PreferencePair, PromptRow, to_messages, to_preference, to_prompt
+from .formats import Message, PreferencePair, PromptRow, UnpairedRow, to_messages, to_preference, to_prompt, to_unpaired
 from .readers import Row, Rows, load_rows, read_rows
 from .templates import choose_template, prepare_tokenizer, render, resolve_template, stop_token_ids
 from .tokenize import IGNORE, Example, build_sft_examples, encode, num_loss_tokens, preview, tokenize_example
@@ -12,5 +12,5 @@ __all__ = [
     "build_sft_examples", "choose_template", "collate", "collate_padding_free", "encode", "load_rows", "num_loss_tokens",
     "pack_examples", "pack_stream",
     "prepare_tokenizer", "preview", "read_rows", "render", "resolve_template", "stop_token_ids", "to_messages",
-    "to_preference", "to_prompt", "tokenize_example",
+    "to_preference", "to_prompt", "to_unpaired", "tokenize_example", "UnpairedRow",
 ]

@@ -28,6 +28,15 @@ class PreferencePair:
 
 
 @dataclass
+class UnpairedRow:
+    """One KTO example: a prompt, one completion, and whether the completion is desirable."""
+
+    prompt: list[Message]
+    completion: list[Message]  # the response turns only
+    desirable: bool
+
+
+@dataclass
 class PromptRow:
     messages: list[Message]
     answer: Any | None
@@ -62,9 +71,9 @@ def to_messages(row: Row, fmt: str) -> list[Message] | str:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     elif fmt == "text":
         return _field(row, "text", "text")
-    elif fmt in ("preference", "prompt"):
-        raise UserError(f"{row.where}: format {fmt} rows are for methods dpo/reward (preference) or ppo/grpo (prompt), "
-                        "not for supervised training")
+    elif fmt in ("preference", "prompt", "kto"):
+        raise UserError(f"{row.where}: format {fmt} rows are for methods dpo/orpo/kto/reward (preference), kto (kto) "
+                        "or ppo/grpo (prompt), not for supervised training")
     else:
         raise UserError(f"{row.where}: unknown format {fmt!r}")
     _check_conversation(row, messages)
@@ -112,6 +121,31 @@ def to_preference(row: Row) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected)
 
 
+def to_unpaired(row: Row) -> UnpairedRow:
+    """format kto rows: {messages | conversations, label} (LLaMA-Factory's kto demo; the completion is what follows
+    the last user message) or {prompt, completion, label} (TRL's unpaired preference; each a string, one message or
+    a list), with label true (desirable) or false (undesirable)."""
+    label = row.data.get("label")
+    if not isinstance(label, bool):
+        raise UserError(f"{row.where}: kto row needs 'label': true (desirable) or false (undesirable), got {label!r}")
+    if "prompt" in row.data or "completion" in row.data:
+        prompt = _system(row) + _as_messages(row, _field(row, "prompt", "kto", (str, list, dict)), "prompt", "user")
+        completion = _as_messages(row, _field(row, "completion", "kto", (str, list, dict)), "completion", "assistant")
+        completion = _drop_prefix(completion, prompt)
+    else:
+        name = "conversations" if "conversations" in row.data else "messages"
+        messages = _system(row) + _messages(row, _field(row, name, "kto", list), name)
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise UserError(f"{row.where}: '{name}' has no user message to prompt with")
+        prompt, completion = messages[: users[-1] + 1], messages[users[-1] + 1:]
+    if not completion or completion[0]["role"] != "assistant":
+        raise UserError(f"{row.where}: the completion must be a reply starting with an assistant message")
+    if prompt[-1]["role"] != "user":
+        raise UserError(f"{row.where}: the prompt must end with a user message")
+    return UnpairedRow(prompt, completion, label)
+
+
 def to_prompt(row: Row) -> PromptRow:
     """{prompt: str | messages} or {messages: [...]}, with an optional `answer` passed on to reward functions."""
     if "messages" in row.data:
@@ -127,6 +161,8 @@ def check_row(row: Row, fmt: str) -> None:
     """Raise UserError if the row does not fit its format."""
     if fmt == "preference":
         to_preference(row)
+    elif fmt == "kto":
+        to_unpaired(row)
     elif fmt == "prompt":
         to_prompt(row)
     else:

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import DataConfig, UserError
-from .formats import to_messages
+from .formats import Message, to_messages
 from .readers import Row
 from .templates import MARK_END, MARK_START, Segments, render
 
 IGNORE = -100
+UNLIMITED = 1 << 62  # a max_length that never cuts
 
 # A special token from the data wrapped by mark_special_tokens; the second branch drops lone markers
 _MARKED = re.compile(f"{MARK_START}([^{MARK_START}{MARK_END}]*){MARK_END}|[{MARK_START}{MARK_END}]")
@@ -47,6 +48,48 @@ def tokenize_example(segments: Segments, tokenizer, max_length: int, train_on_pr
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer starts an encoding with BOS (Llama, Mistral, Gemma do; Qwen and GPT-2 do not)."""
     return tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+
+
+def fit_prompt(prompt: list[Message], length: Callable[[list[Message]], int], max_length: int,
+               tokenizer) -> list[Message] | None:
+    """data.truncation keep_response: the prompt, shortened so that `length(prompt)` (the tokens of prompt plus
+    the response) fits max_length, or None when even the shortest prompt leaves no room.
+
+    The response is never touched. The prompt loses, in order: its oldest whole turns (the system message and
+    the latest turns stay), then the start of its last message's text, then the start of the system text.
+    Cutting whole turns and message text (not tokens of the rendered text) keeps the template's structure.
+    """
+    if length(prompt) <= max_length:
+        return prompt
+    system = [m for m in prompt[:1] if m["role"] == "system"]
+    turns = prompt[len(system):]
+    starts = [i for i, m in enumerate(turns) if i and m["role"] == "user"]
+    for i in starts:  # oldest first: the first that fits keeps the most
+        if length(system + turns[i:]) <= max_length:
+            return system + turns[i:]
+    kept = system + turns[starts[-1]:] if starts else prompt
+    for index in (len(kept) - 1, 0):  # the last message's text, then the system text
+        kept = _cut_text(kept, index, length, max_length, tokenizer)
+        if length(kept) <= max_length:
+            return kept
+    return None
+
+
+def _cut_text(messages: list[Message], index: int, length, max_length: int, tokenizer) -> list[Message]:
+    """messages with the start of messages[index]'s text cut until they fit (or the text is gone)."""
+    ids = tokenizer.encode(messages[index]["content"], add_special_tokens=False)
+    while True:
+        over = length(messages) - max_length
+        if over <= 0 or not ids:
+            return messages
+        ids = ids[over:]
+        messages = [*messages[:index], {**messages[index], "content": tokenizer.decode(ids)}, *messages[index + 1:]]
+
+
+def split_response(messages: list[Message]) -> tuple[list[Message], list[Message]]:
+    """(prompt, response): the response is everything after the last user message."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return messages[: last_user + 1], messages[last_user + 1:]
 
 
 def encode(text: str, tokenizer, at_start: bool = True) -> list[int]:
@@ -84,28 +127,54 @@ def build_sft_examples(rows: list[Row], fmt_of: Callable[[Row], str] | str | Non
     set by load_rows). Completion rows use template "none"; text rows train on the whole text + EOS. Examples
     left with no loss token (e.g. the reply was truncated away) are dropped and counted.
 
-    stats: rows, examples, truncated (among all tokenized rows), dropped_no_loss, dropped_lines (first 5
+    stats: rows, examples, truncated (rows cut to data.max_length), dropped_too_long and too_long_lines (rows
+    whose response alone exceeds it, data.truncation keep_response), dropped_no_loss, dropped_lines (first 5
     file:line), tokens, loss_tokens, length_min/p50/p95/max.
     """
-    examples, dropped, truncated = [], [], 0
+    examples, dropped, too_long, truncated = [], [], [], 0
     for row in rows:
         fmt = fmt_of(row) if callable(fmt_of) else fmt_of or row.format
         if fmt is None:
             raise UserError(f"{row.where}: no format known for this row")
-        conversation = to_messages(row, fmt)
+        template = "none" if fmt == "completion" else data_cfg.template
         try:
-            segments = render(conversation, "none" if fmt == "completion" else data_cfg.template, tokenizer)
+            example = tokenize_conversation(to_messages(row, fmt), template, tokenizer, data_cfg)
         except UserError as e:
             raise UserError(f"{row.where}: {e}") from None
-        example = tokenize_example(segments, tokenizer, data_cfg.max_length, data_cfg.train_on_prompt)
+        if example is None:
+            too_long.append(row.where)
+            continue
         truncated += example.truncated
         if num_loss_tokens(example.labels) == 0:
             dropped.append(row.where)
             continue
         examples.append(example)
     stats = {"rows": len(rows), "examples": len(examples), "truncated": truncated,
-             "dropped_no_loss": len(dropped), "dropped_lines": dropped[:5], **length_stats(examples)}
+             "dropped_too_long": len(too_long), "too_long_lines": too_long[:5], "dropped_no_loss": len(dropped),
+             "dropped_lines": dropped[:5], **length_stats(examples)}
     return examples, stats
+
+
+def tokenize_conversation(conversation: list[Message] | str, template: str, tokenizer,
+                          data_cfg: DataConfig) -> Example | None:
+    """A conversation rendered and tokenized within data.max_length, by data.truncation: `keep_response` cuts
+    the prompt (fit_prompt) and returns None when the response alone cannot fit; `right` cuts the tokens'
+    end. Text documents (a str) are always cut at the end."""
+    def tokens(messages) -> Example:
+        segments = render(messages, template, tokenizer)
+        return tokenize_example(segments, tokenizer, UNLIMITED, data_cfg.train_on_prompt)
+
+    max_length = data_cfg.max_length
+    if data_cfg.truncation == "right" or isinstance(conversation, str):
+        example = tokens(conversation)
+        return Example(example.input_ids[:max_length], example.labels[:max_length], len(example.input_ids) > max_length)
+    prompt, response = split_response(conversation)
+    fitted = fit_prompt(prompt, lambda p: len(tokens(p + response).input_ids), max_length, tokenizer)
+    if fitted is None:
+        return None
+    example = tokens(fitted + response)
+    example.truncated = fitted is not prompt
+    return example
 
 
 def length_stats(examples: list) -> dict:

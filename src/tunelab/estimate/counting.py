@@ -147,7 +147,8 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     weights_dtype, compute_dtype = _dtypes(cfg, dev)
     wb, cb = DTYPE_BYTES[weights_dtype], DTYPE_BYTES[compute_dtype]
     a = min(wb, cb)  # 16-bit weights or 16-bit autocast: matmul outputs are 16-bit
-    seqs = tc.micro_batch_size * (2 if cfg.method == "dpo" else 1)  # DPO runs chosen and rejected together
+    # DPO and ORPO run chosen and rejected together; KTO's mismatched KL rows run without gradients
+    seqs = tc.micro_batch_size * (2 if cfg.method in ("dpo", "orpo") else 1)
     T = seqs * cfg.data.max_length
     head_out = 1 if cfg.method == "reward" else shape.vocab  # reward models end in a scalar head
     rest = shape.params - shape.linear_params  # embeddings, head, norms: never quantized

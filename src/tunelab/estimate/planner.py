@@ -101,7 +101,7 @@ def _assumptions(cfg: Config, dev: Device, chunked_ce: bool) -> list[str]:
     if dev.tflops:
         notes.append(f"time: {dev.tflops:.3g} TFLOP/s x {dev.mfu:.0%} MFU; padding and eval not counted"
                      + ("; 4-bit dequantisation makes QLoRA slower than this" if cfg.model.quantize else ""))
-    if cfg.method not in ("sft", "pretrain", "dpo", "reward"):
+    if cfg.method not in ("sft", "pretrain", "dpo", "orpo", "reward"):
         notes.append(f"method {cfg.method}: extra models (reference, value, teacher) are not counted")
     if not chunked_ce:
         notes.append("loss over the whole micro-batch's logits (no chunking)")

@@ -14,6 +14,8 @@ REGISTRY = {
     "mlm": "tunelab.objectives.mlm:MLM",
     "distill": "tunelab.objectives.distill:Distill",
     "dpo": "tunelab.objectives.dpo:DPO",
+    "orpo": "tunelab.objectives.orpo:ORPO",
+    "kto": "tunelab.objectives.kto:KTO",
     "reward": "tunelab.objectives.reward:Reward",
     "ppo": "tunelab.objectives.rl:PPO",
     "grpo": "tunelab.objectives.rl:GRPO",

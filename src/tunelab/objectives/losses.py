@@ -288,6 +288,46 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, *, beta: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024, Eq. 6-7), reference-free, per pair; returns (losses, log_odds, ratio_term).
+
+    chosen_avg / rejected_avg are the *length-averaged* response log-probs (as TRL's ORPOTrainer feeds them).
+    log_odds = log(odds(y_w) / odds(y_l)) with odds(y) = p / (1 - p), p = exp(avg log-prob);
+    loss = NLL(y_w) - beta * log sigma(log_odds), where the SFT term NLL(y_w) is the chosen response's per-token
+    NLL, i.e. -chosen_avg. (TRL's ORPO NLL averages over the batch's prompt and response tokens instead; the
+    paper's L_SFT is the response's. The odds-ratio term equals TRL's odds_ratio_loss.)
+    """
+    chosen_avg, rejected_avg = chosen_avg.float(), rejected_avg.float()
+    log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
+    ratio = F.logsigmoid(log_odds)
+    return -chosen_avg - beta * ratio, log_odds.detach(), ratio.detach()
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, Eq. 7), per example; returns (losses, rewards).
+
+    logps / ref_logps: summed response log-probs [N]; desirable: bool [N]; kl: the reference point z0, a
+    detached scalar >= 0 (TRL: the batch mean of policy - reference log-probs of mismatched prompt/completion
+    pairs, clamped at 0). With r = logps - ref_logps:
+      desirable:    desirable_weight   * (1 - sigma(beta * (r - z0)))
+      undesirable:  undesirable_weight * (1 - sigma(beta * (z0 - r)))
+    as TRL's KTOTrainer (loss_type "kto"), which then averages over the batch's examples.
+    """
+    ratio = logps - ref_logps
+    kl = kl.detach()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return losses, beta * ratio.detach()
+
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin=0.0) -> torch.Tensor:
     """Reward-model pairwise loss -log sigma(r_c - r_r - margin), per pair (Bradley & Terry 1952;
     Ouyang et al. 2022; margin as in Llama 2, Touvron et al. 2023)."""

@@ -2,7 +2,7 @@
 
 A `format: preference` row (see data.formats.to_preference) becomes one `PairItem`: prompt + chosen
 and prompt + rejected, each rendered with the run's template and tokenized like SFT data (labels on the
-reply turns only, right-truncated to data.max_length). The prompt tokens of both sides are identical:
+reply turns only; over data.max_length the prompt is cut, data.truncation). The prompt tokens of both sides are identical:
 rendering is per segment, so the shared prompt segments tokenize the same way.
 
 Pairs that cannot teach anything are dropped and reported (count and first file:line), never trained
@@ -106,7 +106,8 @@ def _row_margin(row: Row) -> float | None:
     return float(value)
 
 
-def encode_reply(prompt: list[Message], reply: list[Message], tokenizer, data_cfg: DataConfig) -> Example:
+def encode_reply(prompt: list[Message], reply: list[Message], tokenizer, data_cfg: DataConfig,
+                 max_length: int | None = None) -> Example:
     """prompt + reply rendered with the run's template and tokenized; labels only on the reply's assistant turns.
 
     Assistant turns inside the prompt (multi-turn prompts) carry no label, and the template's text after
@@ -128,7 +129,22 @@ def encode_reply(prompt: list[Message], reply: list[Message], tokenizer, data_cf
         masked.append((text, is_assistant))
     while masked and not masked[-1][1]:
         masked.pop()
-    return tokenize_example(masked, tokenizer, data_cfg.max_length, train_on_prompt=False)
+    return tokenize_example(masked, tokenizer, max_length or data_cfg.max_length, train_on_prompt=False)
+
+
+def fit_pair_prompt(prompt: list[Message], replies: list[list[Message]], tokenizer,
+                    data_cfg: DataConfig) -> list[Message] | None:
+    """The prompt, cut by data.truncation keep_response so that it fits with each reply (one prompt for all, so
+    the sides share their prompt tokens); None when a reply alone cannot fit. `right` leaves it whole."""
+    from tunelab.data.tokenize import UNLIMITED, fit_prompt
+
+    if data_cfg.truncation == "right":
+        return prompt
+
+    def length(p):
+        return max(len(encode_reply(p, r, tokenizer, data_cfg, UNLIMITED).input_ids) for r in replies)
+
+    return fit_prompt(prompt, length, data_cfg.max_length, tokenizer)
 
 
 def build_pairs(rows: list[tuple[Row, PreferencePair]], tokenizer, data_cfg: DataConfig):
@@ -137,8 +153,12 @@ def build_pairs(rows: list[tuple[Row, PreferencePair]], tokenizer, data_cfg: Dat
 
     items, no_response, identical = [], [], []
     for row, pair in rows:
-        chosen = encode_reply(pair.prompt, pair.chosen, tokenizer, data_cfg)
-        rejected = encode_reply(pair.prompt, pair.rejected, tokenizer, data_cfg)
+        prompt = fit_pair_prompt(pair.prompt, [pair.chosen, pair.rejected], tokenizer, data_cfg)
+        if prompt is None:
+            no_response.append(row.where)
+            continue
+        chosen = encode_reply(prompt, pair.chosen, tokenizer, data_cfg)
+        rejected = encode_reply(prompt, pair.rejected, tokenizer, data_cfg)
         if num_loss_tokens(chosen.labels) == 0 or num_loss_tokens(rejected.labels) == 0:
             no_response.append(row.where)
             continue
@@ -146,7 +166,8 @@ def build_pairs(rows: list[tuple[Row, PreferencePair]], tokenizer, data_cfg: Dat
             identical.append(row.where)  # e.g. the difference was cut off by truncation
             continue
         items.append(PairItem(chosen.input_ids, chosen.labels, rejected.input_ids, rejected.labels, row.where,
-                              margin=_row_margin(row), truncated=chosen.truncated or rejected.truncated))
+                              margin=_row_margin(row),
+                              truncated=prompt is not pair.prompt or chosen.truncated or rejected.truncated))
     return items, no_response, identical
 
 
@@ -159,8 +180,8 @@ def drop_report(split: str, total: int, identical: list[str], no_response: list[
     if identical:
         parts.append(f"{len(identical)} with chosen identical to rejected ({where(identical)})")
     if no_response:
-        parts.append(f"{len(no_response)} with no response tokens left after truncation to data.max_length="
-                     f"{max_length} ({where(no_response)})")
+        parts.append(f"{len(no_response)} whose response does not fit data.max_length={max_length} "
+                     f"({where(no_response)})")
     return f"{split} data: dropped {len(identical) + len(no_response)} of {total} preference pairs: " + "; ".join(parts)
 
 
@@ -237,7 +258,7 @@ class PreferenceObjective(Objective):
         if identical or no_response:
             report = drop_report(split, total, identical, no_response, self.cfg.data.max_length)
             if not items and (required or total):
-                hint = " Raise data.max_length or shorten the prompts." if no_response else ""
+                hint = " Raise data.max_length or shorten the responses." if no_response else ""
                 raise UserError(f"no usable preference pairs: {report}.{hint}")
             log.warning(report)
         return items, stats
