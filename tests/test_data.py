@@ -94,7 +94,7 @@ def test_gemini_rows_become_messages():
     ({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}, "gemini",
      "data.jsonl:7: contents[0] needs 'role' in ['user', 'model'], got 'assistant'"),
     ({"contents": [{"role": "user", "parts": [{"inlineData": {}}]}]}, "gemini",
-     "data.jsonl:7: contents[0].parts[0] needs a 'text' string (has: inlineData)"),
+     "data.jsonl:7: contents[0].parts[0] needs a 'text' string, a 'functionCall' or a 'functionResponse' (has: inlineData)"),
     ({"contents": [{"role": "user", "parts": []}]}, "gemini", "data.jsonl:7: contents[0] needs a non-empty 'parts'"),
     ({"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": [{"text": " "}]}]},
      "gemini", "data.jsonl:7: contents[1] (assistant) has empty content"),

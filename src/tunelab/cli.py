@@ -96,13 +96,33 @@ def _reply(args):
     from tunelab.serve.remote import is_url, remote_reply
 
     if is_url(args.model):
-        if args.template or args.dtype != "auto":
-            raise UserError("--template and --dtype apply to local models; a server uses each run's own template")
+        if args.template or args.dtype != "auto" or args.tools:
+            raise UserError("--template, --dtype and --tools apply to local models; a server uses each run's own template")
         return remote_reply(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"))
     from tunelab.infer import local_reply
 
-    return local_reply(*_inference(args))
+    tools = _load_tools(args.tools)  # before the model loads: a bad file fails fast
+    return local_reply(*_inference(args), tools=tools)
+
+
+def _load_tools(path: str | None) -> list | None:
+    """--tools FILE: a JSON list of function schemas (OpenAI's {"type": "function", "function": {...}} or bare)."""
+    import json
+
+    from tunelab.data.tools import check_tools
+
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"--tools {path}: cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    return check_tools(path, data)
 
 
 def cmd_generate(args) -> int:
@@ -175,6 +195,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--template", default=None, help="override the chat template (default: the run's)")
+    p.add_argument("--tools", default=None, help="a JSON file of function schemas the model may call (local models); "
+                   "replies are printed as JSON {content, tool_calls}")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--api-key", default=None, help="a server URL's API key (default: $TUNELAB_API_KEY)")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ def run_template(model_dir: Path) -> str:
     return "auto"
 
 
-def prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
-    """The prompt exactly as training tokenized it (same template, BOS and special-token handling)."""
+def prompt_ids(tokenizer, messages: list[dict], template: str, tools: list | None = None) -> list[int]:
+    """The prompt exactly as training tokenized it (same template, BOS and special-token handling, tools)."""
     from tunelab.data import render, tokenize_example
 
-    segments = render(messages, template, tokenizer, add_generation_prompt=True)
+    segments = render(messages, template, tokenizer, add_generation_prompt=True, tools=tools)
     return tokenize_example(segments, tokenizer, max_length=10**9, train_on_prompt=True).input_ids
 
 
@@ -63,10 +64,22 @@ def generate(model, tokenizer, prompt: str, s: Sampling, system: str | None = No
     return decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, messages, s.template), s))
 
 
-def local_reply(model, tokenizer, s: Sampling) -> Callable[[list[dict]], str]:
-    """The reply function `chat` calls: the whole history through the template, decoded."""
-    return lambda history: decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, history,
-                                                                                            s.template), s))
+def local_reply(model, tokenizer, s: Sampling, tools: list | None = None) -> Callable[[list[dict]], str]:
+    """The reply function `chat` calls: the whole history through the template, decoded. With `tools` (JSON
+    schemas), the reply is one JSON object {"content": text, "tool_calls": [{"name", "arguments"}]}, its calls
+    parsed by data.tools.parse_tool_calls."""
+    def reply(history):
+        text = decode_reply(tokenizer, generate_ids(model, tokenizer, prompt_ids(tokenizer, history, s.template, tools), s))
+        return tool_reply_json(text) if tools else text
+
+    return reply
+
+
+def tool_reply_json(reply: str) -> str:
+    from tunelab.data.tools import parse_tool_calls
+
+    content, calls = parse_tool_calls(reply)
+    return json.dumps({"content": content, "tool_calls": calls}, ensure_ascii=False)
 
 
 def chat(reply: Callable[[list[dict]], str], system: str | None = None, stdin=None, stdout=None) -> None:

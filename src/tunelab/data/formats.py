@@ -1,22 +1,36 @@
 """Row formats -> messages. Every error names the row's file and line.
 
-A message is {"role": "system" | "user" | "assistant", "content": str}, content non-empty.
+A message is {"role": "system" | "user" | "assistant" | "tool", "content": str}, content non-empty, except that an
+assistant message with "tool_calls" may have empty content (tools.py describes tool calls and results). A
+conversation's tool schemas ride along as `Conversation.tools`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import UserError
+from .tools import check_tool_call, check_tools
 
 if TYPE_CHECKING:
     from .readers import Row
 
 Message = dict
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant", "tool")
+# function_call / observation: LLaMA-Factory's tool turns (a JSON {"name", "arguments"} call, the tool's output)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "tool"}
+
+
+class Conversation(list):
+    """A list of messages, plus the JSON schemas of the tools the conversation may call (None: no tools)."""
+
+    def __init__(self, messages=(), tools: list | None = None):
+        super().__init__(messages)
+        self.tools = tools
 GEMINI_ROLES = {"user": "user", "model": "assistant"}
 
 
@@ -62,8 +76,7 @@ def to_messages(row: Row, fmt: str) -> list[Message] | str:
             if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES:
                 got = t.get("from") if isinstance(t, dict) else t
                 raise UserError(f"{row.where}: conversations[{i}] needs 'from' in {list(SHAREGPT_ROLES)}, got {got!r}")
-        turns = [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
-        messages = _messages(row, turns, "conversations")
+        messages = _system(row) + _messages(row, turns, "conversations")  # LLaMA-Factory's optional "system"
     elif fmt == "gemini":
         messages = _gemini(row)
     elif fmt == "completion":
@@ -77,7 +90,7 @@ def to_messages(row: Row, fmt: str) -> list[Message] | str:
     else:
         raise UserError(f"{row.where}: unknown format {fmt!r}")
     _check_conversation(row, messages)
-    return messages
+    return Conversation(messages, check_tools(row.where, row.data.get("tools")))
 
 
 def to_preference(row: Row) -> PreferencePair:
@@ -193,55 +206,92 @@ def _optional(row: Row, name: str, fmt: str) -> str:
 
 
 def _messages(row: Row, raw: list, name: str) -> list[Message]:
+    """Messages as {role, content} (or sharegpt {from, value}) objects, checked; tool calls and results kept."""
     if not raw:
         raise UserError(f"{row.where}: '{name}' is empty")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise UserError(f"{row.where}: {name}[{i}] must be an object with role and content, got {type(m).__name__}")
-        if "from" in m and "role" not in m:  # a sharegpt turn
-            role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m.get("value")
-        else:
-            role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise UserError(f"{row.where}: {name}[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str) or not content.strip():
-            what = "empty" if isinstance(content, str) or content is None else type(content).__name__
-            raise UserError(f"{row.where}: {name}[{i}] ({role}) has {what} content; content must be a non-empty string")
-        messages.append({"role": role, "content": content})
-    return messages
+    return [_message(row, m, f"{name}[{i}]") for i, m in enumerate(raw)]
+
+
+def _message(row: Row, m, where: str) -> Message:
+    if not isinstance(m, dict):
+        raise UserError(f"{row.where}: {where} must be an object with role and content, got {type(m).__name__}")
+    if "from" in m and "role" not in m:  # a sharegpt turn
+        if m["from"] == "function_call":  # its value is the call: {"name": ..., "arguments": ...} as JSON
+            return {"role": "assistant", "content": "",
+                    "tool_calls": [check_tool_call(row.where, _json_value(row, m.get("value"), where), where)]}
+        role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m.get("value")
+    else:
+        role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+        raise UserError(f"{row.where}: {where} has role {role!r}; expected one of {', '.join(ROLES)}")
+    calls = m.get("tool_calls") if role == "assistant" else None
+    if calls is not None and (not isinstance(calls, list) or not calls):
+        raise UserError(f"{row.where}: {where}.tool_calls must be a non-empty list of tool calls")
+    if calls and content is None:
+        content = ""
+    if not isinstance(content, str) or not (content.strip() or calls):
+        what = "empty" if isinstance(content, str) or content is None else type(content).__name__
+        raise UserError(f"{row.where}: {where} ({role}) has {what} content; content must be a non-empty string")
+    message = {"role": role, "content": content}
+    if calls:
+        message["tool_calls"] = [check_tool_call(row.where, c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    if role == "tool":
+        message.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+    return message
+
+
+def _json_value(row: Row, value, where: str):
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{row.where}: {where} (function_call) value is not JSON: {e.msg} (column {e.colno})") from None
 
 
 def _gemini(row: Row) -> list[Message]:
     """The managed service's tuning rows: {"contents": [{"role": "user" | "model", "parts": [{"text": ...}]}],
     optional "systemInstruction" (or "system_instruction") {"parts": [...]}}. A turn's text parts are
-    concatenated as the service concatenates them."""
+    concatenated as the service concatenates them. Tool use: a model turn's {"functionCall": {"name", "args"}}
+    parts are its tool calls; a turn of {"functionResponse": {"name", "response"}} parts gives one tool result each
+    (the response as JSON); the row's "tools": [{"functionDeclarations": [...]}] are the schemas."""
     contents = _field(row, "contents", "gemini", list)
     system = row.data.get("systemInstruction", row.data.get("system_instruction"))
     messages = []
     if system is not None:
-        messages.append({"role": "system", "content": _gemini_text(row, system, "systemInstruction")})
+        messages += _gemini_turn(row, system, "systemInstruction", "system")
     for i, turn in enumerate(contents):
         where = f"contents[{i}]"
         if not isinstance(turn, dict) or turn.get("role") not in GEMINI_ROLES:
             got = turn.get("role") if isinstance(turn, dict) else type(turn).__name__
             raise UserError(f"{row.where}: {where} needs 'role' in {list(GEMINI_ROLES)}, got {got!r}")
-        messages.append({"role": GEMINI_ROLES[turn["role"]], "content": _gemini_text(row, turn, where)})
+        messages += _gemini_turn(row, turn, where, GEMINI_ROLES[turn["role"]])
     return _messages(row, messages, "contents")
 
 
-def _gemini_text(row: Row, content, where: str) -> str:
+def _gemini_turn(row: Row, content, where: str, role: str) -> list[Message]:
     parts = content.get("parts") if isinstance(content, dict) else None
     if not isinstance(parts, list) or not parts:
         raise UserError(f"{row.where}: {where} needs a non-empty 'parts' list of {{\"text\": ...}} objects")
-    texts = []
+    texts, calls, results = [], [], []
     for j, part in enumerate(parts):
-        text = part.get("text") if isinstance(part, dict) else None
-        if not isinstance(text, str):
-            keys = ", ".join(part) if isinstance(part, dict) else type(part).__name__
-            raise UserError(f"{row.where}: {where}.parts[{j}] needs a 'text' string (has: {keys or 'nothing'})")
-        texts.append(text)
-    return "".join(texts)
+        part = part if isinstance(part, dict) else {}
+        call = part.get("functionCall", part.get("function_call"))
+        result = part.get("functionResponse", part.get("function_response"))
+        if isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(call, dict):
+            calls.append({"function": {"name": call.get("name"), "arguments": call.get("args", {})}})
+        elif isinstance(result, dict):
+            results.append({"role": "tool", "content": json.dumps(result.get("response"), ensure_ascii=False),
+                            **({"name": result["name"]} if isinstance(result.get("name"), str) else {})})
+        else:
+            keys = ", ".join(part) or "nothing"
+            raise UserError(f"{row.where}: {where}.parts[{j}] needs a 'text' string, a 'functionCall' or a "
+                            f"'functionResponse' (has: {keys})")
+    if results:
+        return results
+    return [{"role": role, "content": "".join(texts), **({"tool_calls": calls} if calls else {})}]
 
 
 def _check_conversation(row: Row, messages: list[Message]) -> None:

@@ -27,6 +27,7 @@ from typing import Iterable
 from ..config import UserError
 from .builtin_templates import CONTROL_TOKENS, JINJA, RENDER
 from .formats import Message
+from .tools import as_text, has_tools, template_handles_tools
 
 BUILTIN = ("auto", "none", *RENDER)
 CHATML_TOKENS = CONTROL_TOKENS["chatml"]
@@ -38,9 +39,10 @@ MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 Segments = list[tuple[str, bool]]
 
 
-def render(messages: list[Message] | str, template: str, tokenizer, *, add_generation_prompt: bool = False) -> Segments:
+def render(messages: list[Message] | str, template: str, tokenizer, *, add_generation_prompt: bool = False,
+           tools: list | None = None) -> Segments:
     """Render a conversation as (text, is_assistant) segments; a plain string (format text) is one trainable
-    segment ending with EOS.
+    segment ending with EOS. Tool calls, tool results and `tools` (JSON schemas): see tools.py.
 
     template: "auto" (see resolve_template), a built-in name (BUILTIN), "none" (plain concatenation, for
     completion data) or a Jinja chat template string.
@@ -48,7 +50,9 @@ def render(messages: list[Message] | str, template: str, tokenizer, *, add_gener
     eos = _eos(tokenizer)
     if isinstance(messages, str):
         return [(mark_special_tokens(messages, tokenizer) + eos, True)]
-    messages = [{"role": m["role"], "content": mark_special_tokens(m["content"], tokenizer)} for m in messages]
+    if has_tools(messages, tools) and not template_handles_tools(resolve_template(template, tokenizer)):
+        messages, tools = as_text(messages, tools), None
+    messages = [{**m, "content": mark_special_tokens(m["content"], tokenizer)} for m in messages]
     template = resolve_template(template, tokenizer)
     if template in RENDER:
         _check_control_tokens(template, tokenizer)
@@ -56,7 +60,7 @@ def render(messages: list[Message] | str, template: str, tokenizer, *, add_gener
     elif template == "none":
         segments = [(m["content"] + eos, True) if m["role"] == "assistant" else (m["content"], False) for m in messages]
     else:
-        segments = _jinja(messages, template, tokenizer, add_generation_prompt)
+        segments = _jinja(messages, template, tokenizer, add_generation_prompt, tools)
     return _merge(segments)
 
 
@@ -175,7 +179,8 @@ def _check_control_tokens(template: str, tokenizer) -> None:
                     "or chatml)")
 
 
-def _jinja(messages: list[Message], template: str, tokenizer, add_generation_prompt: bool) -> Segments:
+def _jinja(messages: list[Message], template: str, tokenizer, add_generation_prompt: bool,
+           tools: list | None = None) -> Segments:
     """Find each reply by rendering prefixes: render(messages[:i], generation prompt) must be a prefix of
     render(messages[:i+1]), and the difference is reply i. Templates that rewrite earlier turns break this."""
 
@@ -185,7 +190,7 @@ def _jinja(messages: list[Message], template: str, tokenizer, add_generation_pro
         if not msgs:
             return ""
         try:
-            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, tools=tools,
                                                  add_generation_prompt=generation_prompt)
         except jinja2.TemplateError as e:
             raise UserError(f"the chat template failed on this conversation: {e}") from None

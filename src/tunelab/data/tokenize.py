@@ -160,8 +160,10 @@ def tokenize_conversation(conversation: list[Message] | str, template: str, toke
     """A conversation rendered and tokenized within data.max_length, by data.truncation: `keep_response` cuts
     the prompt (fit_prompt) and returns None when the response alone cannot fit; `right` cuts the tokens'
     end. Text documents (a str) are always cut at the end."""
+    tools = getattr(conversation, "tools", None)
+
     def tokens(messages) -> Example:
-        segments = render(messages, template, tokenizer)
+        segments = render(messages, template, tokenizer, tools=tools)
         return tokenize_example(segments, tokenizer, UNLIMITED, data_cfg.train_on_prompt)
 
     max_length = data_cfg.max_length
