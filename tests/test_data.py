@@ -140,7 +140,7 @@ def test_preference_shapes_other_tools_ship():
         to_preference(row({**openai, "non_preferred_output": openai["preferred_output"]}))
     with pytest.raises(UserError, match="data.jsonl:1: 'input' must be an object with a 'messages' list"):
         to_preference(row({**openai, "input": "Hi"}))
-    with pytest.raises(UserError, match=r"data.jsonl:1: chosen\[0\] has role 'function_call'"):
+    with pytest.raises(UserError, match=r"data.jsonl:1: chosen\[0\] must be a tool call with a function name"):
         to_preference(row({**sharegpt, "chosen": {"from": "function_call", "value": "{}"}}))
 
 
