@@ -284,11 +284,16 @@ def test_token_cache_survives_a_bad_entry(sft_setup, tiny_tokenizer, monkeypatch
 # ---------------------------------------------------------------- padding-free batches
 
 
-def test_padding_free_batch_equals_the_padded_batch():
-    """One row of documents with per-document attention gives the padded batch's loss and gradients."""
+@pytest.mark.parametrize("batch_waste", [0.0, 1e9], ids=["per-document", "batched"])
+def test_padding_free_batch_equals_the_padded_batch(batch_waste, monkeypatch):
+    """One row of documents with per-document attention gives the padded batch's loss and gradients, whether the
+    attention runs one SDPA call per document or one batched call over the documents padded inside it."""
     from peft import LoraConfig, get_peft_model
 
+    from tunelab import attention
     from tunelab.attention import use_padding_free_attention
+
+    monkeypatch.setattr(attention, "BATCH_WASTE", batch_waste)
     from tunelab.data import Example, collate, collate_padding_free
     from tunelab.objectives import sft
 
@@ -342,7 +347,14 @@ def test_padding_free_config_checks():
     from tunelab.config import UserError, load_config
 
     base = {"model": {"path": "m"}, "data": {"train": [{"path": "d.jsonl"}], "padding_free": True}}
-    assert load_config(data=base).data.padding_free
+    assert load_config(data=base).data.padding_free is True
+    plain = {"model": {"path": "m"}, "data": {"train": [{"path": "d.jsonl"}]}}
+    assert load_config(data=plain).data.padding_free == "auto"  # the default, for every method
+    assert load_config(data={**plain, "method": "reward"}).data.padding_free == "auto"
+    assert load_config(data=plain, overrides=["data.padding_free=false"]).data.padding_free is False
+    assert load_config(data=plain, overrides=["data.packing=true"]).data.packing  # auto gives way to packing
+    with pytest.raises(UserError, match="padding_free"):
+        load_config(data=plain, overrides=["data.padding_free=sometimes"])
     with pytest.raises(UserError, match="choose one"):
         load_config(data={**base, "data": {**base["data"], "packing": True}})
     assert load_config(data={**base, "method": "dpo"}).data.padding_free
@@ -361,8 +373,45 @@ def test_padding_free_refuses_a_model_that_drops_the_bounds():
         sft.causal_lm_loss(_tiny_llama(tie=False), batch)  # never switched to padding-free attention
 
 
-def test_padding_free_training_saves_a_model_that_loads_anywhere(tmp_path):
-    """A run with data.padding_free trains through the CLI, and what it saves names no tunelab attention."""
+def _auto_config(method="sft", **data):
+    from tunelab.config import load_config
+
+    return load_config(data={"model": {"path": "m"}, "method": method,
+                             "data": {"train": [{"path": "d.jsonl"}], **data}})
+
+
+def test_padding_free_auto_switches_a_model_that_keeps_documents_apart():
+    from tunelab.attention import NAME, choose
+
+    model = _tiny_llama(tie=False)
+    on, line = choose(_auto_config(), model)
+    assert on and "auto -> padding-free" in line and model.config._attn_implementation == NAME
+    for cfg in (_auto_config("reward"), _auto_config(packing=True), _auto_config(padding_free=False)):
+        model = _tiny_llama(tie=False)
+        assert choose(cfg, model) == (False, None) and model.config._attn_implementation != NAME
+
+
+def test_padding_free_auto_falls_back_to_padded_batches_with_a_notice():
+    """A model whose layers drop the document bounds would attend across documents: auto keeps padded batches, says
+    so in one line, and leaves the model's attention as it was (its padded batches still give the same loss)."""
+    from tunelab.attention import BOUNDS_KWARG, choose
+    from tunelab.objectives import sft
+
+    model = _tiny_llama(tie=False)
+    batch = _batch()
+    reference = _reference_loss(model, batch)
+    for layer in model.model.layers:
+        forward = layer.self_attn.forward
+        layer.self_attn.forward = lambda *a, _f=forward, **k: _f(*a, **{n: v for n, v in k.items() if n != BOUNDS_KWARG})
+    on, line = choose(_auto_config(), model)
+    assert not on and "auto -> padded batches" in line and "does not pass attention arguments" in line
+    assert "\n" not in line and model.config._attn_implementation == "sdpa"
+    assert float(sft.causal_lm_loss(model, batch)[0]) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_padding_free_training_saves_a_model_that_loads_anywhere(tmp_path, capsys):
+    """A run with the default data.padding_free (auto) trains through the CLI on padding-free batches and says so,
+    and what it saves names no tunelab attention."""
     import yaml
     from tiny import config_dict, make_base_model, write_task_data
     from transformers import AutoModelForCausalLM
@@ -371,10 +420,10 @@ def test_padding_free_training_saves_a_model_that_loads_anywhere(tmp_path):
 
     base = make_base_model(tmp_path / "base", warm_steps=0)
     data = write_task_data(tmp_path / "train.jsonl", n=12)
-    cfg = config_dict(base, data, tmp_path / "run", data={"padding_free": True},
-                      train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-3})
+    cfg = config_dict(base, data, tmp_path / "run", train={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-3})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert "data.padding_free: auto -> padding-free batches" in capsys.readouterr().out
     final = tmp_path / "run" / "final"
     assert "tunelab" not in (final / "config.json").read_text()
     model = AutoModelForCausalLM.from_pretrained(final)

@@ -33,6 +33,10 @@ def padding_free_attention(module, query, key, value, attention_mask, dropout: f
     global bounded_calls
     bounded_calls += 1
     window = kwargs.get("sliding_window")  # Mistral, Gemma, Qwen: local layers see the last `window` tokens only
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    if len(lengths) > 1 and (not window or max(lengths) <= window) and \
+            len(lengths) * max(lengths) ** 2 <= BATCH_WASTE * sum(n * n for n in lengths):
+        return _attend_batched(module, query, key, value, bounds, lengths, dropout, scaling), None
     outputs = []
     for start, end in zip(bounds, bounds[1:]):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
@@ -60,6 +64,32 @@ def unsupported_reason(model) -> str | None:
         return (f"{config.model_type} soft-caps its attention scores (attn_logit_softcapping), which SDPA per "
                 "document cannot do")
     return None
+
+
+# Documents of similar length go through one batched SDPA call (padded inside the attention only) when that computes
+# at most this many times the attention work of one call per document: short rows then pay one kernel launch per layer
+# instead of one per document, and long, uneven rows keep the per-document calls that skip the padded squares.
+BATCH_WASTE = 2.0
+
+
+def _attend_batched(module, query, key, value, bounds, lengths, dropout, scaling):
+    """The documents of one row as a right-padded [docs, heads, longest, head_dim] batch with a causal SDPA call. A
+    document's queries only see keys at or before them, all its own, so the padding needs no mask; the padded
+    positions' outputs are dropped, and with them any gradient they would send back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    longest, device = max(lengths), query.device
+    starts = torch.tensor(bounds[:-1], device=device)
+    offsets = torch.arange(longest, device=device)
+    real = offsets < torch.tensor(lengths, device=device)[:, None]  # [docs, longest]
+    index = (starts[:, None] + offsets).masked_fill(~real, 0)  # padding reads token 0: never attended
+
+    def batched(x):  # [1, heads, tokens, dim] -> [docs, heads, longest, dim]
+        return x[0][:, index].transpose(0, 1)
+
+    out, _ = sdpa_attention_forward(module, batched(query), batched(key), batched(value), None, dropout=dropout,
+                                    scaling=scaling, is_causal=True)  # [docs, longest, heads, dim]
+    return out[real].unsqueeze(0)
 
 
 def use_padding_free_attention(model) -> None:
@@ -93,3 +123,65 @@ def check_reached(calls_before: int, model) -> None:
 
         raise UserError(f"data.padding_free: {type(model).__name__} does not pass attention arguments through its "
                         "layers, so its documents cannot be kept apart; use data.packing or train.group_by_length")
+
+
+def choose(cfg, model) -> tuple[bool, str | None]:
+    """Whether this run's batches are padding-free, and the one console line that says so for `auto`.
+
+    `true` was switched on when the model was built; `false` stays padded. `auto` (the default) takes padding-free
+    batches for the methods that have them (sft, dpo; not with data.packing) when the model keeps a row's
+    documents apart, which `probe` checks on a few tokens: otherwise the run stays padded and says why. Padding-free
+    batches never cost more than padded ones: the linear layers see only real tokens, and documents of similar
+    length share one attention call (`BATCH_WASTE`)."""
+    from tunelab.config import PADDING_FREE_METHODS
+
+    setting = cfg.data.padding_free
+    if setting != "auto":
+        return bool(setting), None
+    if cfg.method not in PADDING_FREE_METHODS or cfg.data.packing:
+        return False, None
+    reason = probe(model)
+    if reason is not None:
+        return False, f"data.padding_free: auto -> padded batches ({reason})"
+    return True, ("data.padding_free: auto -> padding-free batches (each micro-batch one row of its sequences, "
+                  "attention per document; data.padding_free: false for padded batches)")
+
+
+@torch.no_grad()
+def probe(model) -> str | None:
+    """Switch `model` to padding-free attention if its documents stay apart: two short documents in one row must give
+    the hidden states each gives alone. None when switched; else the reason, with the model as it was."""
+    from tunelab.config import UserError
+    from tunelab.model import unwrap
+    from tunelab.objectives.sft import decoder_and_head, decoder_hidden
+
+    hf = unwrap(model)
+    before = getattr(hf.config, "_attn_implementation", None)
+    if unsupported_reason(model):
+        return unsupported_reason(model)
+    try:
+        use_padding_free_attention(model)
+    except Exception as e:  # a model without transformers' attention interface
+        return f"{type(hf).__name__} cannot switch its attention: {str(e).splitlines()[0][:120]}"
+    decoder, _ = decoder_and_head(model)
+    device = next(hf.parameters()).device
+    docs = [[1, 2, 3, 4], [5, 3, 2]]
+    was_training = model.training
+    model.eval()
+    try:
+        row = torch.tensor([docs[0] + docs[1]], device=device)
+        positions = torch.tensor([list(range(len(docs[0]))) + list(range(len(docs[1])))], device=device)
+        together = decoder_hidden(decoder, {"input_ids": row, "position_ids": positions, "doc_bounds": [0, 4, 7]})
+        alone = torch.cat([decoder_hidden(decoder, {"input_ids": torch.tensor([d], device=device)}) for d in docs], 1)
+        tol = 1e-4 if together.dtype == torch.float32 else 2e-2
+        apart = torch.allclose(together.float(), alone.float(), atol=tol, rtol=tol)
+        reason = None if apart else f"{type(hf).__name__} lets documents of one row attend to each other"
+    except UserError:  # from check_reached: the bounds never reached the attention
+        reason = f"{type(hf).__name__} does not pass attention arguments through its layers"
+    except Exception as e:
+        reason = f"{type(hf).__name__} failed a padding-free forward: {str(e).splitlines()[0][:120]}"
+    finally:
+        model.train(was_training)
+    if reason is not None and before is not None:
+        hf.set_attn_implementation(before)
+    return reason

@@ -86,6 +86,8 @@ class AdapterConfig(Section):
 
 # ---------------------------------------------------------------- data
 
+PADDING_FREE_METHODS = ("sft", "dpo", "orpo")  # the objectives whose collate and loss take padding-free rows
+
 Format = Literal["alpaca", "chat", "sharegpt", "gemini", "completion", "text", "preference", "kto", "prompt"]
 
 
@@ -109,7 +111,9 @@ class DataConfig(Section):
     packing: bool = False
     # SFT and DPO: each micro-batch as one row of its sequences end to end, attention per document
     # (tunelab.attention): no padding and no cross-document L x L mask, the same rows per step as padded batches.
-    padding_free: bool = False
+    # auto: on for sft and dpo when the model keeps documents apart (checked at start, else a notice and padded
+    # batches), off for other methods and with data.packing; true / false force it.
+    padding_free: Union[bool, Literal["auto"]] = "auto"
 
     @field_validator("template")
     @classmethod
@@ -125,7 +129,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _padding_free(self):
-        if self.padding_free and self.packing:
+        if self.padding_free is True and self.packing:
             raise ValueError("data.padding_free and data.packing are two ways to drop padding; choose one")
         return self
 
@@ -317,7 +321,7 @@ class Config(Section):
                 "model.init builds random weights, which an adapter cannot usefully adapt; train the new model "
                 "fully (leave out `adapter:`), then fine-tune its output with an adapter in a second run"
             )
-        if self.data.padding_free and self.method not in ("sft", "dpo", "orpo"):
+        if self.data.padding_free is True and self.method not in PADDING_FREE_METHODS:
             raise ValueError(f"data.padding_free is implemented for method: sft, dpo and orpo (got {self.method}); use data.packing "
                              "or train.group_by_length")
         if self.method == "kto" and self.train.micro_batch_size < 2:

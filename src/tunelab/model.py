@@ -255,7 +255,7 @@ def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, 
         )
     if cfg.train.gradient_checkpointing and not cfg.model.quantize:
         enable_gradient_checkpointing(model)
-    if cfg.data.padding_free:  # before any objective copies it (DPO's frozen reference attends the same way)
+    if cfg.data.padding_free is True:  # before any objective copies it (DPO's frozen reference attends the same way)
         from tunelab.attention import use_padding_free_attention
 
         use_padding_free_attention(model)

@@ -103,6 +103,11 @@ class Trainer:
         check_sharding(cfg, self.objective)
         self.sharded = tc.distributed == "fsdp"
         self.model = build_model(cfg, kind, self.device, self.tokenizer, added)
+        from tunelab.attention import choose
+
+        self.objective.padding_free, line = choose(cfg, self.model)  # before setup: DPO's reference copy attends alike
+        if line and self.dist.main:
+            self.say(line)
         self.objective.setup(self.model)
         self.module = ObjectiveModule(self.model, self.objective).to(self.device)
         self.dist.agree(lambda: check_disk_space(cfg, self.module))

@@ -25,6 +25,9 @@ class Objective:
     def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        # Whether `collate` lays a micro-batch's sequences end to end in one row (data.padding_free; `auto` is
+        # decided by the trainer once the model exists, tunelab.attention.choose).
+        self.padding_free = cfg.data.padding_free is True
 
     def datasets(self) -> tuple[list, list]:
         """(train items, eval items): whatever `collate` accepts."""

@@ -264,7 +264,7 @@ class PreferenceObjective(Objective):
         return items, stats
 
     def collate(self, items):
-        return collate_pairs(items, self.tokenizer.pad_token_id, self.cfg.data.padding_free)
+        return collate_pairs(items, self.tokenizer.pad_token_id, self.padding_free)
 
     def units(self, batch):
         return int(batch["num_pairs"])

@@ -200,7 +200,7 @@ class SFT(Objective):
     def collate(self, items):
         from tunelab.data import collate, collate_padding_free
 
-        if self.cfg.data.padding_free:
+        if self.padding_free:
             return collate_padding_free(items)
         return collate(items, self.tokenizer.pad_token_id)
 
