@@ -37,15 +37,15 @@ NOMINAL_ROWS = 10_000  # "time per epoch" is for a dataset of this many rows lik
 
 # name -> (system, spec additions). tunelab variants differ only by config overrides / ablation patches.
 SYSTEMS = {
-    # tunelab's fastest setting: padding-free micro-batches (data.padding_free, sft and dpo)
-    "tunelab": ("tunelab", {"overrides": ["data.padding_free=true"]}),
+    # tunelab's defaults: nothing set (data.padding_free: auto takes padding-free batches on these workloads)
+    "tunelab": ("tunelab", {}),
     # the memory-saving mode: + gradient checkpointing (which on CPU also hands freed memory back, tunelab/memory.py)
-    "tunelab-ckpt": ("tunelab", {"overrides": ["data.padding_free=true", "train.gradient_checkpointing=true"]}),
-    "tunelab-grouped": ("tunelab", {"overrides": ["train.group_by_length=true"]}),
-    "tunelab-grouped-ckpt": ("tunelab", {"overrides": ["train.group_by_length=true",
+    "tunelab-ckpt": ("tunelab", {"overrides": ["train.gradient_checkpointing=true"]}),
+    "tunelab-grouped": ("tunelab", {"overrides": ["data.padding_free=false", "train.group_by_length=true"]}),
+    "tunelab-grouped-ckpt": ("tunelab", {"overrides": ["data.padding_free=false", "train.group_by_length=true",
                                                        "train.gradient_checkpointing=true"]}),
     "tunelab-packed": ("tunelab", {"overrides": ["data.packing=true"]}),
-    "tunelab-plain": ("tunelab", {}),  # padded batches in shuffled order: the defaults
+    "tunelab-padded": ("tunelab", {"overrides": ["data.padding_free=false"]}),  # padded batches, shuffled order
     "trl": ("trl", {"packing": False}),  # TRL's defaults (gradient checkpointing on), no packing
     "trl-packed": ("trl", {"packing": True}),  # TRL's BFD packing (padding-free rows, position_ids)
     "trl-no-ckpt": ("trl", {"packing": False, "gradient_checkpointing": False}),
@@ -62,7 +62,7 @@ WORKLOADS = {
 
 # label -> (workload, systems): each technique against the shipped configuration, the first system listed
 ABLATIONS = {
-    "padding": ("sft-lora", ["tunelab", "tunelab-grouped", "tunelab-packed", "tunelab-plain"]),
+    "padding": ("sft-lora", ["tunelab", "tunelab-grouped", "tunelab-packed", "tunelab-padded"]),
     "cross-entropy": ("sft-full", ["tunelab-grouped", "tunelab-grouped+ce_checkpoint"]),
     "checkpointing": ("sft-lora", ["tunelab", "tunelab-ckpt"]),
     "adamw": ("sft-full", ["tunelab-grouped", "tunelab-grouped+adamw_foreach"]),
@@ -134,11 +134,17 @@ def spec_for(workload: str, name: str, args) -> dict:
 def run_child(spec: dict, timeout: float = 1800) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
+    launched = time.time()
     proc = subprocess.run([sys.executable, str(HERE / "systems.py"), json.dumps(spec)], capture_output=True,
                           text=True, env=env, timeout=timeout)
+    process_s = time.time() - launched
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
+            out = json.loads(line[7:])
+            # whole process, start-up and saving included; and from launch to the end of the first optimizer step
+            out["process_s"] = process_s
+            out["first_step_s"] = out.pop("first_step_at") - launched
+            return out
     raise RuntimeError(f"{spec['name']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
@@ -161,7 +167,8 @@ def measure(workload: str, names: list[str], args, say=print) -> dict:
             runs[name].append(r)
             probe = "/".join(f"{g:.0f}" for g in r["probe_gflop_s"])
             say(f"  [{workload} rep {rep + 1}/{args.reps}] {name:16s} {r['real_tokens'] / r['seconds']:8.1f} real tok/s "
-                f"{r['seconds']:6.1f}s  rss {r['peak_rss_mb']:6.0f} MB  (load {loads[-1]:.2f}, matmul probe before/after "
+                f"{r['seconds']:6.1f}s  process {r['process_s']:5.1f}s (first step {r['first_step_s']:4.1f}s)  "
+                f"rss {r['peak_rss_mb']:6.0f} MB  (load {loads[-1]:.2f}, matmul probe before/after "
                 f"{probe} GFLOP/s)", flush=True)
     return {"runs": runs, "load_average": loads}
 
@@ -184,6 +191,8 @@ def summarise(workload: str, names: list[str], measured: dict, ceiling: float, a
             "probe_gflop_s": statistics.median(probes) if probes else None,
             "epoch_min": epoch_tokens / med / 60 if workload != "fixed" else None,
             "peak_mem_mb": statistics.median(r[mem_key] for r in rs),
+            "process_s": statistics.median(r["process_s"] for r in rs),
+            "first_step_s": statistics.median(r["first_step_s"] for r in rs),
             "padding_share": (1 - tokens / statistics.median(r["batch_tokens"] for r in rs))
             if "batch_tokens" in rs[0] else None,
             "model_gflop_s": flops / tokens * med / 1e9 if docs else None,
@@ -196,6 +205,7 @@ def summarise(workload: str, names: list[str], measured: dict, ceiling: float, a
         r["speedup_vs_trl"] = r["real_tok_s"] / peers[0]["real_tok_s"] if peers else None
         r["best_vs_trl_best"] = r["best_tok_s"] / peers[0]["best_tok_s"] if peers else None
         r["mem_vs_trl"] = r["peak_mem_mb"] / peers[0]["peak_mem_mb"] if peers else None
+        r["process_vs_trl"] = peers[0]["process_s"] / r["process_s"] if peers else None  # > 1: faster than TRL
     if peers:
         fastest = max(peers, key=lambda r: r["real_tok_s"])
         base["speedup_vs_fastest_trl"] = base["real_tok_s"] / fastest["real_tok_s"]
@@ -205,15 +215,16 @@ def summarise(workload: str, names: list[str], measured: dict, ceiling: float, a
 
 def table(workload: str, rows: list[dict], device: str) -> str:
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
-    head = (f"| {workload} | real tok/s (median) | vs trl | best run | best vs trl's best | epoch* (min) | {mem} | vs trl "
-            "| padding | model GFLOP/s | of ceiling | probe GFLOP/s |")
-    lines = [head, "|" + "---|" * 12]
+    head = (f"| {workload} | real tok/s (median) | vs trl | best run | best vs trl's best | process s | vs trl "
+            f"| first step s | epoch* (min) | {mem} | vs trl | padding | model GFLOP/s | of ceiling | probe GFLOP/s |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         def f(v, fmt):
             return "–" if v is None else format(v, fmt)
 
         lines.append(f"| {r['system']} | {r['real_tok_s']:.0f} | {f(r['speedup_vs_trl'], '.2f')}× | "
                      f"{r['best_tok_s']:.0f} | {f(r['best_vs_trl_best'], '.2f')}× | "
+                     f"{r['process_s']:.1f} | {f(r['process_vs_trl'], '.2f')}× | {r['first_step_s']:.1f} | "
                      f"{f(r['epoch_min'], '.0f')} | {r['peak_mem_mb']:.0f} | {f(r['mem_vs_trl'], '.2f')}× | "
                      f"{f(r['padding_share'], '.0%')} | {f(r['model_gflop_s'], '.1f')} | "
                      f"{f(r['flop_ceiling_share'], '.0%')} | {f(r['probe_gflop_s'], '.0f')} |")

@@ -129,6 +129,7 @@ def run_tunelab(spec: dict) -> dict:
 
         def _step(self, batches):
             out = super()._step(batches)
+            self.first_step_at = getattr(self, "first_step_at", None) or time.time()
             for b in batches:
                 self.tokens += real_tokens(b) if "input_ids" in b else 0
                 self.padded += int(b["input_ids"].numel()) if "input_ids" in b else 0
@@ -147,7 +148,8 @@ def run_tunelab(spec: dict) -> dict:
         out = {"seconds": trainer.t_end - trainer.t_start, "steps": trainer.state.step,
                "micro_batches": trainer.state.step * cfg.train.grad_accum, "real_tokens": tokens,
                "batch_tokens": trainer.padded, "docs": _doc_lengths(trainer.train_items),
-               "threads": torch.get_num_threads(), "warmup_s": trainer.warmup_s}
+               "threads": torch.get_num_threads(), "warmup_s": trainer.warmup_s,
+               "first_step_at": trainer.first_step_at}
     return out
 
 
@@ -218,6 +220,7 @@ def run_trl(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kw):
             _sync(spec["device"])
             self.t_end = time.perf_counter()
+            self.first_step_at = getattr(self, "first_step_at", None) or time.time()
             self.steps += 1
 
     timer = Timer()
@@ -263,7 +266,8 @@ def run_trl(spec: dict) -> dict:
             tokens = sum(len(e.input_ids) for e in examples)
             docs = [[len(e.input_ids), sum(1 for y in e.labels[1:] if y != -100)] for e in examples]
         out = {"seconds": timer.t_end - timer.t_start, "steps": timer.steps, "micro_batches": timer.steps,
-               "real_tokens": tokens, "docs": docs, "threads": torch.get_num_threads()}
+               "real_tokens": tokens, "docs": docs, "threads": torch.get_num_threads(),
+               "first_step_at": timer.first_step_at}
     return out
 
 

@@ -185,6 +185,8 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    from tunelab.lora_dropout import fuse_lora_dropout
+
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
     if mode == "qlora":
@@ -200,6 +202,7 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
     if mode != "full":
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+        fuse_lora_dropout(model)
     if gc and mode != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -428,3 +428,55 @@ def test_padding_free_training_saves_a_model_that_loads_anywhere(tmp_path, capsy
     assert "tunelab" not in (final / "config.json").read_text()
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.config._attn_implementation != "tunelab_padding_free"
+
+
+# ---------------------------------------------------------------- LoRA dropout
+
+
+def test_lora_dropout_keeps_a_mask_and_gives_the_dropped_out_matmul():
+    """DroppedInputLinear equals lora_A(dropout(x)) with the same mask (output and both gradients), keeps less for
+    the backward pass than PEFT's dropout + linear, and fuse_lora_dropout switches a PEFT model's plain adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.lora_dropout import DroppedInputLinear, fuse_lora_dropout
+
+    p = 0.25
+    x = torch.randn(3, 11, 32, requires_grad=True)
+    layer = torch.nn.Linear(32, 8, bias=False)
+    layer.__class__ = DroppedInputLinear
+    layer.dropout_p = p
+    torch.manual_seed(5)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, layer.weight), grad_out)
+    torch.manual_seed(5)
+    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p)
+    ref = F.linear(x * keep / (1 - p), layer.weight)
+    rx, rw = torch.autograd.grad(ref, (x, layer.weight), grad_out)
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(gx, rx, atol=1e-6) and torch.allclose(gw, rw, atol=1e-5)
+    layer.eval()
+    assert torch.equal(layer(x), F.linear(x, layer.weight))  # no dropout outside training
+
+    def kept_bytes(model):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 97, (2, 24))).logits.sum()
+        return sum(seen.values())
+
+    def lora(fused):
+        torch.manual_seed(0)
+        model = get_peft_model(_tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, lora_dropout=p,
+                                                                  target_modules="all-linear"))
+        if fused:
+            assert fuse_lora_dropout(model) == 14  # 7 linears x 2 layers
+        return model.train()
+
+    peft_model, fused_model = lora(False), lora(True)
+    assert sum(isinstance(m, DroppedInputLinear) for m in fused_model.modules()) == 14
+    assert kept_bytes(fused_model) < 0.8 * kept_bytes(peft_model)

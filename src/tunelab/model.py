@@ -185,6 +185,9 @@ def attach_adapter(model, ac: AdapterConfig, *, quantized: bool, gradient_checkp
         split_dropout(peft_model, ac.dropout)
         print(f"adapter: LoRA on the fused expert weights ({', '.join(expert_params)}) runs without dropout (PEFT "
               f"cannot apply dropout there); the linear layers use adapter.dropout {ac.dropout}")
+    from tunelab.lora_dropout import fuse_lora_dropout
+
+    fuse_lora_dropout(peft_model)  # the same maths, a bool mask kept instead of two copies of each input
     return peft_model
 
 

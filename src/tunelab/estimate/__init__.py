@@ -15,7 +15,8 @@ Assumptions, also printed with every estimate:
 - Micro-batches are full: micro_batch_size x max_length tokens (packing, or long rows).
 - Attention uses a flash / memory-efficient sdpa kernel: no seq^2 memory term.
 - GPUs: fused AdamW (no temporaries), a bool dropout mask, + 1 GiB CUDA context/workspaces and 5 %
-  allocator slack. CPU: foreach AdamW (one param-sized temporary), dropout keeps a float noise tensor.
+  allocator slack. CPU: foreach AdamW (one param-sized temporary). LoRA dropout keeps a bool mask and the
+  layer's input (tunelab.lora_dropout), on every device.
 
 The pieces: shapes (a model's shape from its config), devices (datasheet GPUs, the measured CPU), counting
 (parameters, FLOPs, memory by component: the model of what a step keeps alive), tokens (tokens per epoch from

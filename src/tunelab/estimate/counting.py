@@ -66,11 +66,6 @@ class Plan:
     cuda: bool = True
 
 
-def _mask_bytes(plan: Plan, dropped: int) -> int:
-    # CUDA's fused dropout keeps a bool mask; the CPU path multiplies by a noise tensor of the input's dtype.
-    return 1 if plan.cuda else dropped
-
-
 def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
     """Bytes one transformer block keeps for its backward pass, per token.
 
@@ -107,8 +102,8 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
         else:
             dropped, copies, kept = 4, False, 4
         if p.dropout:
-            n += width * (_mask_bytes(p, dropped) + kept)
-        elif copies:
+            n += width  # tunelab.lora_dropout: a bool mask; the input itself is kept as without dropout
+        if copies:
             n += width * kept
         else:
             shared.add(src)  # lora_A keeps the layer's own input, one tensor for q, k and v
