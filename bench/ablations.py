@@ -82,3 +82,20 @@ def malloc_default():
     from tunelab import memory
 
     memory.return_freed_memory = lambda: False
+
+
+def malloc_trim_steps():
+    """Return the heap's free pages to the OS after every optimizer step (glibc malloc_trim), default threshold."""
+    import ctypes
+
+    from tunelab import trainer
+
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    step = trainer.Trainer._step
+
+    def patched(self, batches):
+        out = step(self, batches)
+        trim(0)
+        return out
+
+    trainer.Trainer._step = patched

@@ -168,7 +168,7 @@ def measure(workload: str, names: list[str], args, say=print) -> dict:
             probe = "/".join(f"{g:.0f}" for g in r["probe_gflop_s"])
             say(f"  [{workload} rep {rep + 1}/{args.reps}] {name:16s} {r['real_tokens'] / r['seconds']:8.1f} real tok/s "
                 f"{r['seconds']:6.1f}s  process {r['process_s']:5.1f}s (first step {r['first_step_s']:4.1f}s)  "
-                f"rss {r['peak_rss_mb']:6.0f} MB  (load {loads[-1]:.2f}, matmul probe before/after "
+                f"rss {r['peak_rss_mb']:6.0f} MB  faults {r.get('minor_faults', 0) / 1e6:5.2f}M  (load {loads[-1]:.2f}, matmul probe before/after "
                 f"{probe} GFLOP/s)", flush=True)
     return {"runs": runs, "load_average": loads}
 

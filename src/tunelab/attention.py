@@ -133,13 +133,10 @@ def choose(cfg, model) -> tuple[bool, str | None]:
     documents apart, which `probe` checks on a few tokens: otherwise the run stays padded and says why. Padding-free
     batches never cost more than padded ones: the linear layers see only real tokens, and documents of similar
     length share one attention call (`BATCH_WASTE`)."""
-    from tunelab.config import PADDING_FREE_METHODS
+    from tunelab.config import wants_padding_free
 
-    setting = cfg.data.padding_free
-    if setting != "auto":
-        return bool(setting), None
-    if cfg.method not in PADDING_FREE_METHODS or cfg.data.packing:
-        return False, None
+    if cfg.data.padding_free != "auto" or not wants_padding_free(cfg):
+        return wants_padding_free(cfg), None
     reason = probe(model)
     if reason is not None:
         return False, f"data.padding_free: auto -> padded batches ({reason})"

@@ -427,6 +427,14 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid config {source}: " + "; ".join(lines)
 
 
+def wants_padding_free(cfg: Config) -> bool:
+    """Whether the run's micro-batches are meant to be padding-free: data.padding_free true, or auto for the methods
+    that have them (without data.packing). At run time auto also needs the model to keep documents apart
+    (tunelab.attention.choose checks it and otherwise falls back to padded batches)."""
+    setting = cfg.data.padding_free
+    return setting is True or (setting == "auto" and cfg.method in PADDING_FREE_METHODS and not cfg.data.packing)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> Config:
     """Read YAML (or take a dict), apply `key=value` overrides, validate. Raises UserError."""
     source = str(path) if path is not None else "(dict)"
