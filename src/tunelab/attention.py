@@ -148,11 +148,7 @@ def choose(cfg, model) -> tuple[bool, str | None]:
 def probe(model) -> str | None:
     """Switch `model` to padding-free attention if its documents stay apart: two short documents in one row must give
     the hidden states each gives alone. None when switched; else the reason, with the model as it was."""
-    from tunelab.config import UserError
-    from tunelab.model import unwrap
-    from tunelab.objectives.sft import decoder_and_head, decoder_hidden
-
-    hf = unwrap(model)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # as use_padding_free_attention
     before = getattr(hf.config, "_attn_implementation", None)
     if unsupported_reason(model):
         return unsupported_reason(model)
@@ -160,21 +156,25 @@ def probe(model) -> str | None:
         use_padding_free_attention(model)
     except Exception as e:  # a model without transformers' attention interface
         return f"{type(hf).__name__} cannot switch its attention: {str(e).splitlines()[0][:120]}"
-    decoder, _ = decoder_and_head(model)
+    decoder = hf.base_model  # the decoder without its head
     device = next(hf.parameters()).device
     docs = [[1, 2, 3, 4], [5, 3, 2]]
-    was_training = model.training
+    was_training, calls = model.training, bounded_calls
     model.eval()
     try:
         row = torch.tensor([docs[0] + docs[1]], device=device)
         positions = torch.tensor([list(range(len(docs[0]))) + list(range(len(docs[1])))], device=device)
-        together = decoder_hidden(decoder, {"input_ids": row, "position_ids": positions, "doc_bounds": [0, 4, 7]})
-        alone = torch.cat([decoder_hidden(decoder, {"input_ids": torch.tensor([d], device=device)}) for d in docs], 1)
+        together = decoder(input_ids=row, position_ids=positions, use_cache=False,
+                           **{BOUNDS_KWARG: [0, len(docs[0]), len(row[0])]}).last_hidden_state
+        alone = torch.cat([decoder(input_ids=torch.tensor([d], device=device), use_cache=False).last_hidden_state
+                           for d in docs], 1)
         tol = 1e-4 if together.dtype == torch.float32 else 2e-2
-        apart = torch.allclose(together.float(), alone.float(), atol=tol, rtol=tol)
-        reason = None if apart else f"{type(hf).__name__} lets documents of one row attend to each other"
-    except UserError:  # from check_reached: the bounds never reached the attention
-        reason = f"{type(hf).__name__} does not pass attention arguments through its layers"
+        if bounded_calls == calls:
+            reason = f"{type(hf).__name__} does not pass attention arguments through its layers"
+        elif not torch.allclose(together.float(), alone.float(), atol=tol, rtol=tol):
+            reason = f"{type(hf).__name__} lets the documents of one row attend to each other"
+        else:
+            reason = None
     except Exception as e:
         reason = f"{type(hf).__name__} failed a padding-free forward: {str(e).splitlines()[0][:120]}"
     finally:
