@@ -245,6 +245,23 @@ def build_tokenizer(cfg: Config, kind: str = "causal_lm", say=None):
     return tokenizer, added
 
 
+def import_peft_without_bitsandbytes_compile() -> None:
+    """Import peft for a run that uses no bitsandbytes kernel (no 4-bit weights, no 8-bit optimizer). peft imports
+    bitsandbytes whenever it is installed, and bitsandbytes wraps its kernels in torch.compile at import, which loads
+    torch's compiler stack: most of peft's import time (bench/README.md, start-up). torch.compile is the identity
+    while that import runs; should a 4-bit model follow in the same process, its kernels run uncompiled."""
+    import sys
+
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **kwargs: model if model is not None else (lambda fn: fn)
+    try:
+        import peft  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
 def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, added: list[int] = ()):
     """The trainable model for a tokenizer from build_tokenizer (`added`: ids of tokens it added, whose embedding
     rows are new: they start as the mean of the existing rows and are trained, alone with an adapter)."""
@@ -252,6 +269,8 @@ def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, 
     if added:
         add_embedding_rows(model, len(tokenizer), added)
     if cfg.adapter is not None:
+        if not cfg.model.quantize and cfg.train.optimizer == "adamw":
+            import_peft_without_bitsandbytes_compile()
         model = attach_adapter(
             model, cfg.adapter, quantized=bool(cfg.model.quantize),
             gradient_checkpointing=cfg.train.gradient_checkpointing, kind=kind, new_token_ids=list(added),
