@@ -17,8 +17,9 @@ LAYERS = [
     {"config": ["config"]},
     {"data": ["data", "tasks"]},  # tasks: the demo's synthetic data and its reward, imports nothing of tunelab
     # What a model is and how it runs: loading / building / saving (model, scratch), attention, number formats,
-    # the CPU allocator, generation (infer: serve and evaluation use it too), MoE experts / routers / router loss (moe).
-    {"model": ["model", "scratch", "attention", "precision", "memory", "infer", "moe"]},
+    # the CPU allocator, LoRA dropout's kept mask, generation (infer: serve and evaluation use it too), MoE experts /
+    # routers / router loss (moe).
+    {"model": ["model", "scratch", "attention", "lora_dropout", "precision", "memory", "infer", "moe"]},
     {"objectives": ["objectives"]},
     {
         # The loop and the machinery it alone uses.
