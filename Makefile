@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium demo test test-slow bench clean
+.PHONY: venv chromium demo test test-slow bench bench-serve clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
+
+bench-serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -41,18 +41,36 @@ def prompts(n: int) -> list[str]:
 
 # ---------------------------------------------------------------- plain transformers, one request at a time
 
-def run_transformers(model_dir: Path, texts: list[str], max_tokens: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
+class Plain:
+    """The model loaded with plain transformers, warmed up by one generate call."""
+
+    def __init__(self, model_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from tunelab.data import stop_token_ids
+        from tunelab.infer import prompt_ids
+        from tunelab.model import load_tokenizer
+
+        self.tokenizer = load_tokenizer(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.stops = stop_token_ids(assets.TEMPLATE, self.tokenizer)
+        self.ids = lambda text: prompt_ids(self.tokenizer, [{"role": "user", "content": text}], assets.TEMPLATE)
+        self.generate(self.ids("warm up"), 4)
+
+    def generate(self, ids: list[int], max_tokens: int, streamer=None):
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None,
+                                      top_k=None, eos_token_id=self.stops, pad_token_id=self.tokenizer.pad_token_id,
+                                      streamer=streamer)
+        return out[0, len(ids):].tolist()
+
+
+def run_transformers(plain: Plain, texts: list[str], max_tokens: int) -> dict:
     from transformers.generation.streamers import BaseStreamer
-
-    from tunelab.data import stop_token_ids
-    from tunelab.infer import prompt_ids
-    from tunelab.model import load_tokenizer
-
-    tokenizer = load_tokenizer(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    stops = stop_token_ids(assets.TEMPLATE, tokenizer)
 
     class FirstToken(BaseStreamer):
         def __init__(self):
@@ -66,20 +84,14 @@ def run_transformers(model_dir: Path, texts: list[str], max_tokens: int) -> dict
         def end(self):
             pass
 
-    start, ttft, outputs = time.perf_counter(), [], []
+    start, ttft, texts_out, tokens = time.perf_counter(), [], [], 0
     for text in texts:
-        ids = prompt_ids(tokenizer, [{"role": "user", "content": text}], assets.TEMPLATE)
         streamer = FirstToken()
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None,
-                                 top_k=None, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                                 streamer=streamer)
+        new = plain.generate(plain.ids(text), max_tokens, streamer)
         ttft.append(streamer.at - start)
-        new = out[0, len(ids):].tolist()
-        outputs.append((tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True), len(new)))
-    wall = time.perf_counter() - start
-    return {"wall_s": wall, "ttft_s": ttft, "texts": [t for t, _ in outputs], "tokens": sum(n for _, n in outputs)}
+        texts_out.append(plain.tokenizer.decode([t for t in new if t not in plain.stops], skip_special_tokens=True))
+        tokens += len(new)
+    return {"wall_s": time.perf_counter() - start, "ttft_s": ttft, "texts": texts_out, "tokens": tokens}
 
 
 # ---------------------------------------------------------------- tunelab serve, all requests at once
@@ -175,9 +187,10 @@ def main(argv=None) -> int:
         proc, url = start_server(model_dir, Path(home))
         try:
             run_server(url, texts[:1], 4)  # loads the model
+            plain = Plain(model_dir)
             runs = {"transformers": [], "tunelab serve": []}
             for rep in range(args.reps):
-                runs["transformers"].append(run_transformers(model_dir, texts, args.max_tokens))
+                runs["transformers"].append(run_transformers(plain, texts, args.max_tokens))
                 runs["tunelab serve"].append(run_server(url, texts, args.max_tokens))
                 same = runs["transformers"][-1]["texts"] == runs["tunelab serve"][-1]["texts"]
                 print(f"rep {rep + 1}: texts equal: {same}", file=sys.stderr)
@@ -187,8 +200,11 @@ def main(argv=None) -> int:
             proc.terminate()
             proc.wait(30)
     rows = {name: summary(r) for name, r in runs.items()}
+    import torch
+
     out = {"date": time.strftime("%Y-%m-%d"), "args": vars(args), "load_average_before": load_before,
-           "load_average_after": os.getloadavg(), "cpus": os.cpu_count(), "results": rows,
+           "load_average_after": os.getloadavg(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "results": rows,
            "ratios": {"throughput": rows["tunelab serve"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"],
                       "ttft_mean": rows["tunelab serve"]["ttft_mean_s"] / rows["transformers"]["ttft_mean_s"]}}
     print(table(rows, args))

@@ -35,6 +35,27 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
+def make_token_adapter(base: Path, out: Path, seed: int) -> Path:
+    """An adapter whose run added two tokens: the base grows two rows, which the adapter trains (PEFT trainable
+    tokens), as `data.template: auto` does when it adds ChatML's tokens to a tokenizer without them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.model import _token_layers
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<x1>", "<x2>"])
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new = tokenizer.convert_tokens_to_ids(["<x1>", "<x2>"])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
+                                             trainable_token_indices=_token_layers(model, new)))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -43,7 +64,7 @@ def models(tmp_path_factory):
     run = root / "runs" / "a2"  # a run dir: config.yaml beside final/, trained with the alpaca template
     make_adapter(base, run / "final", seed=2)
     (run / "config.yaml").write_text("data:\n  template: alpaca\n")
-    return {"base": base, "a1": a1, "a2": run}
+    return {"base": base, "a1": a1, "a2": run, "a3": make_token_adapter(base, root / "a3", seed=3)}
 
 
 def free_port() -> int:
@@ -193,6 +214,23 @@ def test_concurrent_requests_over_two_adapters(models, server, client):
     assert sorted(a.name for b, a in engine.resident() if b == base and a) == ["a1", "final"]
 
 
+def test_adapter_with_added_tokens_shares_the_base(models, server, client):
+    """An adapter whose run added tokens grows the shared base (the adapters on it come off and back on): it answers
+    as `tunelab generate` loads it alone, and the base and another adapter answer as before."""
+    before = {name: chat(client, name, PROMPTS[0]).choices[0].message.content for name in ("base", "a1")}
+    ids, new = local_reference(models["a3"], [{"role": "user", "content": PROMPTS[0]}])
+    answer = chat(client, "a3", PROMPTS[0])
+    assert answer.usage.completion_tokens == len(new)
+    from tunelab.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(models["a3"]))
+    stop = set(tokenizer.convert_tokens_to_ids(["<|im_end|>"])) | {tokenizer.eos_token_id}
+    assert answer.choices[0].message.content == tokenizer.decode([t for t in new if t not in stop],
+                                                                 skip_special_tokens=True)
+    assert {name: chat(client, name, PROMPTS[0]).choices[0].message.content for name in ("base", "a1")} == before
+    assert server.app.state.engine.loads[(models["base"].resolve(), None)] == 1
+
+
 def test_lru_one_resident_model(models, tmp_path):
     """--max-loaded 1: alternating two bases answers as each alone, with only one resident (each reloaded)."""
     from tunelab.scratch import save_tiny_model
@@ -257,7 +295,7 @@ def test_bad_requests_get_one_line_errors(server):
         r = http.post("/v1/chat/completions", json=good, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
-        assert ids == ["base", "a1", "a2"]
+        assert ids == ["base", "a1", "a2", "a3"]
         assert http.post("/v1/chat/completions", json=good).status_code == 200  # still serving
 
 

@@ -117,6 +117,8 @@ class _Base:
         self.path = path
         self.lock = threading.Lock()  # held while loading, swapping adapters and generating
         self.model = None  # the transformers model, a PeftModel once an adapter is loaded
+        self.rows = 0  # its embedding rows now, and as saved: an adapter whose run added tokens grows the base
+        self.saved_rows = 0
         self.adapters: dict[Path, str] = {}
         self.tokenizers: dict[Path, object] = {}
 
@@ -266,7 +268,7 @@ class Engine:
             base.model = base.model.unload()
 
     def _load(self, base: _Base, target: Target) -> None:
-        """Load what `target` needs into `base` (under base.lock) and make it the active model."""
+        """Load what `target` needs into `base` (under base.lock)."""
         from tunelab.model import load_pretrained, load_tokenizer
 
         if base.model is None:
@@ -274,24 +276,46 @@ class Engine:
                 base.model, base.tokenizers[base.path] = load_pretrained(str(base.path))
             except (OSError, ValueError) as e:
                 raise UserError(f"{base.path}: could not load the model ({str(e).splitlines()[0]})") from None
+            base.rows = base.saved_rows = base.model.get_input_embeddings().weight.shape[0]
             self._count_load((base.path, None))
+        if target.tokenizer not in base.tokenizers:
+            base.tokenizers[target.tokenizer] = load_tokenizer(str(target.tokenizer))
         if target.adapter is not None and target.adapter not in base.adapters:
             self._names += 1
             name = f"adapter{self._names}"  # unique per load: an evicted adapter's name is never reused
-            try:
-                if base.adapters:
-                    base.model.load_adapter(str(target.adapter), adapter_name=name)
-                else:
-                    from peft import PeftModel
-
-                    base.model = PeftModel.from_pretrained(base.model, str(target.adapter), adapter_name=name)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise UserError(f"{target.adapter}: could not load the adapter ({str(e).splitlines()[0]})") from None
-            base.model.eval()
+            tokenizer = base.tokenizers[target.tokenizer]
+            if len(tokenizer) > base.rows:  # its run added tokens (e.g. ChatML's): more rows, as load_pretrained
+                self._grow(base, tokenizer)
+            self._attach(base, target.adapter, name)
             base.adapters[target.adapter] = name
             self._count_load((base.path, target.adapter))
-        if target.tokenizer not in base.tokenizers:
-            base.tokenizers[target.tokenizer] = load_tokenizer(str(target.tokenizer))
+
+    @staticmethod
+    def _attach(base: _Base, adapter: Path, name: str) -> None:
+        try:
+            if base.adapters:
+                base.model.load_adapter(str(adapter), adapter_name=name)
+            else:
+                from peft import PeftModel
+
+                base.model = PeftModel.from_pretrained(base.model, str(adapter), adapter_name=name)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{adapter}: could not load the adapter ({str(e).splitlines()[0]})") from None
+        base.model.eval()
+
+    def _grow(self, base: _Base, tokenizer) -> None:
+        """Give the base rows for every token of `tokenizer` (tunelab.model.grow_to_tokenizer); the adapters already
+        on it come off first and go back on after (PEFT wraps the embedding of those that train token rows)."""
+        from tunelab.model import grow_to_tokenizer
+
+        loaded = dict(base.adapters)
+        if loaded:
+            base.model, base.adapters = base.model.unload(), {}
+        base.model = grow_to_tokenizer(base.model, tokenizer)
+        base.rows = base.model.get_input_embeddings().weight.shape[0]
+        for path, name in loaded.items():
+            self._attach(base, path, name)
+            base.adapters[path] = name
 
     def _count_load(self, key) -> None:
         with self._table:
@@ -328,8 +352,10 @@ class Engine:
             adapters_off = model.disable_adapter() if base.adapters else nullcontext()
         with self._table:
             self.batch_sizes[len(rows)] += 1
+        # Rows the base grew for another adapter's added tokens are no tokens of this model: never pick them
+        vocab = max(base.saved_rows, len(tokenizer))
         with adapters_off, torch.inference_mode():
-            _generate(model, rows, stop_ids, tokenizer.pad_token_id)
+            _generate(model, rows, stop_ids, tokenizer.pad_token_id, vocab if base.rows > vocab else None)
         for row in rows:  # rows that generate ended without a verdict (it stops at the longest max_tokens)
             if not row.done:
                 row.finish("length")
@@ -409,6 +435,15 @@ class _Steps(StoppingCriteria):
         return torch.tensor([row.done for row in self.rows], device=input_ids.device)
 
 
+class _Mask(LogitsProcessor):
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.vocab:] = float("-inf")
+        return scores
+
+
 class _Sampler(LogitsProcessor):
     """Per-row sampling inside a greedy generate: a sampled row's logits become one-hot on the token drawn with that
     row's temperature, top_p and generator, which argmax then picks; greedy rows are left alone."""
@@ -429,8 +464,9 @@ class _Sampler(LogitsProcessor):
         return scores
 
 
-def _generate(model, rows: list[_Row], stop_ids: list[int], pad_id: int | None) -> None:
-    """One left-padded generate call over the rows; the rows collect their own tokens as they come."""
+def _generate(model, rows: list[_Row], stop_ids: list[int], pad_id: int | None, vocab: int | None) -> None:
+    """One left-padded generate call over the rows; the rows collect their own tokens as they come. `vocab`: token
+    ids from there on are masked out."""
     pad = pad_id if pad_id is not None else stop_ids[0]
     length = max(len(row.ids) for row in rows)
     ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -438,7 +474,8 @@ def _generate(model, rows: list[_Row], stop_ids: list[int], pad_id: int | None) 
     for i, row in enumerate(rows):
         ids[i, length - len(row.ids):] = torch.tensor(row.ids)
         mask[i, length - len(row.ids):] = 1
-    processors = LogitsProcessorList([_Sampler(rows)] if any(r.generator for r in rows) else [])
+    processors = LogitsProcessorList(([_Mask(vocab)] if vocab else []) +
+                                     ([_Sampler(rows)] if any(r.generator for r in rows) else []))
     model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                    max_new_tokens=max(row.max_tokens for row in rows), eos_token_id=stop_ids, pad_token_id=pad,
                    do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=processors,
