@@ -69,7 +69,7 @@ def test_client_workflow_and_bad_requests(env):
         sft.train(source_model="base", train_dataset="tasks-train.jsonl", tuned_model_display_name="tiny-tasks-v1")
     if importlib.util.find_spec("tunelab.serve.openai_api") is not None:  # service-serving's routes
         model = tunelab.GenerativeModel(job.tuned_model_endpoint_name)
-        assert isinstance(model.generate_content("What is 12 + 30?").text, str)
+        assert isinstance(model.generate_content("What is 12 + 30?", max_tokens=8).text, str)
 
 
 def bad_requests(env):
