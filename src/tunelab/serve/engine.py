@@ -124,6 +124,8 @@ class _Base:
 
 
 class Engine:
+    """The pool: `submit(target, request)` from the event loop; batches run in worker threads (module docstring)."""
+
     def __init__(self, max_loaded: int = 4, window_s: float = 0.01, workers: int = 8):
         if max_loaded < 1:
             raise UserError(f"max_loaded must be at least 1, got {max_loaded}")
