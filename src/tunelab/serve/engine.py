@@ -286,10 +286,14 @@ class Engine:
             self._names += 1
             name = f"adapter{self._names}"  # unique per load: an evicted adapter's name is never reused
             tokenizer = base.tokenizers[target.tokenizer]
-            if len(tokenizer) > base.rows:  # its run added tokens (e.g. ChatML's): more rows, as load_pretrained
-                self._grow(base, tokenizer)
-            self._attach(base, target.adapter, name)
-            base.adapters[target.adapter] = name
+            grow = len(tokenizer) > base.rows  # its run added tokens (e.g. ChatML's): more rows, as load_pretrained
+            # PEFT cannot add an adapter without token rows once another one's token rows wrap the embedding
+            clash = not _trains_tokens(target.adapter) and any(map(_trains_tokens, base.adapters))
+            if grow or clash:
+                self._rebuild(base, target.adapter, name, tokenizer if grow else None)
+            else:
+                self._attach(base, target.adapter, name)
+                base.adapters[target.adapter] = name
             self._count_load((base.path, target.adapter))
 
     @staticmethod
@@ -305,19 +309,20 @@ class Engine:
             raise UserError(f"{adapter}: could not load the adapter ({str(e).splitlines()[0]})") from None
         base.model.eval()
 
-    def _grow(self, base: _Base, tokenizer) -> None:
-        """Give the base rows for every token of `tokenizer` (tunelab.model.grow_to_tokenizer); the adapters already
-        on it come off first and go back on after (PEFT wraps the embedding of those that train token rows)."""
+    def _rebuild(self, base: _Base, adapter: Path, name: str, grow_to) -> None:
+        """Take the adapters off, give the base rows for every token of `grow_to` (tunelab.model.grow_to_tokenizer)
+        if given, and put them back with the new one, those without trainable token rows first."""
         from tunelab.model import grow_to_tokenizer
 
-        loaded = dict(base.adapters)
-        if loaded:
+        loaded = {**base.adapters, adapter: name}
+        if base.adapters:
             base.model, base.adapters = base.model.unload(), {}
-        base.model = grow_to_tokenizer(base.model, tokenizer)
-        base.rows = base.model.get_input_embeddings().weight.shape[0]
-        for path, name in loaded.items():
-            self._attach(base, path, name)
-            base.adapters[path] = name
+        if grow_to is not None:
+            base.model = grow_to_tokenizer(base.model, grow_to)
+            base.rows = base.model.get_input_embeddings().weight.shape[0]
+        for path in sorted(loaded, key=_trains_tokens):
+            self._attach(base, path, loaded[path])
+            base.adapters[path] = loaded[path]
 
     def _count_load(self, key) -> None:
         with self._table:
@@ -361,6 +366,11 @@ class Engine:
         for row in rows:  # rows that generate ended without a verdict (it stops at the longest max_tokens)
             if not row.done:
                 row.finish("length")
+
+
+def _trains_tokens(adapter: Path) -> bool:
+    """Whether the adapter carries embedding rows for tokens its run added (PEFT trainable tokens)."""
+    return bool(json.loads((adapter / "adapter_config.json").read_text()).get("trainable_token_indices"))
 
 
 # ---------------------------------------------------------------- one batch
