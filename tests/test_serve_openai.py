@@ -328,7 +328,7 @@ def test_remote_generate_and_chat(models, server, capsys, monkeypatch):
         (["generate", f"{server.url}/endpoints/nope", "--prompt", "x"], "HTTP 404"),
         (["generate", url, "--prompt", "x", "--api-key", "wrong"], "HTTP 401: invalid API key"),
         (["generate", url, "--prompt", "x", "--max-new-tokens", "-3"], "HTTP 400: max_tokens"),
-        (["generate", url, "--prompt", "x", "--template", "chatml"], "--template and --dtype apply to local"),
+        (["generate", url, "--prompt", "x", "--template", "chatml"], "apply to local models"),
         (["generate", f"http://127.0.0.1:{free_port()}/a2", "--prompt", "x"], "cannot reach the server"),
     ]:
         assert main(argv) == 2
