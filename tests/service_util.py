@@ -54,11 +54,11 @@ class Server:
         self.log.close()
 
 
-def wait_for(predicate, timeout: float = 240, what: str = "condition"):
+def wait_for(predicate, timeout: float = 900, what: str = "condition", poll: float = 0.3):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.3)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")

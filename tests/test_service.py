@@ -154,3 +154,58 @@ def test_cancel_mid_job(env):
               api(env, "GET", f"/v1/tuningJobs/{job['id']}/events").text.splitlines()
               if line.startswith("data: ") and '"state": "JOB_STATE_' in line and '"name"' in line]
     assert states[-2:] == ["JOB_STATE_CANCELLING", "JOB_STATE_CANCELLED"]
+
+
+def test_jobs_command_line(env, capsys, tmp_path):
+    from tunelab.cli import main
+
+    url = ["--url", env["server"].url]
+    assert main(["jobs", *url, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "SUCCEEDED" in listed and "tiny-tasks-v1" in listed
+    job_id = listed.split()[0]
+    assert main(["jobs", *url, "status", job_id]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == job_id
+    assert main(["jobs", *url, "logs", job_id, "--tail", "3"]) == 0 and "metrics:" in capsys.readouterr().out
+    request = tmp_path / "req.yaml"
+    request.write_text("source_model: base\ntrain_dataset: nope.jsonl\n")
+    assert main(["jobs", *url, "submit", str(request)]) == 2
+    assert "train_dataset: not found: nope.jsonl" in capsys.readouterr().err
+    assert main(["jobs", *url, "cancel", "job-nope"]) == 2 and "no tuning job" in capsys.readouterr().err
+    assert main(["jobs", "--url", "http://127.0.0.1:9", "list"]) == 2 and "cannot reach" in capsys.readouterr().err
+
+
+def test_api_key_and_size_limits(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tunelab.serve.app import create_app
+    from tunelab.serve.settings import ServeSettings
+
+    app = create_app(ServeSettings(home=tmp_path / "home", api_key="s3cret", max_body_mb=0.001, max_upload_mb=0.002))
+    client = TestClient(app)  # no lifespan: no scheduler needed for these
+    assert_error(client.get("/v1/tuningJobs"), 401, "missing API key")
+    assert_error(client.get("/v1/tuningJobs", headers={"Authorization": "Bearer wrong"}), 401, "invalid API key")
+    assert_error(client.get("/v1/endpoints", headers={"X-API-Key": "s3cre"}), 401, "invalid API key")
+    assert client.get("/v1/tuningJobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/v1/files", headers={"X-API-Key": "s3cret"}).status_code == 200
+    client.cookies.set("tunelab_api_key", "s3cret")
+    assert client.get("/v1/endpoints").status_code == 200
+    assert TestClient(app).get("/healthz").status_code == 200  # no data behind it
+    big = {"source_model": "x" * 2000, "train_dataset": "y"}
+    assert_error(client.post("/v1/tuningJobs", json=big), 413, "limit of 0.001 MB")
+    chunks = (b'{"source_model": "' + b"x" * 600 for _ in range(3))  # no Content-Length: counted as it arrives
+    assert_error(client.post("/v1/tuningJobs", content=chunks, headers={"content-type": "application/json"}), 413)
+    rows = b'{"text": "' + b"a" * 3000 + b'"}\n'
+    assert_error(client.post("/v1/files", files={"file": ("big.jsonl", rows)}), 413, "0.002 MB")
+    assert client.app.state.registry.resolve("no-such-model") is None
+
+
+def test_serve_refuses_public_host_without_key(tmp_path, capsys):
+    from tunelab.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--home", str(tmp_path / "h")]) == 2
+    assert "without an API key" in capsys.readouterr().err
+    assert main(["serve", "--max-jobs", "0", "--home", str(tmp_path / "h")]) == 2
+    assert "--max-jobs must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--model", "justaname", "--home", str(tmp_path / "h")]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err

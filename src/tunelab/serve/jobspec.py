@@ -134,6 +134,7 @@ def build_config(req: JobRequest, settings: ServeSettings, store, run_dir: Path)
     else:
         raw = _from_managed(req, resolver)
     raw["output_dir"] = str(run_dir)
+    raw.setdefault("train", {})["progress"] = False  # a progress bar only clutters the job's log file
     cfg = _validate(raw)
     if not settings.allow_code and code_keys(cfg):
         raise HTTPException(403, f"config key {code_keys(cfg)[0]} would run code or load pickles on the server; "
@@ -178,7 +179,7 @@ def _from_managed(req: JobRequest, resolver: Resolver) -> dict:
     data = {"train": [_source(req.train_dataset, "train_dataset", resolver)]}
     if req.validation_dataset:
         data["eval"] = [_source(req.validation_dataset, "validation_dataset", resolver)]
-    train: dict[str, Any] = {"progress": False}
+    train: dict[str, Any] = {}
     if h.epoch_count is not None:
         train["epochs"] = h.epoch_count
     if h.learning_rate_multiplier is not None:

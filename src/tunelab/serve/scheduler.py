@@ -34,17 +34,22 @@ PR_SET_PDEATHSIG = 1
 LOG_NAME, CONFIG_NAME = "train.log", "job.yaml"
 
 
-def _die_with_server(parent: int):
+def _prctl():
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
-    except (OSError, AttributeError):  # not Linux: restart cleanup (stop_orphan) still guards the run dir
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
         return None
 
+
+PRCTL = _prctl()  # looked up before any fork: the child only calls it
+
+
+def _die_with_server(parent: int):
     def preexec():
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the server died between fork and prctl
             os._exit(1)
-    return preexec
+    return preexec if PRCTL is not None else None
 
 
 @dataclass
@@ -78,13 +83,17 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 120.0) -> None:
-        """Ask each running child to checkpoint and stop; their jobs stay RUNNING, to resume on the next start."""
+        """Ask each running child to checkpoint and stop; their jobs stay RUNNING, to resume on the next start.
+
+        Exactly one SIGTERM each: the trainer takes a second one as "stop now, without the checkpoint". With
+        PDEATHSIG the end of the scheduler thread sends it; without, this does."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
-            for child in self.children.values():
-                _signal_group(child.proc.pid, signal.SIGTERM)
+            if PRCTL is None:
+                for child in self.children.values():
+                    _signal_group(child.proc.pid, signal.SIGTERM)
             deadline = time.time() + timeout
             for child in self.children.values():
                 try:
@@ -293,8 +302,9 @@ def _alive(pid: int) -> bool:
 
 
 def stop_orphan(pid: int, config: Path, wait: float = 120.0) -> None:
-    """SIGTERM (checkpoint and stop), then SIGKILL, a child of an earlier server, if it is still that child: the pid
-    may have been reused, so its command line must name this job's config."""
+    """Stop a child of an earlier server, if it is still that child (the pid may have been reused, so its command
+    line must name this job's config). It has had its SIGTERM already (PDEATHSIG) and is saving a checkpoint: a
+    second SIGTERM would make the trainer stop without it, so wait for it to end; SIGKILL if it will not."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
     except OSError:
@@ -303,8 +313,9 @@ def stop_orphan(pid: int, config: Path, wait: float = 120.0) -> None:
         return
     if not _alive(pid):
         return
-    log.warning("stopping pid %s left running by the previous server", pid)
-    _signal_group(pid, signal.SIGTERM)
+    log.warning("waiting for pid %s, left by the previous server, to checkpoint and stop", pid)
+    if PRCTL is None:
+        _signal_group(pid, signal.SIGTERM)
     deadline = time.time() + wait
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.2)
