@@ -24,6 +24,7 @@ def env(tmp_path_factory):
     base = make_base_model(tmp_path_factory.mktemp("base"), warm_steps=0)
     shutil.copytree(base, data / "models" / "tiny")  # a model dir clients may name by path (inside --data-root)
     write_task_data(data / "tasks-train.jsonl", n=32)
+    write_task_data(data / "tasks-val.jsonl", n=8, seed=1)
     server = Server(root / "home", "--data-root", str(data), "--model", f"base={base}").start()
     yield {"server": server, "data": data, "root": root, "base": base}
     server.stop()
@@ -47,7 +48,7 @@ def test_client_workflow_and_bad_requests(env):
     from tunelab.tuning import sft
 
     tunelab.init(url=env["server"].url, api_key=None)
-    job = sft.train(source_model="models/tiny", train_dataset="tasks-train.jsonl",
+    job = sft.train(source_model="models/tiny", train_dataset="tasks-train.jsonl", validation_dataset="tasks-val.jsonl",
                     tuned_model_display_name="tiny-tasks-v1", epochs=2, batch_size=8)
     assert job.to_dict()["state"] == "JOB_STATE_PENDING" and job.to_dict()["progress"]["total_steps"] == 8
     bad_requests(env)  # while the job is queued or running: the server must keep serving it
@@ -59,6 +60,11 @@ def test_client_workflow_and_bad_requests(env):
     assert data["tuned_model"]["adapter"] and (Path(data["tuned_model"]["path"]) / "adapter_config.json").is_file()
     rows = api(env, "GET", f"/v1/tuningJobs/{job.id}/metrics").json()["metrics"]
     assert [r["step"] for r in rows] == list(range(1, 9)) and data["latest_metrics"]["loss"] == rows[-1]["loss"]
+    # the trainer evaluated at the last step; `tunelab eval` ran after it and wrote eval.json
+    assert data["best_metrics"]["eval_loss"] == rows[-1]["eval_loss"] == data["final_metrics"]["eval_loss"]
+    report = json.loads((Path(data["tuned_model"]["path"]).parent / "eval.json").read_text())
+    assert data["final_metrics"]["eval_exact_match"] == report["generation"]["score"]
+    assert data["final_metrics"]["eval_perplexity"] == report["perplexity"]["perplexity"]
     endpoints = api(env, "GET", "/v1/endpoints").json()["endpoints"]
     assert [e["name"] for e in endpoints] == ["endpoints/tiny-tasks-v1"] and endpoints[0]["job_id"] == job.id
     events = api(env, "GET", f"/v1/tuningJobs/{job.id}/events").text  # ended: the stream replays and closes
@@ -163,7 +169,7 @@ def test_jobs_command_line(env, capsys, tmp_path):
     assert main(["jobs", *url, "list"]) == 0
     listed = capsys.readouterr().out
     assert "SUCCEEDED" in listed and "tiny-tasks-v1" in listed
-    job_id = listed.split()[0]
+    job_id = next(line.split()[0] for line in listed.splitlines() if "tiny-tasks-v1" in line)
     assert main(["jobs", *url, "status", job_id]) == 0
     assert json.loads(capsys.readouterr().out)["id"] == job_id
     assert main(["jobs", *url, "logs", job_id, "--tail", "3"]) == 0 and "metrics:" in capsys.readouterr().out
