@@ -25,7 +25,7 @@ def env(tmp_path_factory):
     shutil.copytree(base, data / "models" / "tiny")  # a model dir clients may name by path (inside --data-root)
     write_task_data(data / "tasks-train.jsonl", n=32)
     write_task_data(data / "tasks-val.jsonl", n=8, seed=1)
-    server = Server(root / "home", "--data-root", str(data), "--model", f"base={base}").start()
+    server = Server(root / "home", "--data-root", str(data), "--model", f"base={base}", "--max-retries", "1").start()
     yield {"server": server, "data": data, "root": root, "base": base}
     server.stop()
 
@@ -69,7 +69,8 @@ def test_client_workflow_and_bad_requests(env):
     assert [e["name"] for e in endpoints] == ["endpoints/tiny-tasks-v1"] and endpoints[0]["job_id"] == job.id
     events = api(env, "GET", f"/v1/tuningJobs/{job.id}/events").text  # ended: the stream replays and closes
     assert "event: metrics" in events and "JOB_STATE_RUNNING" in events and "JOB_STATE_SUCCEEDED" in events
-    assert "done at step 8/8" in api(env, "GET", f"/v1/tuningJobs/{job.id}/logs", params={"tail": 5}).text
+    log = api(env, "GET", f"/v1/tuningJobs/{job.id}/logs", params={"tail": 30}).text
+    assert "done at step 8/8" in log and log.rstrip().endswith("eval.json")  # training, then `tunelab eval`
     assert_error(api(env, "POST", f"/v1/tuningJobs/{job.id}:cancel"), 409, "already ended")
     with pytest.raises(tunelab.ServiceError, match="already used"):  # the endpoint name is taken
         sft.train(source_model="base", train_dataset="tasks-train.jsonl", tuned_model_display_name="tiny-tasks-v1")
@@ -135,18 +136,33 @@ def bad_requests(env):
     record = upload("ok.jsonl", (data / "tasks-train.jsonl").read_bytes()).json()
     assert record["format"] == "alpaca" and record["rows"] == 32
     assert api(env, "GET", "/v1/files").json()["data"][-1]["id"] == record["id"]
+    gemini = upload("gemini.jsonl", gemini_rows(data / "tasks-train.jsonl")).json()  # the managed service's rows
+    assert gemini["format"] == "gemini" and gemini["rows"] == 32 and gemini["id"].startswith("file-")
+    env["gemini_file"] = gemini["id"]
+    bad_turn = b'{"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "bot", "parts": [{"text": "x"}]}]}\n'
+    two = b"".join(gemini_rows(data / "tasks-train.jsonl").splitlines(keepends=True)[:2])
+    assert_error(upload("g.jsonl", two + bad_turn), 400, "g.jsonl:3", "contents[1]")
     page = api(env, "GET", "/v1/tuningJobs", params={"state": "JOB_STATE_PENDING", "page_size": 1}).json()
     assert len(page["tuning_jobs"]) <= 1
 
 
+def gemini_rows(alpaca: Path) -> bytes:
+    rows = [json.loads(line) for line in alpaca.read_text().splitlines()]
+    return b"".join(json.dumps({
+        "systemInstruction": {"role": "system", "parts": [{"text": "Answer briefly."}]},
+        "contents": [{"role": "user", "parts": [{"text": r["instruction"]}]},
+                     {"role": "model", "parts": [{"text": r["output"]}]}]}).encode() + b"\n" for r in rows)
+
+
 def test_cancel_mid_job(env):
-    cfg = {"model": {"path": "base"}, "adapter": {"r": 4},
-           "data": {"train": [{"path": "tasks-train.jsonl", "format": "alpaca"}], "max_length": 64},
+    cfg = {"model": {"path": "base"}, "adapter": {"r": 4},  # the uploaded gemini file, its format from the upload
+           "data": {"train": [{"path": env["gemini_file"]}], "max_length": 64},
            "train": {"max_steps": 200, "micro_batch_size": 4, "grad_accum": 1, "eval_every": None, "save_every": None},
            "log": {"tensorboard": False, "plot": False}}
     job = api(env, "POST", "/v1/tuningJobs", json={"config": cfg}).json()
-    wait_for(lambda: api(env, "GET", f"/v1/tuningJobs/{job['id']}").json()["progress"]["step"] >= 1,
-             what="the job's first step")
+    with httpx.stream("GET", env["server"].url + f"/v1/tuningJobs/{job['id']}/events", timeout=900) as live:
+        kinds = (line.removeprefix("event: ") for line in live.iter_lines() if line.startswith("event: "))
+        assert "metrics" in kinds  # the live stream delivered the first step's metrics
     assert api(env, "POST", f"/v1/tuningJobs/{job['id']}:cancel").json()["state"] in (
         "JOB_STATE_CANCELLING", "JOB_STATE_CANCELLED")
     done = wait_for(lambda: (j := api(env, "GET", f"/v1/tuningJobs/{job['id']}").json())["state"] in (
@@ -162,6 +178,24 @@ def test_cancel_mid_job(env):
     assert states[-2:] == ["JOB_STATE_CANCELLING", "JOB_STATE_CANCELLED"]
 
 
+def test_child_that_dies_fails_with_its_error_or_retries(env):
+    models = env["data"] / "models"
+    for name, weights in (("pickled", "pytorch_model.bin"), ("broken", "model.safetensors")):
+        shutil.copytree(models / "tiny", models / name, ignore=shutil.ignore_patterns("*.safetensors"))
+        (models / name / weights).write_bytes(b"not weights")
+    jobs = [api(env, "POST", "/v1/tuningJobs", json={"source_model": f"models/{name}",
+                                                      "train_dataset": "tasks-train.jsonl"}).json()
+            for name in ("pickled", "broken")]
+    pickled, broken = (wait_for(lambda: (j := api(env, "GET", f"/v1/tuningJobs/{job['id']}").json())["state"] in (
+        "JOB_STATE_FAILED", "JOB_STATE_SUCCEEDED") and j, what="the failing job") for job in jobs)
+    # a user error (exit 2) fails the same way again: no retry; its one error line is the job's error
+    assert pickled["state"] == "JOB_STATE_FAILED" and pickled["attempt"] == 1
+    assert pickled["error"]["message"].startswith("error: ") and "pickle" in pickled["error"]["message"]
+    # any other death is retried (--max-retries 1) and then reported with the process's last line
+    assert broken["state"] == "JOB_STATE_FAILED" and broken["attempt"] == 2, broken
+    assert "exited with code" in broken["error"]["message"] and "\n" not in broken["error"]["message"]
+
+
 def test_jobs_command_line(env, capsys, tmp_path):
     from tunelab.cli import main
 
@@ -172,7 +206,8 @@ def test_jobs_command_line(env, capsys, tmp_path):
     job_id = next(line.split()[0] for line in listed.splitlines() if "tiny-tasks-v1" in line)
     assert main(["jobs", *url, "status", job_id]) == 0
     assert json.loads(capsys.readouterr().out)["id"] == job_id
-    assert main(["jobs", *url, "logs", job_id, "--tail", "3"]) == 0 and "metrics:" in capsys.readouterr().out
+    assert main(["jobs", *url, "logs", job_id, "--tail", "1"]) == 0
+    assert capsys.readouterr().out.startswith("written: ")
     request = tmp_path / "req.yaml"
     request.write_text("source_model: base\ntrain_dataset: nope.jsonl\n")
     assert main(["jobs", *url, "submit", str(request)]) == 2
