@@ -21,7 +21,7 @@ from tunelab.config import DataSource, UserError, dump_config
 from tunelab.data.readers import load_rows
 
 from .jobspec import NAME, JobRequest, build_config, file_format
-from .scheduler import CONFIG_NAME, LOG_NAME, _read_metrics
+from .scheduler import CONFIG_NAME, LOG_NAME, read_metrics
 from .views import ENDED, PREFIX, STATES, endpoint_json, file_json, job_json
 
 router = APIRouter()
@@ -120,7 +120,7 @@ def cancel_job(job_id: str, request: Request):
 @router.get("/v1/tuningJobs/{job_id}/metrics")
 def job_metrics(job_id: str, request: Request):
     job = _job(request, job_id)
-    return {"metrics": _read_metrics(Path(job["run_dir"]) / "metrics.jsonl")}
+    return {"metrics": read_metrics(Path(job["run_dir"]) / "metrics.jsonl")}
 
 
 @router.get("/v1/tuningJobs/{job_id}/logs", response_class=PlainTextResponse)

@@ -254,7 +254,7 @@ class Scheduler:
     def _succeeded(self, job: dict, eval_error: str | None) -> dict:
         run_dir = Path(job["run_dir"])
         final = run_dir / "final"
-        rows = _read_metrics(run_dir / "metrics.jsonl")
+        rows = read_metrics(run_dir / "metrics.jsonl")
         evals = [r for r in rows if "eval_loss" in r]
         best = min(evals, key=lambda r: r["eval_loss"]) if evals else {}
         final_metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_") or k == "step"}
@@ -336,7 +336,7 @@ def _error_line(tail: list[str], code: int) -> str:
         f"the training process was killed by signal {-code}: {last}"
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
