@@ -33,7 +33,8 @@ class ServiceError(Exception):
 
 
 class Client:
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
+    # Generous: the first request for a model waits while the server loads it.
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 600.0):
         self.url = (url or os.environ.get("TUNELAB_URL") or "http://127.0.0.1:8321").rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("TUNELAB_API_KEY")
         self.timeout = timeout
@@ -58,6 +59,8 @@ class Client:
             raise ServiceError(_error_message(e.read(), e.code), e.code) from None
         except urllib.error.URLError as e:
             raise ServiceError(f"cannot reach the tuning service at {self.url}: {e.reason}") from None
+        except TimeoutError:
+            raise ServiceError(f"{method} {path}: no answer from {self.url} within {self.timeout:g}s") from None
         return payload.decode() if raw else json.loads(payload)
 
     def upload(self, path: str | Path, format: str | None = None) -> dict:
