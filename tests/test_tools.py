@@ -12,8 +12,10 @@ import pytest
 import trl
 
 from tunelab.config import DataConfig, DataSource, UserError
-from tunelab.data import IGNORE, Row, build_sft_examples, render, to_messages, tokenize_example
+from tunelab.data import Row, build_sft_examples, render, to_messages, tokenize_example
 from tunelab.data.tools import parse_tool_calls
+
+from test_data import trained_spans
 
 QWEN25 = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -66,24 +68,13 @@ def test_builtin_tool_format_renders_as_qwen25_and_masks_tool_outputs(tiny_token
     qwen = tiny_tokenizer.apply_chat_template(plain, chat_template=QWEN25, tools=conv.tools, tokenize=False)
     assert "".join(text for text, _ in segments) == qwen
     example = tokenize_example(segments, tiny_tokenizer, 4096, train_on_prompt=False)
-    spans = trained(example, tiny_tokenizer)
+    spans = trained_spans(example, tiny_tokenizer)
     assert spans == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
                      "Sunny.<|im_end|>"]
     # the template's own tool support (the Jinja path, tools= as transformers passes them): the same masks
     native = tokenize_example(render(conv, QWEN25, tiny_tokenizer, tools=conv.tools), tiny_tokenizer, 4096, False)
-    assert trained(native, tiny_tokenizer) == spans
+    assert trained_spans(native, tiny_tokenizer) == spans
     assert "sunny" not in "".join(spans)
-
-
-def trained(example, tokenizer) -> list[str]:
-    spans, run = [], []
-    for token, label in zip(example.input_ids + [None], example.labels + [IGNORE]):
-        if label != IGNORE:
-            run.append(token)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    return spans
 
 
 @pytest.mark.parametrize("data,fmt,message", [
@@ -124,5 +115,5 @@ def test_keep_response_cuts_before_the_tool_turns(tiny_tokenizer):
     cut, stats = build_sft_examples([row], None, tiny_tokenizer, DataConfig(
         train=[DataSource(path="x")], template="chatml", max_length=len(full[0].input_ids) - 10))
     assert stats["truncated"] == 1
-    assert trained(cut[0], tiny_tokenizer)[-2:] == trained(full[0], tiny_tokenizer)[-2:]
+    assert trained_spans(cut[0], tiny_tokenizer)[-2:] == trained_spans(full[0], tiny_tokenizer)[-2:]
     assert "fox" not in tiny_tokenizer.decode(cut[0].input_ids) and "# Tools" in tiny_tokenizer.decode(cut[0].input_ids)
