@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium demo test test-slow bench bench-serve clean
+.PHONY: venv chromium demo test test-slow bench bench-serve bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
+
+# tunelab against LLaMA-Factory, axolotl, torchtune, litgpt, unsloth and TRL, each peer in its own venv under
+# ~/.cache/tunelab/bench-peers (created on first use: about 90 minutes of installs)
+bench-peers: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

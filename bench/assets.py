@@ -126,7 +126,8 @@ def rows(n: int, seed: int = 0) -> list[dict]:
     from tunelab.data import build_sft_examples
     from tunelab.data.readers import Row
 
-    dc = DataConfig(train=[DataSource(path="-", format="alpaca")], template=TEMPLATE, max_length=CAP)
+    # room above the cap: a first guess past it must be counted, not dropped (data.truncation keep_response)
+    dc = DataConfig(train=[DataSource(path="-", format="alpaca")], template=TEMPLATE, max_length=4 * CAP)
 
     def count(row):
         ex, _ = build_sft_examples([Row("bench", 0, row, "alpaca")], "alpaca", tok, dc)
