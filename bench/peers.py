@@ -193,12 +193,16 @@ def main(argv=None) -> None:
             status = "ok" if r["rc"] == 0 else f"FAILED: {r['error']}"
             print(f"[rep {rep + 1}] {name:13s} {r['wall_s']:7.1f} s  {r['peak_rss_gb']:5.2f} GB  load "
                   f"{r['load_before'][0]:.2f}  {status}", flush=True)
-    text = table(results)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": args.rows,
-                                    "tokens": ctx["tokens"], "runs": results, "table": text}, indent=1))
+            save(args, ctx, results)  # after every run: an interrupted race keeps what it measured
+    print(table(results))
     print(f"wrote {args.out}")
+
+
+def save(args, ctx: dict, results: dict) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = {n: rs for n, rs in results.items() if rs}
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": args.rows,
+                                    "tokens": ctx["tokens"], "runs": done, "table": table(done)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,6 @@ setup(ckpt, out_dir=out / "run", precision="32-true", devices=1, lora_r=16, lora
       data=JSON(json_path=data_dir, mask_prompt=True, prompt_style=Plain(), num_workers=0),
       train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=8, micro_batch_size=8,
                       lr_warmup_steps=1, epochs=1, max_seq_length=1024),
-      eval=EvalArgs(interval=10_000, max_iters=1, initial_validation=False, final_validation=False),
+      eval=EvalArgs(interval=10_000, max_new_tokens=1, max_iters=1, initial_validation=False, final_validation=False),
       optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}},
       logger_name="csv", seed=42)
