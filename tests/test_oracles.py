@@ -45,7 +45,8 @@ def _cached(pytestconfig, tmp_path_factory, name: str, build) -> Path:
     """A transformers tokenizer dir built once by `build(dir)`, kept in pytest's cache between sessions."""
     from transformers import AutoTokenizer
 
-    root = pytestconfig.cache.mkdir("oracle-tokenizers") if pytestconfig.cache else tmp_path_factory.mktemp("oracle")
+    cache = getattr(pytestconfig, "cache", None)  # absent under `-p no:cacheprovider`
+    root = cache.mkdir("oracle-tokenizers") if cache else tmp_path_factory.mktemp("oracle")
     path = root / name
     if not (path / "tokenizer.json").is_file():
         build(path)
