@@ -13,6 +13,7 @@ from litgpt.prompts import PromptStyle
 from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
 model, rows, out = map(Path, sys.argv[1:4])
+sys.argv[1:] = []  # litgpt saves its hyper-parameters by re-parsing the command line as its own CLI
 name_to_config["bench-llama"] = dict(
     name="bench-llama", block_size=1024, vocab_size=8192, padded_vocab_size=8192, n_layer=8, n_head=8, n_embd=512,
     n_query_groups=8, rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
