@@ -147,9 +147,13 @@ class RLObjective(Objective):
 
     def setup(self, model: nn.Module) -> None:
         self.device = next(model.parameters()).device
+        from tunelab.lora_dropout import DroppedInputLinear
+
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
+            elif isinstance(module, DroppedInputLinear):  # LoRA dropout moved into lora_A by model.attach_adapter
+                module.dropout_p = 0.0
         self.lora = hasattr(model, "disable_adapter")
         if not self.lora and self.needs_reference():
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
