@@ -358,7 +358,7 @@ def test_padding_free_config_checks():
     with pytest.raises(UserError, match="choose one"):
         load_config(data={**base, "data": {**base["data"], "packing": True}})
     assert load_config(data={**base, "method": "dpo"}).data.padding_free
-    with pytest.raises(UserError, match="sft and dpo"):
+    with pytest.raises(UserError, match="sft, dpo and orpo"):
         load_config(data={**base, "method": "reward"})
 
 
