@@ -181,8 +181,9 @@ def live_bytes(model, optimizer) -> int:
 
 
 def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
-    """The model as tunelab.model.build makes it (prepare_model_for_kbit_training, peft LoRA, checkpointing)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """The model as tunelab.model.build makes it (4-bit linears, the rest in the load dtype; peft LoRA;
+    checkpointing)."""
+    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     from tunelab.lora_dropout import fuse_lora_dropout
@@ -195,15 +196,13 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
                                    bnb_4bit_compute_dtype=dtype)
         model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, quantization_config=quant,
                                                  device_map={"": "cpu"})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = LlamaForCausalLM(hf).to(dtype)
     if mode != "full":
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
         fuse_lora_dropout(model)
-    if gc and mode != "qlora":
+    if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False

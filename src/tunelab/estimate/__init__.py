@@ -9,9 +9,9 @@ Assumptions, also printed with every estimate:
 - Params stay in their load dtype (model.dtype auto: bf16 on GPUs, fp32 on CPU); AdamW keeps two
   moments in the param dtype (torch's zeros_like), so there is no fp32 master copy: full FT in bf16 is
   2 + 2 + 4 = 8 bytes/param, in fp32 16. adamw_8bit / paged_adamw_8bit: 2 bytes/param of state.
-- LoRA adapters are fp32 (peft upcasts them); QLoRA: linear layers NF4, and peft's
-  prepare_model_for_kbit_training makes everything else fp32 (embeddings, lm_head, norms), so the
-  residual stream and MLP activations are fp32 too.
+- LoRA adapters are fp32 (peft upcasts them); QLoRA: linear layers NF4, everything else (embeddings,
+  lm_head, norms) in the load dtype, and so the residual stream and MLP activations (tunelab.model
+  attach_adapter: no fp32 upcast of the rest as peft's prepare_model_for_kbit_training would do).
 - Micro-batches are full: micro_batch_size x max_length tokens (packing, or long rows).
 - Attention uses a flash / memory-efficient sdpa kernel: no seq^2 memory term.
 - GPUs: fused AdamW (no temporaries), a bool dropout mask, + 1 GiB CUDA context/workspaces and 5 %

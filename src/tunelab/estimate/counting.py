@@ -59,7 +59,8 @@ class Plan:
 
     mode: str  # full | lora | qlora
     act: int  # bytes of matmul outputs: 2 under bf16/fp16, else 4
-    autocast: bool  # 16-bit compute over fp32 adapters / fp32 QLoRA activations
+    autocast: bool  # 16-bit compute over fp32 adapters (or fp32 weights)
+    stream: int = 4  # bytes of the residual stream: `act`, or in QLoRA the load dtype (4-bit layers output it)
     targets: tuple[str, ...] = ()
     r: int = 0
     dropout: bool = False
@@ -73,7 +74,7 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
     """
     h, q, kv, i = s.hidden, s.q_dim, s.kv_dim, s.intermediate
     a, full, quant = p.act, p.mode == "full", p.mode == "qlora"
-    x = 4 if quant else a  # the residual stream and 4-bit layer outputs are fp32 in QLoRA (see module doc)
+    x = p.stream
     n = 0
     # Two RMSNorms: each keeps its input upcast to fp32; the normalised value only when its gain trains;
     # its output only when the linear layers after it train (LoRA keeps its own copy, below).
@@ -152,8 +153,8 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     # -- weights, adapter, trainable count
     if mode == "qlora":
         bits = NF4_DQ_BITS if cfg.model.double_quant else NF4_BITS
-        mem["weights"] = shape.linear_params * bits / 8 + rest * 4
-        labels["weights"] = f"{cfg.model.quantize.upper()} {bits:.3f} bit/param; embeddings, head, norms fp32"
+        mem["weights"] = shape.linear_params * bits / 8 + rest * wb
+        labels["weights"] = f"{cfg.model.quantize.upper()} {bits:.3f} bit/param; embeddings, head, norms {weights_dtype}"
     else:
         mem["weights"] = shape.params * wb
         labels["weights"] = weights_dtype
@@ -179,16 +180,17 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     step_temp = 0 if dev.cuda or tc.optimizer != "adamw" else mem["gradients"]
 
     # -- activations
-    plan = Plan(mode, a, autocast=cb == 2, cuda=dev.cuda,
+    plan = Plan(mode, a, autocast=cb == 2, stream=wb if mode == "qlora" else a, cuda=dev.cuda,
                 targets=tuple(targets) if ac is not None else (), r=ac.r if ac else 0,
                 dropout=bool(ac and ac.dropout > 0))
     per_layer = layer_activation_bytes(shape, plan)
-    x = 4 if mode == "qlora" else a
+    x = plan.stream
     # The final norm keeps its fp32 input, and in full FT its normalised value and (for the head) its output.
     final_norm = 4 * shape.hidden + ((1 if chunked_ce else 2) * a * shape.hidden if mode == "full" else 0)
-    # Autocast keeps 16-bit copies of fp32 weights it multiplies by: the adapters, and in QLoRA the fp32 head.
+    # Autocast keeps 16-bit copies of fp32 weights it multiplies by: the adapters, and an fp32 QLoRA head
+    # (model.dtype float32 under bf16 autocast).
     cast_copies = 2 * adapter if plan.autocast and ac is not None else 0
-    head_copy = 2 * head_out * shape.hidden if plan.autocast and mode == "qlora" else 0
+    head_copy = 2 * head_out * shape.hidden if plan.autocast and mode == "qlora" and wb == 4 else 0
     if tc.gradient_checkpointing:
         # Each block keeps only its input; one block at a time is recomputed in the backward pass.
         kept = T * (shape.layers * x * shape.hidden + final_norm) + head_copy

@@ -95,7 +95,7 @@ def _assumptions(cfg: Config, dev: Device, chunked_ce: bool) -> list[str]:
         f"full micro-batches of {cfg.data.max_length} tokens; flash/memory-efficient attention (no seq^2 term)",
     ]
     if cfg.model.quantize:
-        notes.append("QLoRA: peft's prepare_model_for_kbit_training keeps embeddings, head and norms in fp32")
+        notes.append("QLoRA: embeddings, head and norms stay in the load dtype; only the adapter is fp32")
     if dev.cuda:
         notes.append("GPU: + 1 GiB CUDA context/workspaces + 5 % allocator slack")
     if dev.tflops:
