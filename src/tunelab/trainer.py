@@ -213,8 +213,13 @@ class Trainer:
     # -- the loop
 
     def _on_signal(self, signum, frame):
-        if self._stop_signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        # A second Ctrl-C means "stop now, without the checkpoint". A repeated SIGTERM is the same request again:
+        # supervisors repeat it, and the kernel's parent-death signal comes once per exiting thread of the parent.
+        # Whoever must stop a run at once sends SIGKILL.
+        if self._stop_signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self._stop_signal = signum
         if self.dist.main:
             self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint ...")

@@ -84,16 +84,14 @@ class Scheduler:
 
     def stop(self, timeout: float = 120.0) -> None:
         """Ask each running child to checkpoint and stop; their jobs stay RUNNING, to resume on the next start.
-
-        Exactly one SIGTERM each: the trainer takes a second one as "stop now, without the checkpoint". With
-        PDEATHSIG the end of the scheduler thread sends it; without, this does."""
+        (With PDEATHSIG the end of the scheduler thread has asked already; the trainer takes a repeat as the same
+        request.)"""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
-            if PRCTL is None:
-                for child in self.children.values():
-                    _signal_group(child.proc.pid, signal.SIGTERM)
+            for child in self.children.values():
+                _signal_group(child.proc.pid, signal.SIGTERM)
             deadline = time.time() + timeout
             for child in self.children.values():
                 try:
@@ -303,8 +301,8 @@ def _alive(pid: int) -> bool:
 
 def stop_orphan(pid: int, config: Path, wait: float = 120.0) -> None:
     """Stop a child of an earlier server, if it is still that child (the pid may have been reused, so its command
-    line must name this job's config). It has had its SIGTERM already (PDEATHSIG) and is saving a checkpoint: a
-    second SIGTERM would make the trainer stop without it, so wait for it to end; SIGKILL if it will not."""
+    line must name this job's config). Ask it to checkpoint and stop (with PDEATHSIG it was asked when its server
+    died, maybe more than once; the trainer takes a repeat as the same request), wait for it; SIGKILL if it will not."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
     except OSError:
@@ -314,8 +312,7 @@ def stop_orphan(pid: int, config: Path, wait: float = 120.0) -> None:
     if not _alive(pid):
         return
     log.warning("waiting for pid %s, left by the previous server, to checkpoint and stop", pid)
-    if PRCTL is None:
-        _signal_group(pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGTERM)
     deadline = time.time() + wait
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.2)
