@@ -309,3 +309,57 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory() as tmp:
             p, m = predicted_and_measured(case, tmp)
         print(f"{case:28s} predicted {p / 2**20:7.1f} MiB  measured {m / 2**20:7.1f} MiB  {100 * (p / m - 1):+5.1f} %")
+
+
+# ---------------------------------------------------------------- the estimate against a real run
+
+@pytest.mark.parametrize("padding_free", ["auto", False], ids=["default-padding-free", "padded"])
+def test_estimate_of_a_run_matches_the_run(padding_free, tiny_tokenizer, tmp_path):
+    """`estimate` on a real run's config (a local model and tokenizer, rows of very uneven length) against that run
+    through tunelab's Trainer: the tokens it trained, and its steps' peak tensor bytes counted by the allocator (the
+    same accounting as above; the CPU process baseline that the estimate adds on top is not a tensor and not
+    compared). The default config takes padding-free batches; `false` pads, and SDPA keeps its float mask."""
+    from tunelab.config import InitConfig, load_config
+    from tunelab.estimate import Device
+    from tunelab.scratch import save_tiny_model
+    from tunelab.trainer import Trainer
+
+    torch.manual_seed(0)
+    shape = InitConfig(hidden_size=128, layers=2, heads=4, intermediate_size=352, max_position=512)
+    model_dir = save_tiny_model(tmp_path / "base", tiny_tokenizer, shape)
+    words = "the quick brown fox jumps over a lazy dog and then sleeps".split()
+    rows = [{"instruction": " ".join(words[: 3 + i % 5]), "output": " ".join(words[i % 11:] + words * n)}
+            for i, n in enumerate([1, 40, 3, 9, 2, 25, 5, 14])]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(data={
+        "model": {"path": str(model_dir)}, "adapter": {"r": 8},
+        "data": {"train": [{"path": str(data), "format": "alpaca"}], "max_length": 512, "padding_free": padding_free},
+        "train": {"epochs": 1, "micro_batch_size": 4, "grad_accum": 1, "eval_every": None, "save_every": None, "progress": False},
+        "log": {"tensorboard": False, "plot": False}, "output_dir": str(tmp_path / "run"),
+    })
+    est = estimate(cfg, device=Device("cpu", 1.0, 24, cuda=False), suggest=False)
+    assert est.padding_free is (padding_free == "auto")
+    assert "tokenized with the model's tokenizer" in est.tokens_source
+
+    class Measured(Trainer):
+        peak = 0
+
+        def _step(self, batches):
+            out = {}
+
+            def step():
+                out["metrics"] = Trainer._step(self, batches)
+
+            self.peak = max(self.peak, profiled_peak(self.module, self.optimizer, step))
+            return out["metrics"]
+
+    trainer = Measured(cfg, say=lambda *a: None)
+    trainer.run()
+    assert trainer.objective.padding_free is est.padding_free
+    assert trainer.state.tokens == est.tokens_per_epoch
+    assert abs(est.peak_bytes / trainer.peak - 1) < 0.15, \
+        f"predicted {est.peak_bytes / 2**20:.2f} MiB, measured {trainer.peak / 2**20:.2f} MiB"
+    text = format_estimate(est)
+    assert ("padding-free" if est.padding_free else "padded") + " micro-batches" in text
+    assert "process baseline" in text

@@ -9,6 +9,7 @@ from tunelab.config import Config, UserError
 
 from .devices import Device
 from .shapes import ModelShape
+from .tokens import Batches
 
 # Rows of logits the SFT loss computes at once (mirrors tunelab.objectives.sft.CE_CHUNK; a test checks).
 CE_CHUNK = 2048
@@ -136,8 +137,11 @@ class Memory:
     plan: Plan
 
 
-def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = True) -> Memory:
-    """Peak tensor memory of one training step of `cfg`, by component."""
+def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = True,
+                     batches: Batches | None = None, padding_free: bool | None = None) -> Memory:
+    """Peak tensor memory of one training step of `cfg`, by component: at the run's largest micro-batch (`batches`),
+    or at full micro-batches of max_length tokens. `padding_free`: the path the run takes (tunelab.estimate.planner
+    decides it); padded batches on CPU keep a float mask per layer."""
     tc, ac = cfg.train, cfg.adapter
     mode = "qlora" if cfg.model.quantize else ("lora" if ac is not None else "full")
     weights_dtype, compute_dtype = _dtypes(cfg, dev)
@@ -145,7 +149,7 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     a = min(wb, cb)  # 16-bit weights or 16-bit autocast: matmul outputs are 16-bit
     # DPO and ORPO run chosen and rejected together; KTO's mismatched KL rows run without gradients
     seqs = tc.micro_batch_size * (2 if cfg.method in ("dpo", "orpo") else 1)
-    T = seqs * cfg.data.max_length
+    T = batches.peak_tokens if batches else seqs * cfg.data.max_length
     head_out = 1 if cfg.method == "reward" else shape.vocab  # reward models end in a scalar head
     rest = shape.params - shape.linear_params  # embeddings, head, norms: never quantized
     mem, labels = {}, {}
@@ -202,16 +206,32 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         labels["activations"] = f"{shape.layers} blocks x {per_layer / shape.hidden:.1f} bytes x hidden per token"
     # -- logits: the fp32 log-softmax kept for backward, then two fp32 gradients of it at once = 12 bytes per
     # logit, over the whole micro-batch, or one chunk of label positions (tunelab's SFT loss recomputes them).
-    ce_tokens = min(T, CE_CHUNK) if chunked_ce else T
+    labelled = batches.peak_real if batches else T  # padding never carries a label
+    ce_tokens = min(labelled, CE_CHUNK) if chunked_ce else T
     logits = 12 * head_out * ce_tokens
     if chunked_ce:
-        kept += T * x * shape.hidden  # the hidden states at label positions, input of the chunks
+        kept += labelled * x * shape.hidden  # the hidden states at label positions, input of the chunks
     labels["logits"] = f"chunked CE: {ce_tokens} positions at a time" if chunked_ce else f"whole micro-batch ({T} positions)"
     mem["activations"] = kept
     mem["logits"] = logits
     if tc.gradient_checkpointing:
         mem["recompute"] = recompute
         labels["recompute"] = "one block's activations, rebuilt during the backward pass"
+    if padding_free is False and not dev.cuda:
+        # Padded batches on CPU: SDPA turns the boolean padding mask into a float one in each layer and keeps it for
+        # the backward pass: rows x longest^2 x 4 bytes per layer (the full micro-batch of max_length rows when the
+        # batches are not known).
+        rows, longest = (batches.peak_rows, batches.peak_longest) if batches else (seqs, cfg.data.max_length)
+        # With checkpointing only the block being recomputed holds one.
+        per_layer_mask = rows * longest ** 2 * 4
+        if tc.gradient_checkpointing:
+            mem["attention mask"] = per_layer_mask
+            mem["recompute"] += per_layer_mask
+            labels["attention mask"] = "padded batches on CPU: the recomputed block's float L x L mask (in recompute)"
+        else:
+            mem["attention mask"] = shape.layers * per_layer_mask
+            mem["activations"] += mem["attention mask"]
+            labels["attention mask"] = "padded batches on CPU: a float L x L mask per layer (in activations)"
     mem["other"] = 0
     if mode == "qlora":
         # One 4-bit layer at a time is dequantized to the compute dtype (again in the backward pass).

@@ -35,6 +35,9 @@ DEVICES = {
     "rtx3090": Device("RTX 3090 24GB", 71, 24),
 }
 GENERIC_GPU = Device("a CUDA GPU (no --device: no time estimate)", 0, 0)
+# Resident memory of a training process before any tensor: the interpreter with torch, transformers and peft
+# imported (410 MiB measured on the 2-core CI CPU, torch 2.13, transformers 5.x, peft 0.21, 2026-11-30).
+CPU_BASELINE = 0.40 * GIB
 CPU_MFU = 0.7  # tunelab's loop reached 0.65 (LoRA) to 0.77 (full FT) of the fp32 matmul rate on a 2-core CPU
 
 

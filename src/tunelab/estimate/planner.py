@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunelab.config import Config
+from tunelab.config import PADDING_FREE_METHODS, Config, wants_padding_free
 
 from .counting import _dtypes, flops_per_token, memory_breakdown
-from .devices import GIB, Device, get_device
+from .devices import CPU_BASELINE, GIB, Device, get_device
 from .shapes import ModelShape, model_shape
-from .tokens import count_tokens
+from .tokens import Batches, count_tokens, local_tokenizer, run_batches
 
 
 @dataclass
@@ -26,7 +26,8 @@ class Estimate:
     labels: dict[str, str]  # a short note per component
     peak_bytes: float  # tensors at the peak moment of a step
     peak_rule: str  # how the memory parts combine into the peak
-    overhead_bytes: float  # CUDA context / allocator slack on top
+    overhead_bytes: float  # CUDA context and allocator slack, or the CPU process baseline, on top
+    padding_free: bool  # the path the run takes: padding-free or padded micro-batches
     flops_per_token: float
     tokens_per_epoch: int | None
     tokens_source: str
@@ -51,12 +52,19 @@ def estimate(cfg: Config, device: str | None = None, memory_gb: float | None = N
 
     `chunked_ce`: the loss computes logits in chunks over label positions (tunelab's SFT loss does);
     False for a plain `model(input_ids, labels=...)` loss. `tokens`: training tokens per epoch, instead
-    of counting rows in the data files. `shape`: skip reading the model config.
+    of reading the data. `shape`: skip reading the model config.
+
+    The run's path decides what a step holds: padded or padding-free micro-batches, by the rule the trainer applies
+    (`config.wants_padding_free`; `auto` falls back to padded at run time only for a model that cannot keep documents
+    apart, which needs the weights to tell). With the tokenizer on disk the data is tokenized as the run does it and
+    the first epoch's micro-batches are formed in its seeded order; otherwise the tokens are bytes / 4.
     """
     dev = get_device(device) if isinstance(device, str) or device is None else device
     shape = shape or model_shape(cfg)
-    m = memory_breakdown(cfg, shape, dev, chunked_ce)
-    overhead = (GIB + 0.05 * m.peak) if dev.cuda else 0
+    padding_free = wants_padding_free(cfg)
+    batches = run_batches(cfg, padding_free) if tokens is None else None
+    m = memory_breakdown(cfg, shape, dev, chunked_ce, batches, padding_free)
+    overhead = (GIB + 0.05 * m.peak) if dev.cuda else CPU_BASELINE
     if memory_gb is None and dev.memory_gib:
         memory_gb = dev.memory_gib
     tc = cfg.train
@@ -67,39 +75,60 @@ def estimate(cfg: Config, device: str | None = None, memory_gb: float | None = N
     if chunked_ce:
         fpt += 2 * shape.vocab * shape.hidden  # the loss chunks recompute the head's forward
     source = "given" if tokens else "no token count given"
-    if tokens is None:
+    flops = None
+    if batches is not None:
+        tokens, source = batches.tokens, batches.source
+        # The layers compute the padding too; attention (linear in the length it sees, per token) runs over what
+        # attends: each document, or each padded row, instead of max_length.
+        base, ckpt = cfg.adapter is None, tc.gradient_checkpointing
+        attention = flops_per_token(shape, seq, base, 0, ckpt) - flops_per_token(shape, 0, base, 0, ckpt)
+        flops = batches.computed * (fpt - attention) + attention / seq * batches.attention
+    elif tokens is None:
         tokens, source = count_tokens(cfg)
+        if tokens is not None and cfg.method in PADDING_FREE_METHODS and not local_tokenizer(cfg):
+            source += "; the model's tokenizer is not on disk"
     seconds = None
     if tokens and dev.tflops:
-        seconds = tokens * fpt / (dev.tflops * 1e12 * dev.mfu)
+        seconds = (flops if flops is not None else tokens * fpt) / (dev.tflops * 1e12 * dev.mfu)
     weights_dtype, compute_dtype = _dtypes(cfg, dev)
     est = Estimate(
         shape=shape, mode=m.plan.mode, device=dev, weight_dtype=weights_dtype, compute_dtype=compute_dtype,
         params=m.params, trainable=m.trainable, memory=m.parts, labels=m.labels, peak_bytes=m.peak,
-        peak_rule=m.rule, overhead_bytes=overhead,
+        peak_rule=m.rule, overhead_bytes=overhead, padding_free=padding_free,
         flops_per_token=fpt,
         tokens_per_epoch=tokens, tokens_source=source, seconds_per_epoch=seconds, memory_gb=memory_gb,
         settings=dict(micro_batch=tc.micro_batch_size, grad_accum=tc.grad_accum, max_length=seq,
                       checkpointing=tc.gradient_checkpointing, optimizer=tc.optimizer, chunked_ce=chunked_ce,
-                      method=cfg.method, epochs=tc.epochs),
-        assumptions=_assumptions(cfg, dev, chunked_ce),
+                      method=cfg.method, epochs=tc.epochs, padding_free_setting=str(cfg.data.padding_free).lower()),
+        assumptions=_assumptions(cfg, dev, chunked_ce, batches, padding_free),
     )
     if suggest and memory_gb is not None and not est.fits:
-        est.switches = switches(cfg, shape, dev, memory_gb, chunked_ce)
+        est.switches = switches(cfg, shape, dev, memory_gb, chunked_ce, from_data=batches is not None)
     return est
 
 
-def _assumptions(cfg: Config, dev: Device, chunked_ce: bool) -> list[str]:
-    notes = [
-        "params and AdamW state in the load dtype (no fp32 master copy); LoRA adapters fp32",
-        f"full micro-batches of {cfg.data.max_length} tokens; flash/memory-efficient attention (no seq^2 term)",
-    ]
+def _assumptions(cfg: Config, dev: Device, chunked_ce: bool, batches: Batches | None = None,
+                 padding_free: bool = False) -> list[str]:
+    notes = ["params and AdamW state in the load dtype (no fp32 master copy); LoRA adapters fp32"]
+    if batches is None:
+        notes.append(f"full micro-batches of {cfg.data.max_length} tokens")
+    if padding_free and cfg.data.padding_free == "auto":
+        notes.append("padding-free batches (data.padding_free auto; a model that cannot keep documents apart falls "
+                     "back to padded ones at run time)")
+    attention_note = "flash/memory-efficient attention (no seq^2 term)"
+    if not padding_free and not dev.cuda:
+        attention_note = "attention: SDPA's kept float padding mask on CPU counted"
+    notes.append(attention_note)
+    if not dev.cuda:
+        notes.append(f"CPU: + {CPU_BASELINE / GIB:.2f} GiB process baseline (interpreter, torch, transformers, peft: "
+                     "measured resident memory); the allocator's own slack is not counted")
     if cfg.model.quantize:
         notes.append("QLoRA: embeddings, head and norms stay in the load dtype; only the adapter is fp32")
     if dev.cuda:
         notes.append("GPU: + 1 GiB CUDA context/workspaces + 5 % allocator slack")
     if dev.tflops:
-        notes.append(f"time: {dev.tflops:.3g} TFLOP/s x {dev.mfu:.0%} MFU; padding and eval not counted"
+        notes.append(f"time: {dev.tflops:.3g} TFLOP/s x {dev.mfu:.0%} MFU; "
+                     + ("eval not counted" if batches else "padding and eval not counted")
                      + ("; 4-bit dequantisation makes QLoRA slower than this" if cfg.model.quantize else ""))
     if cfg.method not in ("sft", "pretrain", "dpo", "orpo", "reward"):
         notes.append(f"method {cfg.method}: extra models (reference, value, teacher) are not counted")
@@ -120,7 +149,7 @@ def _with(cfg: Config, **sections) -> Config:
 
 
 def switches(cfg: Config, shape: ModelShape, dev: Device, memory_gb: float,
-             chunked_ce: bool = True) -> list[tuple[str, float]]:
+             chunked_ce: bool = True, from_data: bool = False) -> list[tuple[str, float]]:
     """What lowers the memory: each switch alone and, when none is enough, the switches combined in order
     (least intrusive first) until the run fits. (description, predicted total GiB) pairs."""
     tc = cfg.train
@@ -144,7 +173,9 @@ def switches(cfg: Config, shape: ModelShape, dev: Device, memory_gb: float,
         options.append((f"max_length {n} (truncates longer rows)", dict(data={"max_length": n})))
 
     def total(c: Config) -> float:
-        return estimate(c, dev, tokens=0, chunked_ce=chunked_ce, shape=shape, suggest=False).total_bytes / GIB
+        # The switches change the micro-batches (size, max_length): with known batches they are formed again.
+        return estimate(c, dev, tokens=None if from_data else 0, chunked_ce=chunked_ce, shape=shape,
+                        suggest=False).total_bytes / GIB
 
     out = [(name, total(_with(cfg, **change))) for name, change in options]
     if any(t <= memory_gb for _, t in out):

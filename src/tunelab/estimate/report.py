@@ -32,6 +32,8 @@ def format_estimate(est: Estimate) -> str:
         f"trainable: {_count(est.trainable)} ({100 * est.trainable / est.params:.2f} %)",
         f"step: micro-batch {st['micro_batch']} x {st['max_length']} tokens, grad_accum {st['grad_accum']}, "
         f"gradient checkpointing {'on' if st['checkpointing'] else 'off'}, {st['optimizer']}",
+        f"path: {'padding-free' if est.padding_free else 'padded'} micro-batches (data.padding_free "
+        f"{st['padding_free_setting']})",
     ]
     unit, size = ("GiB", GIB) if est.total_bytes >= GIB else ("MiB", 2**20)
     lines += ["", f"{'memory':<14}{unit:>8}"]
@@ -40,7 +42,9 @@ def format_estimate(est: Estimate) -> str:
             lines.append(f"  {key:<12}{n / size:8.2f}  {est.labels.get(key, '')}")
     lines.append(f"  {'peak':<12}{est.peak_bytes / size:8.2f}  = {est.peak_rule}")
     if est.overhead_bytes:
-        lines.append(f"  {'runtime':<12}{est.overhead_bytes / size:8.2f}  CUDA context and workspaces, allocator slack")
+        what = "CUDA context and workspaces, allocator slack" if est.device.cuda else \
+            "process baseline: interpreter, torch, transformers, peft (measured resident memory)"
+        lines.append(f"  {'runtime':<12}{est.overhead_bytes / size:8.2f}  {what}")
         lines.append(f"  {'total':<12}{est.total_bytes / size:8.2f}")
     if est.memory_gb is not None:
         verdict = "yes" if est.fits else "NO"

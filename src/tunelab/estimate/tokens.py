@@ -1,11 +1,13 @@
-"""Training tokens per epoch, roughly, from the data files' rows and bytes (nothing is tokenised)."""
+"""Training tokens per epoch: exactly, as the run's micro-batches, when the tokenizer is local (`run_batches`), or
+roughly from the data files' rows and bytes (`count_tokens`: nothing is tokenised)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.config import Config
+from tunelab.config import Config, UserError
 
 
 def _count_rows(path: Path) -> tuple[int, int]:
@@ -44,3 +46,67 @@ def count_tokens(cfg: Config, chars_per_token: float = 4.0) -> tuple[int | None,
     rows = round(rows * (1 - cfg.data.eval_fraction))
     per_row = min(cfg.data.max_length, size / rows / chars_per_token) if rows else 0
     return int(rows * per_row), f"{rows} rows x ~{per_row:.0f} tokens (bytes/{chars_per_token:g}, not tokenised)"
+
+
+@dataclass(frozen=True)
+class Batches:
+    """An epoch's micro-batches as the run forms them (its seeded order, padded or padding-free), from the training
+    data tokenized with the run's own tokenizer and template."""
+
+    padding_free: bool
+    tokens: int  # real tokens of the epoch: what the trainer counts as trained
+    computed: int  # tokens the linear layers compute: padding included
+    attention: int  # sum of length^2 over what attends: each document (padding-free), rows x longest^2 (padded)
+    peak_tokens: int  # computed tokens of the largest micro-batch
+    peak_rows: int  # its sequences
+    peak_longest: int  # its longest sequence
+    peak_real: int  # its real tokens: at most this many positions carry a label (the loss's logits)
+
+    @property
+    def source(self) -> str:
+        path = "padding-free" if self.padding_free else "padded"
+        return (f"tokenized with the model's tokenizer; {path} micro-batches, the largest {self.peak_tokens:,} tokens"
+                + ("" if self.padding_free else f", {1 - self.tokens / self.computed:.0%} padding"))
+
+
+def local_tokenizer(cfg: Config) -> bool:
+    """Whether the run's tokenizer is on disk already (model.init trains its own at run time: not yet)."""
+    if cfg.model.init is not None:
+        return False
+    path = Path(cfg.tokenizer.path or cfg.model.path or "")
+    return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def run_batches(cfg: Config, padding_free: bool) -> Batches | None:
+    """The first epoch's micro-batches of a run whose method has padding-free batches (sft, dpo, orpo) and whose
+    tokenizer is local, None otherwise: the data read and tokenized as the trainer does it (its tokenized-data cache
+    makes the run's own look cheap afterwards), in the order `tunelab.data.order` gives the first epoch."""
+    from tunelab.config import PADDING_FREE_METHODS
+
+    if cfg.method not in PADDING_FREE_METHODS or not local_tokenizer(cfg):
+        return None
+    from tunelab.data.order import epoch_order, item_length
+    from tunelab.model import build_tokenizer
+    from tunelab.objectives import make_objective
+
+    try:
+        tokenizer, _ = build_tokenizer(cfg, "causal_lm")
+        items, _ = make_objective(cfg, tokenizer).datasets()
+    except (UserError, OSError):
+        return None  # unreadable data or tokenizer: the rough count says so
+    if not items:
+        return None
+    seqs = [[len(i.chosen_ids), len(i.rejected_ids)] if hasattr(i, "chosen_ids") else [len(i.input_ids)] for i in items]
+    tc = cfg.train
+    lengths = [item_length(i) for i in items] if tc.group_by_length else None
+    tokens = computed = attention = 0
+    peak = (0, 0, 0, 0)
+    for batch in epoch_order(len(items), tc.micro_batch_size, tc.seed, 0, lengths):
+        lens = [n for i in batch for n in seqs[i]]
+        longest = max(lens)
+        size = sum(lens) if padding_free else len(lens) * longest
+        tokens += sum(lens)
+        computed += size
+        attention += sum(n * n for n in lens) if padding_free else len(lens) * longest ** 2
+        peak = max(peak, (size, len(lens), longest, sum(lens)))
+    return Batches(padding_free, tokens, computed, attention, *peak)
