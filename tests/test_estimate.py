@@ -34,6 +34,7 @@ from tunelab.estimate import (
     lora_targets,
     model_shape,
 )
+from tunelab.estimate.counting import ce_chunk_rows
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -111,6 +112,8 @@ def test_shape_from_model_dir_and_init(tmp_path):
 def test_ce_chunk_mirrors_the_sft_loss():
     sft = pytest.importorskip("tunelab.objectives.sft")
     assert sft.CE_CHUNK == CE_CHUNK
+    for vocab in (8192, 32000, 128256, 262144):
+        assert sft.ce_chunk_rows(vocab) == ce_chunk_rows(vocab)
 
 
 def test_tokens_from_data_files(tmp_path):

@@ -14,15 +14,17 @@ from tunelab.config import Config
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+HF = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+          vocab_size=4096, max_position_embeddings=256, tie_word_embeddings=False)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=256, vocab_size=512, max_position_embeddings=128, tie_word_embeddings=False)
     path = tmp_path_factory.mktemp("qlora-base")
-    LlamaForCausalLM(hf).save_pretrained(path)
+    LlamaForCausalLM(LlamaConfig(**HF)).save_pretrained(path)
     return path
 
 
@@ -99,7 +101,7 @@ def test_bf16_step_matches_the_fp32_reference(base):
             if ".lora_B." in name:
                 p.normal_(0, 0.02)
         reference.load_state_dict({n: p for n, p in model.state_dict().items() if "lora_" in n}, strict=False)
-    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, HF["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
     autocast, _ = precision_context("bf16", torch.device("cpu"))
     loss, grads = lora_grads(model, batch, autocast)
@@ -108,3 +110,33 @@ def test_bf16_step_matches_the_fp32_reference(base):
     assert abs(loss.item() / ref_loss.item() - 1) < 1e-3
     assert (grads - ref_grads).norm() / ref_grads.norm() < 0.03  # measured 0.8 %
     assert ref_grads.abs().max() > 0
+
+
+def test_estimate_of_a_bf16_qlora_step_matches_the_allocator(base):
+    """The estimator's peak for a bf16 QLoRA step (checkpointing, tunelab's chunked SFT loss, bf16 autocast) against
+    torch's CPU allocator accounting of the same step on the model tunelab.model builds."""
+    from test_estimate import adamw, profiled_peak, run_config, shape_of
+    from transformers import LlamaConfig
+
+    from tunelab.estimate import estimate
+    from tunelab.objectives.sft import causal_lm_loss
+    from tunelab.precision import precision_context
+
+    hf = LlamaConfig(**HF)
+    model = tunelab_qlora(base)
+    optimizer = adamw(model)
+    autocast, _ = precision_context("bf16", torch.device("cpu"))
+    ids = torch.randint(0, hf.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+
+    def step(batch=ids):
+        with autocast():
+            total, n = causal_lm_loss(model, {"input_ids": batch, "labels": batch})
+        (total / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(ids[:1, :8])  # creates the optimizer state
+    measured = profiled_peak(model, optimizer, step)
+    cfg = run_config(mode="qlora", mb=1, seq=256, gc=True, bf16=True, dropout=0.0, r=8)
+    predicted = estimate(cfg, device="cpu", shape=shape_of(hf), tokens=0, suggest=False).peak_bytes
+    assert abs(predicted / measured - 1) < 0.15, f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"

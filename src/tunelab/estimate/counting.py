@@ -11,8 +11,14 @@ from .devices import Device
 from .shapes import ModelShape
 from .tokens import Batches
 
-# Rows of logits the SFT loss computes at once (mirrors tunelab.objectives.sft.CE_CHUNK; a test checks).
+# Rows of logits the SFT loss computes at once, fewer for vocabularies over 32k (mirrors tunelab.objectives.sft's
+# CE_CHUNK and ce_chunk_rows; a test checks).
 CE_CHUNK = 2048
+CE_CHUNK_LOGITS = 2048 * 32768
+
+
+def ce_chunk_rows(vocab: int) -> int:
+    return max(1, min(CE_CHUNK, CE_CHUNK_LOGITS // vocab))
 
 # bits per parameter of bitsandbytes 4-bit weights: 4-bit codes + one absmax per block of 64 weights,
 # fp32 (32/64 bit), or with double quantization 8-bit absmax + one fp32 constant per 256 of those.
@@ -204,11 +210,14 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         kept = T * (shape.layers * per_layer + final_norm) + cast_copies + head_copy
         recompute = 0
         labels["activations"] = f"{shape.layers} blocks x {per_layer / shape.hidden:.1f} bytes x hidden per token"
-    # -- logits: the fp32 log-softmax kept for backward, then two fp32 gradients of it at once = 12 bytes per
-    # logit, over the whole micro-batch, or one chunk of label positions (tunelab's SFT loss recomputes them).
+    # -- logits. A plain loss keeps the fp32 log-softmax for backward, then makes two fp32 gradients of it at once:
+    # 12 bytes per logit, over the whole micro-batch. The SFT/pretraining loss (losses.chunked_cross_entropy) makes
+    # one chunk's fp32 logits into their gradient in place: 4 bytes per logit, +2 for the 16-bit copy at a 16-bit
+    # matmul. Other chunked losses (DPO, ORPO, MLM) run a checkpointed fp32 cross-entropy per chunk of CE_CHUNK rows.
     labelled = batches.peak_real if batches else T  # padding never carries a label
-    ce_tokens = min(labelled, CE_CHUNK) if chunked_ce else T
-    logits = 12 * head_out * ce_tokens
+    fused = chunked_ce and cfg.method in ("sft", "pretrain")
+    ce_tokens = min(labelled, ce_chunk_rows(head_out) if fused else CE_CHUNK) if chunked_ce else T
+    logits = (4 + (2 if a == 2 else 0) if fused else 12) * head_out * ce_tokens
     if chunked_ce:
         kept += labelled * x * shape.hidden  # the hidden states at label positions, input of the chunks
     labels["logits"] = f"chunked CE: {ce_tokens} positions at a time" if chunked_ce else f"whole micro-batch ({T} positions)"

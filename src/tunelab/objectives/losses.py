@@ -151,6 +151,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits live only inside the loop: the forward computes the loss and, when needed,
     the gradients of h, W and b; the backward only scales them by the incoming scalar gradient.
+    One fp32 tensor of the chunk's logits is shifted, exponentiated and normalised in place into the
+    softmax: the chunk peaks at 4 bytes per logit, +2 for a 16-bit copy as it enters or leaves the
+    16-bit matmuls (+4 with a softcap, whose derivative needs tanh kept).
     This is the "fused linear cross-entropy" of Liger Kernel (Hsu et al. 2024) and Cut Cross-Entropy
     (Wijmans et al. 2024), in plain PyTorch.
     """
@@ -166,16 +169,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
             z = F.linear(hc, weight, bias).to(cdt)
             if softcap is not None:  # Gemma-2 style cap * tanh(z / cap)
-                t = torch.tanh(z / softcap)
-                z = softcap * t
-            lse = z.logsumexp(-1)
-            loss += (lse - z.gather(-1, yc.unsqueeze(-1)).squeeze(-1)).sum()
+                t = torch.tanh(z.div_(softcap))
+                z = t * softcap
+            # logsumexp as torch computes it (shift by the max, exp, sum, log), in place over z
+            z = z.sub_(z.amax(-1, keepdim=True))
+            target = z.gather(-1, yc.unsqueeze(-1)).squeeze(-1)
+            total = z.exp_().sum(-1)  # z is now exp(z - max)
+            loss += (total.log() - target).sum()
             if not (need_h or need_w or need_b):
                 continue
-            g = torch.exp(z - lse.unsqueeze(-1))  # d loss / dz = softmax(z) - onehot(y)
+            g = z.div_(total.unsqueeze(-1))  # d loss / dz = softmax(z) - onehot(y)
             g[torch.arange(len(yc), device=g.device), yc] -= 1
             if softcap is not None:
-                g *= 1 - t * t
+                g *= t.mul_(t).neg_().add_(1)  # d cap*tanh(u/cap) / du = 1 - tanh^2
             if need_h:
                 gh[s:s + chunk_size] = (g.to(weight.dtype) @ weight).to(h.dtype)
             if need_w:

@@ -14,8 +14,14 @@ from tunelab.model import unwrap
 from tunelab.objectives.base import Objective
 from tunelab.objectives.losses import chunked_cross_entropy
 
-# Rows of logits computed at once; keeps the [tokens x vocab] tensor from ever existing whole.
+# Rows of logits computed at once; keeps the [tokens x vocab] tensor from ever existing whole. Vocabularies over
+# 32k get fewer rows (Llama-3's 128k: 523), so that a chunk holds at most 2048 x 32k logits (0.4 GiB fp32).
 CE_CHUNK = 2048
+CE_CHUNK_LOGITS = 2048 * 32768
+
+
+def ce_chunk_rows(vocab: int) -> int:
+    return max(1, min(CE_CHUNK, CE_CHUNK_LOGITS // vocab))
 
 
 class SoftcappedHead(nn.Module):
@@ -98,14 +104,16 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = decoder_hidden(decoder, batch)
     linear = plain_linear(head)
     if linear is not None:
-        return chunked_cross_entropy(hidden, linear.weight, batch["labels"], CE_CHUNK, bias=linear.bias)
+        rows = ce_chunk_rows(linear.weight.shape[0])
+        return chunked_cross_entropy(hidden, linear.weight, batch["labels"], rows, bias=linear.bias)
+    rows = ce_chunk_rows(unwrap(model).config.get_text_config().vocab_size)
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     h = hidden[:, :-1][keep]
     y = labels[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, y.numel(), CE_CHUNK):
-        hc, yc = h[start:start + CE_CHUNK], y[start:start + CE_CHUNK]
+    for start in range(0, y.numel(), rows):
+        hc, yc = h[start:start + rows], y[start:start + rows]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_ce, head, hc, yc, use_reentrant=False)
         else:
