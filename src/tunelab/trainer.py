@@ -298,7 +298,7 @@ class Trainer:
         final = self._finish()
         elapsed = time.time() - started
         if self.dist.main:
-            plot = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png") if cfg.log.plot else None
+            plot = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.svg") if cfg.log.plot else None
             self.say(summary(state, self.total_steps, elapsed, state.step - step_at_start, state.tokens - tokens_at_start,
                              final, self.run_dir / "metrics.jsonl", plot))
         return final
