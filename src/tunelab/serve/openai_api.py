@@ -19,7 +19,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.config import UserError
-from tunelab.serve import engine as eng
+from tunelab.serve import batch as gen
+from tunelab.serve.engine import target_of
 
 router = APIRouter()
 log = logging.getLogger("tunelab.serve")
@@ -74,8 +75,8 @@ class _Sampling(_Strict):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
-    def engine_request(self, max_tokens: int | None, **prompt) -> eng.Request:
-        return eng.Request(**prompt, max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=self.temperature,
+    def engine_request(self, max_tokens: int | None, **prompt) -> gen.Request:
+        return gen.Request(**prompt, max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=self.temperature,
                            top_p=self.top_p, stop=self.stop or [], seed=self.seed, stream=self.stream)
 
 
@@ -171,16 +172,16 @@ def _resolve(request: Request, name: str):
     return ref
 
 
-def _submit(request: Request, body: _Sampling, engine_request: eng.Request) -> eng.Job:
+def _submit(request: Request, body: _Sampling, engine_request: gen.Request) -> gen.Job:
     ref = _resolve(request, body.model)
     try:
-        target = eng.target_of(ref.path)
+        target = target_of(ref.path)
     except UserError as e:
         raise HTTPException(400, f"model {body.model!r}: {e}") from None
     return request.app.state.engine.submit(target, engine_request)
 
 
-async def _next(job: eng.Job):
+async def _next(job: gen.Job):
     try:
         return await job.next()
     except UserError as e:
@@ -192,9 +193,9 @@ async def _next(job: eng.Job):
         raise HTTPException(500, f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-async def _result(job: eng.Job) -> eng.Result:
+async def _result(job: gen.Job) -> gen.Result:
     try:
-        while not isinstance(item := await _next(job), eng.Result):
+        while not isinstance(item := await _next(job), gen.Result):
             pass
         return item
     finally:  # also when the client went away: its row stops generating
@@ -214,7 +215,7 @@ async def _stream(job, body: _Sampling, head: dict, kind: str, first, delta, las
         try:
             if first is not None:
                 yield _sse(first)
-            while not isinstance(item, eng.Result):
+            while not isinstance(item, gen.Result):
                 yield _sse(delta(item))
                 item = await job.next()
             yield _sse(last(item))
@@ -239,7 +240,7 @@ def _head(prefix: str, model: str) -> dict:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
 
 
-def _usage(result: eng.Result) -> dict:
+def _usage(result: gen.Result) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
