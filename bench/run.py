@@ -53,7 +53,7 @@ SYSTEMS = {
 
 WORKLOADS = {
     # workload -> systems of the default run; ratios are against the first trl* system listed
-    "sft-lora": ["tunelab", "tunelab-ckpt", "trl", "trl-packed", "trl-no-ckpt"],
+    "sft-lora": ["tunelab", "tunelab-padded", "tunelab-ckpt", "trl", "trl-packed", "trl-no-ckpt"],
     "sft-full": ["tunelab", "trl", "trl-packed"],
     "qlora": ["tunelab", "trl", "trl-packed"],
     "dpo-lora": ["tunelab", "tunelab-grouped", "trl"],

@@ -2,6 +2,7 @@
 
     python bench/startup.py                  # the sft-lora workload's default config, 3 interleaved cold/warm runs
     python bench/startup.py --reps 5
+    python bench/startup.py --baseline /tmp/old/src   # also another checkout's tunelab, interleaved, for the ratio
 
 Each run is `python -m tunelab train CONFIG train.max_steps=1` in its own process, with `-X importtime`. The child
 stamps the phases (wrapping the functions the trainer calls, nothing else changes): interpreter + `tunelab.cli`,
@@ -99,10 +100,10 @@ def config_file(tmp: Path, cache: Path) -> Path:
     return path
 
 
-def run_once(cfg: Path, cache: Path, out: Path) -> dict:
+def run_once(cfg: Path, cache: Path, out: Path, src: Path = HERE.parent / "src") -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNELAB_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1",
            "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
     shutil.rmtree(out, ignore_errors=True)
     load = os.getloadavg()[0]
     t0 = time.time()
@@ -136,19 +137,22 @@ def import_times(log: str) -> dict[str, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--baseline", type=Path, help="another checkout's src/ (e.g. an older commit's): timed too")
     args = p.parse_args(argv)
+    trees = {"": HERE.parent / "src", **({", baseline": args.baseline} if args.baseline else {})}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        cache = tmp / "cache"
-        cfg = config_file(tmp, cache)
-        runs = {"cold cache": [], "warm cache": []}
+        cfg = config_file(tmp, tmp / "cache")
+        runs = {f"{label}{tree}": [] for tree in trees for label in ("cold cache", "warm cache")}
         for rep in range(args.reps):
-            shutil.rmtree(cache, ignore_errors=True)
-            for label in runs:  # interleaved: cold (empty token cache), then warm (the cache the cold run wrote)
-                r = run_once(cfg, cache, tmp / "run")
-                runs[label].append(r)
-                print(f"  [{rep + 1}/{args.reps}] {label}: first step at {r['to_first_step']:.1f}s, process "
-                      f"{r['process']:.1f}s (load {r['load']:.1f})", flush=True)
+            for tree, src in trees.items():
+                cache = tmp / f"cache{tree}"
+                shutil.rmtree(cache, ignore_errors=True)
+                for label in ("cold cache", "warm cache"):  # cold (empty token cache), then warm (what cold wrote)
+                    r = run_once(cfg, cache, tmp / "run", src)
+                    runs[label + tree].append(r)
+                    print(f"  [{rep + 1}/{args.reps}] {label}{tree}: first step at {r['to_first_step']:.1f}s, "
+                          f"process {r['process']:.1f}s (load {r['load']:.1f})", flush=True)
     print(table(runs))
     return 0
 
