@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium demo test test-slow bench bench-serve bench-peers clean
+.PHONY: venv chromium demo test test-slow bench bench-estimate bench-serve bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/estimate_check.py
+
+# `tunelab estimate` against measured runs of the sft-lora workload, default and padded paths (also the end of `make bench`)
+bench-estimate: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/estimate_check.py
 
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py

@@ -42,9 +42,15 @@ def format_estimate(est: Estimate) -> str:
             lines.append(f"  {key:<12}{n / size:8.2f}  {est.labels.get(key, '')}")
     lines.append(f"  {'peak':<12}{est.peak_bytes / size:8.2f}  = {est.peak_rule}")
     if est.overhead_bytes:
-        what = "CUDA context and workspaces, allocator slack" if est.device.cuda else \
-            "process baseline: interpreter, torch, transformers, peft (measured resident memory)"
-        lines.append(f"  {'runtime':<12}{est.overhead_bytes / size:8.2f}  {what}")
+        if est.device.cuda:
+            lines.append(f"  {'runtime':<12}{est.overhead_bytes / size:8.2f}  CUDA context and workspaces, "
+                         "allocator slack")
+        else:
+            lines.append(f"  {'baseline':<12}{(est.overhead_bytes - est.heap_bytes) / size:8.2f}  process before "
+                         "any tensor: interpreter, torch, transformers, peft (measured)")
+            if est.heap_bytes:
+                lines.append(f"  {'heap':<12}{est.heap_bytes / size:8.2f}  freed activations glibc's heap keeps "
+                             "(blocks under 32 MiB)")
         lines.append(f"  {'total':<12}{est.total_bytes / size:8.2f}")
     if est.memory_gb is not None:
         verdict = "yes" if est.fits else "NO"
