@@ -144,32 +144,17 @@ class Memory:
     heap_retained: float = 0  # CPU: bytes glibc's heap keeps beyond the live tensors (see `heap_retained`)
 
 
-# glibc's largest dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): blocks below it come from the heap.
-GLIBC_MMAP_MAX = 32 * 2**20
-
-
-def heap_retained(cfg: Config, shape: ModelShape, dev: Device, plan: Plan, tokens: int, mask_per_layer: float) -> float:
-    """Resident memory a CPU step holds beyond its live tensors: glibc serves blocks under its (dynamic, up to 32 MiB)
-    mmap threshold from its heap, which keeps freed blocks, and the backward pass's allocations mostly do not fit the
-    activation blocks it frees, so the heap grows by about the activations it served once more. Measured on the
-    benchmark model (LoRA, 8 rows, one step, every activation under 32 MiB): RSS - baseline - tensor peak = 1.06 x the
-    activations padding-free (1,819 tokens), 1.14 x padded (4,528). Counted: the blocks of the activations under
-    32 MiB, the intermediate-width ones (MLP) apart from the rest, the padding mask's. None on GPUs, or with
-    checkpointing (the trainer fixes a 64 KiB threshold then: tunelab.memory)."""
+def heap_retained(cfg: Config, dev: Device, activations: float) -> float:
+    """Resident memory a CPU step holds beyond its live tensors: glibc's heap keeps the blocks it frees (its mmap
+    threshold rises to each freed mapping's size, so activations come from the heap after the first step), the
+    backward pass's allocations mostly do not fit the activation blocks it frees, and steps of different shapes
+    fragment it further: the heap grows by about the activations once more. Measured on the benchmark model (LoRA,
+    RSS - baseline - tensor peak over the estimate's activations): one step of 8 rows 1.06x padding-free, 1.14x
+    padded; an epoch of 64 rows: see bench/README.md. None on GPUs, or with checkpointing (the trainer then fixes
+    a 64 KiB threshold, so freed blocks go back to the system: tunelab.memory)."""
     if dev.cuda or cfg.train.gradient_checkpointing:
         return 0
-    from dataclasses import replace
-
-    x = 4 if plan.mode == "qlora" else plan.act
-    narrow = layer_activation_bytes(replace(shape, intermediate=0), plan)  # per token: all but the MLP's wide tensors
-    wide = layer_activation_bytes(shape, plan) - narrow
-    kept = 0.0
-    for per_token, width in ((narrow, shape.hidden), (wide, shape.intermediate)):
-        if tokens * width * x < GLIBC_MMAP_MAX:
-            kept += shape.layers * tokens * per_token
-    if 0 < mask_per_layer < GLIBC_MMAP_MAX:
-        kept += shape.layers * mask_per_layer
-    return kept
+    return activations
 
 
 def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bool = True,
@@ -255,7 +240,6 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     if tc.gradient_checkpointing:
         mem["recompute"] = recompute
         labels["recompute"] = "one block's activations, rebuilt during the backward pass"
-    mask_per_layer = 0
     if padding_free is False and not dev.cuda:
         # Padded batches on CPU: SDPA turns the boolean padding mask into a float one in each layer and keeps it for
         # the backward pass: rows x longest^2 x 4 bytes per layer (the full micro-batch of max_length rows when the
@@ -295,4 +279,4 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         peak = static + max(forward_backward, mem["gradients"] + step_temp)
         rule += f" + max({fb_rule}, gradients" + (" + step temp)" if step_temp else ")")
     return Memory(mem, labels, peak, rule, shape.params + (adapter if ac is not None else 0), trainable, plan,
-                  heap_retained(cfg, shape, dev, plan, T, mask_per_layer))
+                  heap_retained(cfg, dev, mem["activations"]))

@@ -124,7 +124,7 @@ def _assumptions(cfg: Config, dev: Device, chunked_ce: bool, batches: Batches | 
         notes.append(f"CPU: + {CPU_BASELINE / GIB:.2f} GiB process baseline (interpreter, torch, transformers, peft: "
                      "measured resident memory)"
                      + ("" if cfg.train.gradient_checkpointing else " + the activations once more for glibc's heap, "
-                        "which keeps freed blocks under 32 MiB (measured on the benchmark model)"))
+                        "which keeps freed blocks (measured on the benchmark model)"))
     if cfg.model.quantize:
         notes.append("QLoRA: embeddings, head and norms stay in the load dtype; only the adapter is fp32")
     if dev.cuda:

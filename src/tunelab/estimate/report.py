@@ -50,7 +50,7 @@ def format_estimate(est: Estimate) -> str:
                          "any tensor: interpreter, torch, transformers, peft (measured)")
             if est.heap_bytes:
                 lines.append(f"  {'heap':<12}{est.heap_bytes / size:8.2f}  freed activations glibc's heap keeps "
-                             "(blocks under 32 MiB)")
+                             "(measured: about the activations once more)")
         lines.append(f"  {'total':<12}{est.total_bytes / size:8.2f}")
     if est.memory_gb is not None:
         verdict = "yes" if est.fits else "NO"
