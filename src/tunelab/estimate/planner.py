@@ -79,11 +79,16 @@ def estimate(cfg: Config, device: str | None = None, memory_gb: float | None = N
     flops = None
     if batches is not None:
         tokens, source = batches.tokens, batches.source
-        # The layers compute the padding too; attention (linear in the length it sees, per token) runs over what
-        # attends: each document, or each padded row, instead of max_length.
+        # The layers compute the padding too; the head only the labelled positions (the chunked loss); attention
+        # (linear in the length it sees, per token) runs over what attends: each document, or each padded row. A
+        # causal kernel skips the masked half that flops_per_token leaves out; a padded batch's explicit mask makes
+        # the kernel compute the whole square: twice that.
         base, ckpt = cfg.adapter is None, tc.gradient_checkpointing
         attention = flops_per_token(shape, seq, base, 0, ckpt) - flops_per_token(shape, 0, base, 0, ckpt)
-        flops = batches.computed * (fpt - attention) + attention / seq * batches.attention
+        head = ((6 if base else 4) + (2 if chunked_ce else 0)) * shape.vocab * shape.hidden
+        labelled = batches.labelled or batches.tokens
+        flops = (batches.computed * (fpt - attention - head) + labelled * head
+                 + attention / seq * batches.attention * (1 if batches.padding_free else 2))
     elif tokens is None:
         tokens, source = count_tokens(cfg)
         if tokens is not None and cfg.method in PADDING_FREE_METHODS and not local_tokenizer(cfg):

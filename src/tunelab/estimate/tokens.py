@@ -61,6 +61,7 @@ class Batches:
     peak_rows: int  # its sequences
     peak_longest: int  # its longest sequence
     peak_real: int  # its real tokens: at most this many positions carry a label (the loss's logits)
+    labelled: int = 0  # positions of the epoch that carry a label: the head runs on these only (chunked loss)
 
     @property
     def source(self) -> str:
@@ -97,6 +98,7 @@ def run_batches(cfg: Config, padding_free: bool) -> Batches | None:
     if not items:
         return None
     seqs = [[len(i.chosen_ids), len(i.rejected_ids)] if hasattr(i, "chosen_ids") else [len(i.input_ids)] for i in items]
+    labelled = sum(_labelled(i) for i in items)
     tc = cfg.train
     lengths = [item_length(i) for i in items] if tc.group_by_length else None
     tokens = computed = attention = 0
@@ -109,4 +111,11 @@ def run_batches(cfg: Config, padding_free: bool) -> Batches | None:
         computed += size
         attention += sum(n * n for n in lens) if padding_free else len(lens) * longest ** 2
         peak = max(peak, (size, len(lens), longest, sum(lens)))
-    return Batches(padding_free, tokens, computed, attention, *peak)
+    return Batches(padding_free, tokens, computed, attention, *peak, labelled)
+
+
+def _labelled(item) -> int:
+    """Positions of an item whose next token carries a label (its sequences' labels past the first)."""
+    sides = [getattr(item, "labels", None)] if hasattr(item, "labels") else \
+        [getattr(item, "chosen_labels", None), getattr(item, "rejected_labels", None)]
+    return sum(sum(1 for y in labels[1:] if y != -100) for labels in sides if labels is not None)
