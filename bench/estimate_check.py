@@ -1,7 +1,7 @@
 """`tunelab estimate` against the runs it estimates: the bench's SFT LoRA workload on the default path (padding-free)
 and the padded one, each run measured in its own process (`bench/systems.py`, as `bench/run.py` runs it).
 
-    python bench/estimate_check.py              # what `make bench-estimate` runs: 32 rows, 3 runs each (medians)
+    python bench/estimate_check.py              # what `make bench-estimate` runs: 64 rows, 3 runs each (medians)
     python bench/estimate_check.py --rows 8 --reps 1 --tiny   # smoke-tests the script in a minute
 
 Compared: the estimate's total on CPU (peak tensor bytes + the process baseline) with the run's peak RSS, and its
@@ -46,7 +46,7 @@ def estimated(spec: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--rows", type=int, default=64, help="rows of the epoch (64: issue 11's figures)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="the 2-layer stand-in model: smoke-tests the script only")
     args = p.parse_args(argv)
