@@ -240,8 +240,8 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     if tc.gradient_checkpointing:
         mem["recompute"] = recompute
         labels["recompute"] = "one block's activations, rebuilt during the backward pass"
-    if padding_free is False and not dev.cuda:
-        # Padded batches on CPU: SDPA turns the boolean padding mask into a float one in each layer and keeps it for
+    if padding_free is False and not dev.cuda and cfg.method != "pretrain":  # pretraining blocks carry no mask
+        # Padded (or packed) batches on CPU: SDPA turns the boolean mask into a float one in each layer and keeps it for
         # the backward pass: rows x longest^2 x 4 bytes per layer (the full micro-batch of max_length rows when the
         # batches are not known).
         rows, longest = (batches.peak_rows, batches.peak_longest) if batches else (seqs, cfg.data.max_length)
@@ -249,11 +249,11 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         if tc.gradient_checkpointing:  # only the block being recomputed holds one
             mem["attn mask"] = mask_per_layer
             mem["recompute"] += mask_per_layer
-            labels["attn mask"] = "padded batches on CPU: the recomputed block's float L x L mask (in recompute)"
+            labels["attn mask"] = "masked (padded or packed) batches on CPU: the recomputed block's float L x L mask (in recompute)"
         else:
             mem["attn mask"] = shape.layers * mask_per_layer
             mem["activations"] += mem["attn mask"]
-            labels["attn mask"] = "padded batches on CPU: a float L x L mask per layer (in activations)"
+            labels["attn mask"] = "masked (padded or packed) batches on CPU: a float L x L mask per layer (in activations)"
     mem["other"] = 0
     if mode == "qlora":
         # One 4-bit layer at a time is dequantized to the compute dtype (again in the backward pass).

@@ -105,7 +105,8 @@ def estimate(cfg: Config, device: str | None = None, memory_gb: float | None = N
         tokens_per_epoch=tokens, tokens_source=source, seconds_per_epoch=seconds, memory_gb=memory_gb,
         settings=dict(micro_batch=tc.micro_batch_size, grad_accum=tc.grad_accum, max_length=seq,
                       checkpointing=tc.gradient_checkpointing, optimizer=tc.optimizer, chunked_ce=chunked_ce,
-                      method=cfg.method, epochs=tc.epochs, padding_free_setting=str(cfg.data.padding_free).lower()),
+                      method=cfg.method, epochs=tc.epochs, padding_free_setting=str(cfg.data.padding_free).lower(),
+                      packing=cfg.data.packing),
         assumptions=_assumptions(cfg, dev, chunked_ce, batches, padding_free), heap_bytes=m.heap_retained,
     )
     if suggest and memory_gb is not None and not est.fits:

@@ -32,8 +32,8 @@ def format_estimate(est: Estimate) -> str:
         f"trainable: {_count(est.trainable)} ({100 * est.trainable / est.params:.2f} %)",
         f"step: micro-batch {st['micro_batch']} x {st['max_length']} tokens, grad_accum {st['grad_accum']}, "
         f"gradient checkpointing {'on' if st['checkpointing'] else 'off'}, {st['optimizer']}",
-        f"path: {'padding-free' if est.padding_free else 'padded'} micro-batches (data.padding_free "
-        f"{st['padding_free_setting']})",
+        f"path: {'padding-free' if est.padding_free else 'packed' if st['packing'] else 'padded'} micro-batches "
+        f"(data.padding_free {st['padding_free_setting']}{', data.packing' if st['packing'] else ''})",
     ]
     unit, size = ("GiB", GIB) if est.total_bytes >= GIB else ("MiB", 2**20)
     lines += ["", f"{'memory':<14}{unit:>8}"]
