@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -148,24 +149,30 @@ def run_one(name: str, ctx: dict, timeout: float) -> dict:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    def best(rs):
+    """Medians over each system's successful runs (wall time and peak RSS each their own median)."""
+    def median(rs):
         ok = [r for r in rs if r["rc"] == 0]
-        return min(ok, key=lambda r: r["wall_s"]) if ok else None
+        if not ok:
+            return None
+        return {"wall_s": statistics.median(r["wall_s"] for r in ok), "n": len(ok), "tokens": ok[0]["tokens"],
+                "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in ok),
+                "load": statistics.median(r["load_before"][0] for r in ok)}
 
-    base = best(results.get("tunelab", []))
-    lines = ["| system | wall s | peak RSS GB | tokens | tok/s | tunelab speed-up | RSS vs tunelab | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = median(results.get("tunelab", []))
+    lines = ["| system | wall s | peak RSS GB | runs | tokens | tok/s | tunelab speed-up | RSS vs tunelab | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
-        r = best(rs)
+        r = median(rs)
         if r is None:
-            lines.append(f"| {name} | failed | – | – | – | – | – | {rs[-1]['load_before'][0]:.1f} |")
+            lines.append(f"| {name} | failed | – | 0/{len(rs)} | – | – | – | – | {rs[-1]['load_before'][0]:.1f} |")
             continue
         speed = f"{r['wall_s'] / base['wall_s']:.2f}×" if base else "–"
         mem = f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}×" if base else "–"
-        lines.append(f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['tokens']} | "
-                     f"{r['tokens'] / r['wall_s']:.0f} | {speed} | {mem} | {r['load_before'][0]:.1f} |")
-    failed = [(n, rs[-1]["error"]) for n, rs in results.items() if best(rs) is None]
-    lines += [f"\n{n} failed: {e}" for n, e in failed]
+        lines.append(f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['n']}/{len(rs)} | {r['tokens']} | "
+                     f"{r['tokens'] / r['wall_s']:.0f} | {speed} | {mem} | {r['load']:.1f} |")
+    failed = [(n, next(r["error"] for r in rs if r["rc"] != 0)) for n, rs in results.items()
+              if any(r["rc"] != 0 for r in rs)]
+    lines += [f"\n{n} failed in {sum(r['rc'] != 0 for r in results[n])} run(s): {e}" for n, e in failed]
     return "\n".join(lines)
 
 

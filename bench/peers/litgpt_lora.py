@@ -13,7 +13,6 @@ from litgpt.prompts import PromptStyle
 from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
 model, rows, out = map(Path, sys.argv[1:4])
-sys.argv[1:] = []  # litgpt saves its hyper-parameters by re-parsing the command line as its own CLI
 name_to_config["bench-llama"] = dict(
     name="bench-llama", block_size=1024, vocab_size=8192, padded_vocab_size=8192, n_layer=8, n_head=8, n_embd=512,
     n_query_groups=8, rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
@@ -32,8 +31,12 @@ class Plain(PromptStyle):  # the prompt as is (the others add no template either
         return prompt
 
 
-setup(ckpt, out_dir=out / "run", precision="32-true", devices=1, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-      lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True, lora_head=False,
+# litgpt saves its hyper-parameters by re-parsing the command line as its own CLI, and its final merge rebuilds
+# the model from that file: give it the command line these arguments would be (the LoRA shape above all)
+LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_query=True, lora_key=True, lora_value=True,
+            lora_projection=True, lora_mlp=True, lora_head=False)
+sys.argv[1:] = [str(ckpt), "--precision", "32-true", *(f"--{k}={str(v).lower()}" for k, v in LORA.items())]
+setup(ckpt, out_dir=out / "run", precision="32-true", devices=1, **LORA,
       data=JSON(json_path=data_dir, mask_prompt=True, prompt_style=Plain(), num_workers=0),
       train=TrainArgs(save_interval=None, log_interval=1, global_batch_size=8, micro_batch_size=8,
                       lr_warmup_steps=1, epochs=1, max_seq_length=1024),
