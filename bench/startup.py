@@ -86,7 +86,7 @@ PHASES = [  # (label, stamp that ends it); each phase starts where the previous 
 ]
 
 
-def config_file(tmp: Path, cache: Path) -> Path:
+def config_file(tmp: Path) -> Path:
     import yaml
 
     import assets
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     trees = {"": HERE.parent / "src", **({", baseline": args.baseline} if args.baseline else {})}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        cfg = config_file(tmp, tmp / "cache")
+        cfg = config_file(tmp)
         runs = {f"{label}{tree}": [] for tree in trees for label in ("cold cache", "warm cache")}
         for rep in range(args.reps):
             for tree, src in trees.items():

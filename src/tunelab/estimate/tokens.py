@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.config import Config, UserError
+from tunelab.config import PADDING_FREE_METHODS, Config, UserError
 
 
 def _count_rows(path: Path) -> tuple[int, int]:
@@ -82,8 +82,6 @@ def run_batches(cfg: Config, padding_free: bool) -> Batches | None:
     """The first epoch's micro-batches of a run whose method has padding-free batches (sft, dpo, orpo) and whose
     tokenizer is local, None otherwise: the data read and tokenized as the trainer does it (its tokenized-data cache
     makes the run's own look cheap afterwards), in the order `tunelab.data.order` gives the first epoch."""
-    from tunelab.config import PADDING_FREE_METHODS
-
     if cfg.method not in PADDING_FREE_METHODS or not local_tokenizer(cfg):
         return None
     from tunelab.data.order import epoch_order, item_length
