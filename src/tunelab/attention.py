@@ -38,10 +38,12 @@ def padding_free_attention(module, query, key, value, attention_mask, dropout: f
             len(lengths) * max(lengths) ** 2 <= BATCH_WASTE * sum(n * n for n in lengths):
         return _attend_batched(module, query, key, value, bounds, lengths, dropout, scaling), None
     outputs = []
-    for start, end in zip(bounds, bounds[1:]):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        if window and end - start > window:
-            out, _ = sdpa_attention_forward(module, q, k, v, _band(end - start, window, query.device), dropout=dropout,
+    # split, not slicing: its backward joins the documents' gradients in one cat, where each slice's backward would
+    # write its gradient into a zeroed tensor of the whole row
+    for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value))):
+        length = q.shape[2]
+        if window and length > window:
+            out, _ = sdpa_attention_forward(module, q, k, v, _band(length, window, query.device), dropout=dropout,
                                             scaling=scaling, is_causal=False)
         else:
             out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)
