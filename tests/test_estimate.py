@@ -184,11 +184,12 @@ def live_bytes(model, optimizer) -> int:
 
 
 def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
-    """The model as tunelab.model.build makes it (4-bit linears, the rest in the load dtype; peft LoRA;
-    checkpointing)."""
+    """The model as tunelab.model.build makes it (4-bit linears, the rest in the load dtype; peft LoRA; gated MLPs
+    that recompute act(gate); checkpointing)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    from tunelab.gated_mlp import keep_less_in_gated_mlps
     from tunelab.lora_dropout import fuse_lora_dropout
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -205,6 +206,7 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
         fuse_lora_dropout(model)
+    assert keep_less_in_gated_mlps(model, dtype) == hf.num_hidden_layers
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -273,6 +273,9 @@ def build_model(cfg: Config, kind: str, device: torch.device | None, tokenizer, 
         if not cfg.model.quantize and cfg.train.optimizer == "adamw":
             import_peft_without_bitsandbytes_compile()
         model = attach_adapter(model, cfg.adapter, kind=kind, new_token_ids=list(added))
+    from tunelab.gated_mlp import keep_less_in_gated_mlps
+
+    keep_less_in_gated_mlps(model, model.dtype)  # the same maths, act(gate) recomputed in backward, not kept
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.data.padding_free is True:  # before any objective copies it (DPO's frozen reference attends the same way)

@@ -88,9 +88,9 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
     n += 2 * (4 * h + (2 * a * h if full else 0))
     # Attention: sdpa keeps q, k, v and its output (which is also o_proj's input).
     n += a * (2 * q + 2 * kv)
-    # MLP: SwiGLU keeps gate, act(gate) and up; down_proj's input (their product) only if it trains.
-    # A plain MLP keeps up and, if down trains, act(up).
-    mlp_kept = 3 if s.gated_mlp else 1
+    # MLP: SwiGLU keeps gate and up (tunelab.gated_mlp recomputes act(gate)); down_proj's input (their product)
+    # only if it trains. A plain MLP keeps up and, if down trains, act(up).
+    mlp_kept = 2 if s.gated_mlp else 1
     n += x * i * (mlp_kept + (1 if full else 0))
     if full:
         return n
