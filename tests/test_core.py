@@ -40,7 +40,7 @@ def test_saved_lora_loads_in_peft_with_identical_logits_and_merges(base, data, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.model import merge
+    from tunelab.merging import merge
 
     trainer = run(config_dict(base, data, tmp_path / "run", adapter=LORA, train={"lr": 5e-3}))
     ours = trainer.module.model.eval()
@@ -146,7 +146,7 @@ def test_qlora_merge_reproduces_the_trained_quantized_model(base, data, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.model import merge
+    from tunelab.merging import merge
 
     qlora = {"path": str(base), "quantize": "nf4", "double_quant": True}
     trainer = run(config_dict(base, data, tmp_path / "q", model=qlora, adapter=LORA, train={"lr": 5e-3}))

@@ -19,7 +19,7 @@ LAYERS = [
     # What a model is and how it runs: loading / building / saving (model, scratch), attention, number formats,
     # the CPU allocator, LoRA dropout's kept mask, generation (infer: serve and evaluation use it too), MoE experts /
     # routers / router loss (moe).
-    {"model": ["model", "scratch", "attention", "lora_dropout", "gated_mlp", "precision", "memory", "infer", "moe"]},
+    {"model": ["model", "merging", "scratch", "attention", "lora_dropout", "gated_mlp", "precision", "memory", "infer", "moe"]},
     {"objectives": ["objectives"]},
     {
         # The loop and the machinery it alone uses.

@@ -86,7 +86,7 @@ def test_reward_model_separates_heldout_pairs_and_reloads_for_ppo(base, tmp_path
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.model import merge
+    from tunelab.merging import merge
     from tunelab.objectives.reward import load_reward_model, score
     from tunelab.trainer import Trainer
 

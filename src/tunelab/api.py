@@ -66,7 +66,7 @@ def evaluate(config: str | Path | dict | Config, overrides: list[str] | dict[str
 
 def merge(run: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     """`tunelab merge`: fold a run's LoRA/QLoRA adapter into its base; returns the standalone model dir."""
-    from tunelab.model import merge as fold
+    from tunelab.merging import merge as fold
 
     return fold(str(run), str(out), dtype=dtype)
 

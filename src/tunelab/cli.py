@@ -74,7 +74,7 @@ def cmd_modules(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from tunelab.model import merge
+    from tunelab.merging import merge
 
     out = merge(args.run, args.out, dtype=args.dtype)
     print(f"merged model written to {out}")

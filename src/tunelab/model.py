@@ -1,4 +1,4 @@
-"""Load or build a model and tokenizer, quantize, attach a LoRA adapter, save, merge.
+"""Load or build a model and tokenizer, quantize, attach a LoRA adapter, save; load a finished one for inference.
 
 Everything a run writes is in formats other tools read: `save_pretrained` model dirs (safetensors
 only) and PEFT adapter dirs (`adapter_config.json` + `adapter_model.safetensors`).
@@ -441,34 +441,6 @@ def adapter_kind(adapter_dir: Path) -> str:
     return "sequence_classification" if task == "SEQ_CLS" else "causal_lm"
 
 
-def merge(path: str, out: str, dtype: str = "auto") -> Path:
-    """Fold a LoRA/QLoRA adapter into its base: a standalone model dir.
-
-    A QLoRA run's adapter was trained against the NF4-rounded base, so the merge goes into the
-    dequantized NF4 weights (not the original full-precision ones) to reproduce the trained model.
-    """
-    quiet_imports()
-    from peft import PeftModel
-
-    p = resolve_model_dir(path)
-    if not is_adapter_dir(p):
-        raise UserError(f"{path}: holds no adapter to merge (it is already a full model dir)")
-    run_cfg = _run_config(p)
-    base_path = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-    device = torch.device("cpu")
-    torch_dtype = resolve_dtype(dtype, device)
-    kind = adapter_kind(p)
-    base = _from_pretrained(base_path, kind, torch_dtype)
-    if run_cfg is not None and run_cfg.model.quantize:
-        _round_to_quantized(base, run_cfg.model.quantize, run_cfg.model.double_quant)
-    tokenizer = load_tokenizer(str(p) if (p / "tokenizer_config.json").is_file() else base_path)
-    model = PeftModel.from_pretrained(grow_to_tokenizer(base, tokenizer), p).merge_and_unload()
-    _set_pad_id(model, kind, tokenizer)
-    out_dir = Path(out)
-    save_model(model, tokenizer, out_dir)
-    return out_dir
-
-
 def _run_config(adapter_dir: Path) -> Config | None:
     from tunelab.config import load_config
 
@@ -476,16 +448,3 @@ def _run_config(adapter_dir: Path) -> Config | None:
         if candidate.is_file():
             return load_config(candidate)
     return None
-
-
-@torch.no_grad()
-def _round_to_quantized(model, quant_type: str, double_quant: bool) -> None:
-    """Replace each linear weight (except the head) by its 4-bit round trip, as QLoRA training saw it."""
-    import bitsandbytes.functional as bnbf
-
-    out = model.get_output_embeddings()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not out:
-            w = module.weight.data
-            q, state = bnbf.quantize_4bit(w.float(), quant_type=quant_type, compress_statistics=double_quant)
-            module.weight.data = bnbf.dequantize_4bit(q, state).to(w.dtype)
