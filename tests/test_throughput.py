@@ -433,6 +433,19 @@ def test_padding_free_training_saves_a_model_that_loads_anywhere(tmp_path, capsy
 # ---------------------------------------------------------------- LoRA dropout
 
 
+def _saved_bytes(forward):
+    """(forward(), bytes autograd keeps for the backward pass while it runs: each storage once)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, sum(kept.values())
+
+
 def test_lora_dropout_keeps_a_mask_and_gives_the_dropped_out_matmul(monkeypatch):
     """DroppedInputLinear equals lora_A(dropout(x)) with the mask it drew (output and both gradients), keeps less for
     the backward pass than PEFT's dropout + linear, and fuse_lora_dropout switches a PEFT model's plain adapters."""
@@ -462,15 +475,7 @@ def test_lora_dropout_keeps_a_mask_and_gives_the_dropped_out_matmul(monkeypatch)
     assert torch.equal(layer(x), F.linear(x, layer.weight))  # no dropout outside training
 
     def kept_bytes(model):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=torch.randint(0, 97, (2, 24))).logits.sum()
-        return sum(seen.values())
+        return _saved_bytes(lambda: model(input_ids=torch.randint(0, 97, (2, 24))))[1]
 
     def lora(fused):
         torch.manual_seed(0)
@@ -530,17 +535,9 @@ def test_gated_mlp_keeps_no_activated_gate_and_gives_the_same_gradients(lora):
     ids = torch.randint(0, 97, (2, 24))
 
     def loss_grads_kept(m):
-        kept = {}
-
-        def pack(t):
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = m(input_ids=ids, labels=ids).loss
+        loss, kept = _saved_bytes(lambda: m(input_ids=ids, labels=ids).loss)
         loss.backward()
-        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
-        return loss, grads, sum(kept.values())
+        return loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}, kept
 
     loss, grads, kept = loss_grads_kept(model)
     ref_loss, ref_grads, ref_kept = loss_grads_kept(reference)
