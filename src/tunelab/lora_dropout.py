@@ -17,6 +17,8 @@ random bits per element instead (four elements from each 64-bit draw), `torch.wh
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,9 +33,7 @@ def rounded_p(p: float) -> float:
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
     """Bool mask of `shape`, each element independently True with probability 1 - rounded_p(p)."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     lanes = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
     return lanes >= round(rounded_p(p) * LEVELS) - LEVELS // 2
