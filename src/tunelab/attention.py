@@ -40,8 +40,7 @@ def padding_free_attention(module, query, key, value, attention_mask, dropout: f
     outputs = []
     # split, not slicing: its backward joins the documents' gradients in one cat, where each slice's backward would
     # write its gradient into a zeroed tensor of the whole row
-    for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value))):
-        length = q.shape[2]
+    for q, k, v, length in zip(*(x.split(lengths, dim=2) for x in (query, key, value)), lengths):
         if window and length > window:
             out, _ = sdpa_attention_forward(module, q, k, v, _band(length, window, query.device), dropout=dropout,
                                             scaling=scaling, is_causal=False)

@@ -58,8 +58,9 @@ def keep_less_in_gated_mlps(model: nn.Module, dtype: torch.dtype) -> int:
     """Switch every gated MLP of `model` whose forward the probe reproduces; returns how many were switched."""
     switched = 0
     for module in model.modules():
-        if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")) or \
-                type(module) in _classes.values() or not isinstance(getattr(module.gate_proj, "in_features", None), int):
+        gated = all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        if not gated or type(module) in _classes.values() or \
+                not isinstance(getattr(module.gate_proj, "in_features", None), int):
             continue
         weight = next(module.parameters())
         x = torch.randn(2, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0))

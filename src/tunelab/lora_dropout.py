@@ -26,9 +26,14 @@ from torch import nn
 LEVELS = 1 << 16  # the mask compares 16 random bits per element: p is a multiple of 1/LEVELS
 
 
+def _drop_levels(p: float) -> int:
+    """How many of the LEVELS values of a 16-bit lane drop an element: p rounded to the nearest level, below 1."""
+    return min(round(p * LEVELS), LEVELS - 1)
+
+
 def rounded_p(p: float) -> float:
     """The drop probability `keep_mask` applies for `p`: the nearest multiple of 1/65536 (below 1)."""
-    return min(round(p * LEVELS), LEVELS - 1) / LEVELS
+    return _drop_levels(p) / LEVELS
 
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
@@ -36,7 +41,7 @@ def keep_mask(shape, p: float, device) -> torch.Tensor:
     n = math.prod(shape)
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     lanes = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    return lanes >= round(rounded_p(p) * LEVELS) - LEVELS // 2
+    return lanes >= _drop_levels(p) - LEVELS // 2
 
 
 class _DroppedInputLinear(torch.autograd.Function):

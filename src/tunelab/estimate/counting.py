@@ -249,11 +249,13 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         if tc.gradient_checkpointing:  # only the block being recomputed holds one
             mem["attn mask"] = mask_per_layer
             mem["recompute"] += mask_per_layer
-            labels["attn mask"] = "masked (padded or packed) batches on CPU: the recomputed block's float L x L mask (in recompute)"
+            labels["attn mask"] = ("masked (padded or packed) batches on CPU: the recomputed block's float L x L mask "
+                                   "(in recompute)")
         else:
             mem["attn mask"] = shape.layers * mask_per_layer
             mem["activations"] += mem["attn mask"]
-            labels["attn mask"] = "masked (padded or packed) batches on CPU: a float L x L mask per layer (in activations)"
+            labels["attn mask"] = ("masked (padded or packed) batches on CPU: a float L x L mask per layer "
+                                   "(in activations)")
     mem["other"] = 0
     if mode == "qlora":
         # One 4-bit layer at a time is dequantized to the compute dtype (again in the backward pass).

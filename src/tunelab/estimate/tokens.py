@@ -114,6 +114,5 @@ def run_batches(cfg: Config, padding_free: bool) -> Batches | None:
 
 def _labelled(item) -> int:
     """Positions of an item whose next token carries a label (its sequences' labels past the first)."""
-    sides = [getattr(item, "labels", None)] if hasattr(item, "labels") else \
-        [getattr(item, "chosen_labels", None), getattr(item, "rejected_labels", None)]
-    return sum(sum(1 for y in labels[1:] if y != -100) for labels in sides if labels is not None)
+    sides = [item.labels] if hasattr(item, "labels") else [item.chosen_labels, item.rejected_labels]
+    return sum(sum(1 for y in labels[1:] if y != -100) for labels in sides)
