@@ -127,7 +127,8 @@ def test_text_similarity_grader_scores_with_its_metric():
 
     spec = {"type": "text_similarity", "name": "t", "input": "{{sample.output_text}}", "reference": "{{item.ref}}",
             "evaluation_metric": "fuzzy_match"}
-    assert build(spec)(make_sample("kitten"), {"ref": "sitting"}) == pytest.approx(fuzz.ratio("kitten", "sitting") / 100)
+    expected = fuzz.ratio("kitten", "sitting") / 100
+    assert build(spec)(make_sample("kitten"), {"ref": "sitting"}) == pytest.approx(expected)
 
 
 def test_cosine_is_refused_with_the_reason():
