@@ -193,6 +193,11 @@ def test_bad_templates_are_refused_at_validation(template, message):
     ({"type": "multi", "name": "m", "calculate_output": "a", "graders": {"a": {
         "type": "multi", "name": "n", "calculate_output": "b", "graders": {"b": _check("eq", "x")}}}},
      r"grader.graders.a: a multi grader's graders cannot be multi graders"),
+    ({"type": "multi", "name": "m", "calculate_output": "1", "graders": {"my-check": _check("eq", "x")}},
+     r"grader.graders: calculate_output cannot name 'my-check'"),
+    ({"type": "score_model", "name": "s", "model": "m", "input": [{"role": "user", "content": "ok"},
+                                                                  {"role": "user", "content": "{{itm.q}}"}]},
+     r"grader.input.1.content: \{\{itm.q\}\}: the namespaces are"),
 ])
 def test_validate_names_the_field_path_of_the_first_problem(spec, message):
     with pytest.raises(GraderError, match=message):

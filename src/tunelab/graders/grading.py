@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import keyword
 import time
 from typing import Any
 
@@ -107,11 +108,15 @@ def _check(grader: Any, allow_code: bool, where: str, nested: bool = False) -> t
         if isinstance(getattr(spec, field, None), str):
             references(getattr(spec, field), f"{where}.{field}")
     for i, message in enumerate(getattr(spec, "input", None) if isinstance(spec, (ScoreModel, LabelModel)) else []):
-        references(message.content, f"{where}.input[{i}].content")
+        references(message.content, f"{where}.input.{i}.content")
     subs = {}
     if isinstance(spec, Multi):
         if nested:
             raise GraderError(f"{where}: a multi grader's graders cannot be multi graders themselves")
+        unusable = [name for name in spec.graders if not name.isidentifier() or keyword.iskeyword(name)]
+        if unusable:
+            raise GraderError(f"{where}.graders: calculate_output cannot name {unusable[0]!r}; name each grader "
+                              "with letters, digits and _ (not starting with a digit)")
         subs = {name: _check(sub, allow_code, f"{where}.graders.{name}", nested=True)[0]
                 for name, sub in spec.graders.items()}
         compile_formula(spec.calculate_output, list(subs), f"{where}.calculate_output")

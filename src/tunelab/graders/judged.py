@@ -19,7 +19,7 @@ NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def ask(spec: ScoreModel | LabelModel, judge: Judge, sample: dict, item: dict, where: str) -> str:
-    messages = [{"role": m.role, "content": render(m.content, sample, item, f"{where}.input[{i}].content")}
+    messages = [{"role": m.role, "content": render(m.content, sample, item, f"{where}.input.{i}.content")}
                 for i, m in enumerate(spec.input)]
     params = spec.sampling_params.model_dump(exclude_none=True) if spec.sampling_params else {}
     try:
