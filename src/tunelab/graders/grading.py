@@ -104,11 +104,12 @@ def _check(grader: Any, allow_code: bool, where: str, nested: bool = False) -> t
         if not allow_code:
             raise GraderError(f"{where}: {python_code.ALLOW_CODE_HINT}")
         python_code.check_source(spec.source, f"{where}.source")
-    for field in ("input", "reference"):
-        if isinstance(getattr(spec, field, None), str):
-            references(getattr(spec, field), f"{where}.{field}")
-    for i, message in enumerate(getattr(spec, "input", None) if isinstance(spec, (ScoreModel, LabelModel)) else []):
-        references(message.content, f"{where}.input.{i}.content")
+    if isinstance(spec, (StringCheck, TextSimilarity)):
+        references(spec.input, f"{where}.input")
+        references(spec.reference, f"{where}.reference")
+    if isinstance(spec, (ScoreModel, LabelModel)):
+        for i, message in enumerate(spec.input):
+            references(message.content, f"{where}.input.{i}.content")
     subs = {}
     if isinstance(spec, Multi):
         if nested:
