@@ -5,6 +5,7 @@ server's own pages and the sites and names the operator listed pass."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_cross_site_posts_are_refused_and_create_nothing(data, tmp_path):
     assert_refused(client.post("/v1/tuningJobs", json=JOB, headers={"Origin": ATTACKER}),
                    f"--allowed-origin {ATTACKER}")
     assert_refused(client.post("/v1/tuningJobs", json=JOB, headers={"Origin": "null"}), "opaque origin")
-    assert_refused(client.post("/v1/tuningJobs", json=JOB, headers={"Origin": "garbage"}), "malformed Origin")
+    assert_refused(client.post("/v1/tuningJobs", json=JOB, headers={"Origin": "garbage"}), "names no http(s) site")
     assert_refused(client.post("/v1/tuningJobs/job-x:cancel", headers={"Origin": ATTACKER}))
     assert_refused(client.post("/v1/chat/completions", headers={"Origin": ATTACKER},
                                json={"model": "base", "messages": [{"role": "user", "content": "hi"}]}))
@@ -130,7 +131,8 @@ def test_allowed_hosts_and_origins(data, tmp_path):
     assert_refused(client.get("/healthz", headers={"Host": "other.lan"}), "--allowed-host other.lan")
     ok = [client.post("/v1/tuningJobs", json=JOB, headers={"Origin": origin})
           for origin in ("http://tools.example:3000", "https://app.example:443", "https://app.example")]
-    ok.append(client.post("/v1/tuningJobs", json=JOB, headers={"Host": "box.lan:8321", "Origin": "http://box.lan:8321"}))
+    own = {"Host": "box.lan:8321", "Origin": "http://box.lan:8321"}
+    ok.append(client.post("/v1/tuningJobs", json=JOB, headers=own))
     assert [r.status_code for r in ok] == [200] * 4
     for origin in ("http://tools.example", "http://app.example", "https://tools.example:3000"):
         assert_refused(client.post("/v1/tuningJobs", json=JOB, headers={"Origin": origin}), "--allowed-origin")
@@ -188,6 +190,43 @@ def test_real_server_refuses_a_rebinding_host(tmp_path):
         posted = httpx.post(server.url + "/v1/tuningJobs", json={"source_model": "x", "train_dataset": "y"},
                             headers={"Origin": ATTACKER})
         assert_refused(posted, "--allowed-origin")
+        assert httpx.get(server.url + "/v1/tuningJobs").json()["tuning_jobs"] == []
+    finally:
+        server.stop()
+
+
+ATTACK_PAGE = """<!doctype html><title>attacker</title>
+<form id="plain" method="post" enctype="text/plain" action="{url}/v1/tuningJobs">
+<input name='{{"source_model": "base", "train_dataset": "tasks-train.jsonl", "x": "' value='"}}'></form>
+<script>
+fetch('{url}/v1/tuningJobs', {{method: 'POST', mode: 'no-cors', headers: {{'Content-Type': 'text/plain'}},
+  body: JSON.stringify({{source_model: 'base', train_dataset: 'tasks-train.jsonl'}})}})
+  .finally(() => document.getElementById('plain').submit());
+</script>"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH (make chromium installs it)")
+def test_a_real_browser_on_another_site_cannot_post(data, tmp_path):
+    """The reference is Chromium itself: what it sends from a page on another site (its own Origin) and by a
+    rebinding-like name (`*.localhost` resolves to loopback in Chromium, so the server sees that name as Host)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    server = Server(tmp_path / "home", "--data-root", str(data["root"]), "--model", f"base={data['base']}").start()
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+            page = browser.new_page()
+            seen = []
+            page.on("request", lambda r: seen.append((r.method, r.url, r.headers.get("origin"))))
+            page.route(f"{ATTACKER}/", lambda route: route.fulfill(content_type="text/html",
+                                                                   body=ATTACK_PAGE.format(url=server.url)))
+            with page.expect_navigation(url=f"{server.url}/v1/tuningJobs"):
+                page.goto(f"{ATTACKER}/")
+            assert "refused: cross-site POST from Origin 'http://attacker.example'" in page.content()
+            posts = [s for s in seen if s[0] == "POST"]
+            assert len(posts) == 2 and all(origin == ATTACKER for _, _, origin in posts), seen
+            rebound = page.goto(server.url.replace("127.0.0.1", "attacker.localhost") + "/v1/tuningJobs")
+            assert rebound.status == 403 and "--allowed-host attacker.localhost" in rebound.text()
+            browser.close()
         assert httpx.get(server.url + "/v1/tuningJobs").json()["tuning_jobs"] == []
     finally:
         server.stop()

@@ -144,7 +144,7 @@ class BrowserPolicy:
         try:
             site = parse_origin(value)
         except ValueError:
-            return f"refused: {method} with a malformed {header} header {_shown(value)}"
+            return f"refused: {method} from {header} {_shown(value)}, which names no http(s) site"
         if site in self.origins or (host is not None and site == self._own(scheme, host)):
             return None
         scheme_, name, port = site
