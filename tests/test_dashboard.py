@@ -185,7 +185,7 @@ def test_shell_without_key_data_with_it(tmp_path):
     from tunelab.serve.settings import ServeSettings
 
     app = create_app(ServeSettings(home=tmp_path / "home", api_key=KEY))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1:8321") as client:
         for page in ("/", "/new", "/endpoints", "/datasets", "/jobs/job-123"):
             response = client.get(page)
             assert response.status_code == 200 and 'src="/assets/app.js"' in response.text, page

@@ -223,7 +223,7 @@ def test_api_key_and_size_limits(tmp_path):
     from tunelab.serve.settings import ServeSettings
 
     app = create_app(ServeSettings(home=tmp_path / "home", api_key="s3cret", max_body_mb=0.001, max_upload_mb=0.002))
-    client = TestClient(app)  # no lifespan: no scheduler needed for these
+    client = TestClient(app, base_url="http://127.0.0.1:8321")  # no lifespan: no scheduler needed for these
     assert_error(client.get("/v1/tuningJobs"), 401, "missing API key")
     assert_error(client.get("/v1/tuningJobs", headers={"Authorization": "Bearer wrong"}), 401, "invalid API key")
     assert_error(client.get("/v1/endpoints", headers={"X-API-Key": "s3cre"}), 401, "invalid API key")
@@ -231,7 +231,7 @@ def test_api_key_and_size_limits(tmp_path):
     assert client.get("/v1/files", headers={"X-API-Key": "s3cret"}).status_code == 200
     client.cookies.set("tunelab_api_key", "s3cret")
     assert client.get("/v1/endpoints").status_code == 200
-    assert TestClient(app).get("/healthz").status_code == 200  # no data behind it
+    assert TestClient(app, base_url="http://localhost").get("/healthz").status_code == 200  # no data behind it
     big = {"source_model": "x" * 2000, "train_dataset": "y"}
     assert_error(client.post("/v1/tuningJobs", json=big), 413, "limit of 0.001 MB")
     chunks = (b'{"source_model": "' + b"x" * 600 for _ in range(3))  # no Content-Length: counted as it arrives

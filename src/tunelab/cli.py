@@ -169,7 +169,8 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(home=args.home, host=args.host, port=args.port, api_key=args.api_key,
                              max_jobs=args.max_jobs, data_roots=args.data_root, models=models,
                              max_loaded=args.max_loaded, allow_code=args.allow_code, max_retries=args.max_retries,
-                             max_body_mb=args.max_body_mb, max_upload_mb=args.max_upload_mb)
+                             max_body_mb=args.max_body_mb, max_upload_mb=args.max_upload_mb,
+                             allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin)
     from tunelab.serve.app import serve
 
     serve(settings)
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "died on its own")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (uploads aside)")
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest uploaded dataset")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="a Host name answered "
+                   "besides loopback and --host (others are refused against DNS rebinding); repeatable")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN", help="a site "
+                   "(scheme://host[:port]) whose pages may POST/PUT/PATCH/DELETE besides the server's own; repeatable")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("jobs", help="talk to a tuning service: submit, list, status, cancel, logs")

@@ -1,10 +1,9 @@
-"""The service's guards: loopback unless a key is set, the API key on every data route, client-named paths only
-inside the roots, and request body size limits."""
+"""The service's guards: loopback unless a key is set, browsers only by the server's own names and pages, the API
+key on every data route, client-named paths only inside the roots, and request body size limits."""
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 from pathlib import Path
 
@@ -14,18 +13,11 @@ from starlette.requests import HTTPConnection
 from tunelab.config import UserError
 
 from .errors import error_response
+from .origins import BrowserPolicy, is_loopback
 from .settings import ServeSettings
 
+KEY_COOKIE = "tunelab_api_key"  # the dashboard keeps the key here (set by dashboard.keep_key)
 UPLOAD_PATHS = ("/v1/files",)  # routes whose body may be as large as max_upload_mb; the rest get max_body_mb
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 def check_bind(settings: ServeSettings) -> None:
@@ -43,7 +35,7 @@ def request_key(conn: HTTPConnection) -> str | None:
     auth = conn.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
-    return conn.headers.get("x-api-key") or conn.cookies.get("tunelab_api_key")
+    return conn.headers.get("x-api-key") or conn.cookies.get(KEY_COOKIE)
 
 
 def is_public(path: str, public: set[str]) -> bool:
@@ -53,15 +45,22 @@ def is_public(path: str, public: set[str]) -> bool:
 
 
 class Guard:
-    """ASGI middleware: 401 without the key (when one is set), 413 for a body over the limit."""
+    """ASGI middleware: 403 for a Host or Origin a web page could be behind (every route, /healthz and the
+    dashboard's pages included), 401 without the key (when one is set), 413 for a body over the limit."""
 
     def __init__(self, app, settings: ServeSettings, public: set[str]):
         self.app, self.settings, self.public = app, settings, public
+        self.browsers = BrowserPolicy(settings.host, settings.allowed_hosts, settings.allowed_origins)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         conn = HTTPConnection(scope)
+        host = conn.headers.get("host")
+        refusal = self.browsers.host_refusal(host) or self.browsers.origin_refusal(
+            scope["method"], scope["scheme"], host, conn.headers.get("origin"), conn.headers.get("referer"))
+        if refusal:
+            return await error_response(403, refusal)(scope, receive, send)
         key = self.settings.api_key
         if key and not is_public(scope["path"], self.public) and not key_matches(request_key(conn), key):
             given = request_key(conn) is not None

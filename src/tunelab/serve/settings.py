@@ -21,15 +21,21 @@ class ServeSettings:
     max_body_mb: float = 16.0
     max_upload_mb: float = 512.0
     poll_seconds: float = 0.5  # how often the scheduler looks at its children and their metrics
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback and the bind
+    allowed_origins: list[str] = field(default_factory=list)  # sites whose pages may POST besides the server's own
 
     def __post_init__(self):
         from tunelab.config import UserError
+
+        from .origins import check_allowed_host, check_allowed_origin
 
         for name, low in (("max_jobs", 1), ("max_loaded", 1), ("max_retries", 0), ("port", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.max_body_mb <= 0 or self.max_upload_mb <= 0:
             raise UserError("--max-body-mb and --max-upload-mb must be positive")
+        self.allowed_hosts = [check_allowed_host(h) for h in self.allowed_hosts]
+        self.allowed_origins = [check_allowed_origin(o) for o in self.allowed_origins]
         self.home = Path(self.home).resolve()
         self.data_roots = [Path(p).resolve() for p in self.data_roots]
         self.models = {name: Path(p).resolve() for name, p in self.models.items()}

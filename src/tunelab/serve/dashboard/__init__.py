@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict
+
+from ..security import KEY_COOKIE, key_matches
 
 STATIC = Path(__file__).parent / "static"
 # The servable files, fixed at import: a request names one of them and can never reach any other path.
@@ -17,8 +20,8 @@ ASSETS = {path.name: path for path in STATIC.iterdir() if path.is_file() and pat
 MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 PAGES = ("/", "/new", "/endpoints", "/datasets", "/jobs/{job_id}")
 # What the API-key guard lets through without a key (security.is_public: a trailing '/' covers a prefix): the
-# shell and its assets only; the pages then call the API, which asks for the key.
-PUBLIC = {"/", "/new", "/endpoints", "/datasets", "/jobs/", "/assets/"}
+# shell and its assets, and the route that checks a key and keeps it; the pages then call the API with it.
+PUBLIC = {"/", "/new", "/endpoints", "/datasets", "/jobs/", "/assets/", "/dashboard/key"}
 NO_CACHE = {"Cache-Control": "no-cache"}  # an upgraded server serves its new pages at once
 
 router = APIRouter(include_in_schema=False)
@@ -38,3 +41,23 @@ def asset(name: str) -> FileResponse:
     if path is None:
         raise HTTPException(404, f"no dashboard asset named {name!r}")
     return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"), headers=NO_CACHE)
+
+
+class KeyForm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+
+
+@router.post("/dashboard/key", status_code=204)
+def keep_key(form: KeyForm, request: Request) -> Response:
+    """Set the key cookie from the server, so that it is HttpOnly (no script on the page can read it) and
+    SameSite=Strict (no other site's request carries it); a wrong key is refused and not kept."""
+    key = request.app.state.settings.api_key
+    if not key:
+        raise HTTPException(400, "this server has no API key; nothing to keep")
+    if not key_matches(form.key, key):
+        raise HTTPException(401, "invalid API key")
+    response = Response(status_code=204)
+    response.set_cookie(KEY_COOKIE, form.key, path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response

@@ -1,6 +1,6 @@
-// Calls to the JSON API. A 401 asks for the API key once (all waiting calls share the prompt), stores it as the
-// cookie the server's middleware accepts, and retries; any other error becomes an ApiError carrying the
-// server's one-line message.
+// Calls to the JSON API. A 401 asks for the API key once (all waiting calls share the prompt), hands it to the
+// server, which keeps it as an HttpOnly cookie its middleware accepts (a wrong key is not kept), and retries; any
+// other error becomes an ApiError carrying the server's one-line message.
 
 export class ApiError extends Error {
   constructor(status, message) {
@@ -9,7 +9,6 @@ export class ApiError extends Error {
   }
 }
 
-const KEY_COOKIE = 'tunelab_api_key';
 let keyPrompt = null;
 
 // The JSON (or text) body of a successful call.
@@ -54,7 +53,7 @@ function askForKey(problem) {
   const input = document.getElementById('key-input');
   document.getElementById('key-error').textContent = problem;
   keyPrompt = new Promise((resolve) => {
-    dialog.addEventListener('close', function saved() {
+    dialog.addEventListener('close', async function saved() {
       const key = input.value.trim();
       // Cookie values cannot carry ; , " \ or spaces; API keys are tokens, so refuse rather than mangle one.
       if (!/^[!#-+\--:<-\[\]-~]+$/.test(key)) {
@@ -63,8 +62,12 @@ function askForKey(problem) {
         return;
       }
       dialog.removeEventListener('close', saved);
-      document.cookie = `${KEY_COOKIE}=${key}; path=/; SameSite=Strict`;
       input.value = '';
+      // A refused key leaves no cookie: the retry then asks again, saying the server refused it.
+      await fetch('/dashboard/key', {
+        method: 'POST', credentials: 'same-origin', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ key }),
+      }).catch(() => {}); // unreachable server: the retry reports it
       keyPrompt = null;
       resolve();
     });
