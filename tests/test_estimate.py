@@ -191,6 +191,7 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
 
     from tunelab.gated_mlp import keep_less_in_gated_mlps
     from tunelab.lora_dropout import fuse_lora_dropout
+    from tunelab.model import keep_4bit_layout
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
@@ -200,6 +201,7 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
                                    bnb_4bit_compute_dtype=dtype)
         model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, quantization_config=quant,
                                                  device_map={"": "cpu"})
+        keep_4bit_layout(model)  # as tunelab.model.load_model: the gated-MLP probe below is a no-grad forward
     else:
         model = LlamaForCausalLM(hf).to(dtype)
     if mode != "full":
