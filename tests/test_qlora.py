@@ -1,6 +1,6 @@
 """QLoRA precision: the 4-bit base keeps its other weights (embeddings, head, norms) in the load dtype, the adapter
 is fp32, and a bf16 step matches an fp32 reference (PEFT's prepare_model_for_kbit_training on the same 4-bit
-weights) to bf16 accuracy."""
+weights) to bf16 accuracy; bitsandbytes' packed CPU layout stays off in every forward without grad (issue 21 §3)."""
 
 from __future__ import annotations
 
@@ -269,3 +269,52 @@ def test_a_checkpoint_saved_4bit_runs_on_the_inference_path(bnb_cpu_check, odd_b
     assert not any(packed(model))
     torch.testing.assert_close(logits, expected, atol=1e-3, rtol=1e-3)
     assert out.shape == (1, 16)
+
+
+def _step_after_an_eval(model, ids, evaluate: bool):
+    """Loss and LoRA gradients of one training step, after an eval forward without grad if `evaluate`."""
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.02)  # B non-zero: the layers below get gradients through the 4-bit weights
+    if evaluate:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.requires_grad])
+
+
+def test_what_the_packed_layout_would_do_to_training(base):
+    """Why keep_4bit_layout keeps the packed layout off even where its shape constraint holds (this base: every
+    output dimension a multiple of 32): on a CPU that runs bitsandbytes' kernel, an evaluation that packs the
+    weights changes the next training step's loss (bf16 compute) and gradients (no backward through the packed
+    matmul) and the 4-bit weights a checkpoint saves; with the layout kept, the step equals that of a model that never
+    evaluated. Runs only where the CPU has AVX512-BF16 (the kernel cannot run elsewhere)."""
+    import bitsandbytes.functional as bnbf
+
+    if not bnbf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' packed 4-bit kernel cannot run here")
+    ids = torch.randint(0, HF["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    models = {}
+    for name in ("never", "kept", "packed"):
+        torch.manual_seed(0)  # the same LoRA A in all three
+        models[name] = tunelab_qlora(base, dtype="float32", gc=False)
+    saved_before = {k: v.clone() for k, v in models["packed"].state_dict().items() if "absmax" in k}
+    for layer in layers_4bit(models["packed"]):
+        layer.support_avx512bf16_for_cpu = True  # bitsandbytes' default on this CPU
+    never_loss, never_grads = _step_after_an_eval(models["never"], ids, evaluate=False)
+    kept_loss, kept_grads = _step_after_an_eval(models["kept"], ids, evaluate=True)
+    packed_loss, packed_grads = _step_after_an_eval(models["packed"], ids, evaluate=True)
+    assert all(packed(models["packed"])) and not any(packed(models["kept"]))
+
+    assert kept_loss == never_loss and torch.equal(kept_grads, never_grads)
+    grad_error = float((packed_grads - never_grads).norm() / never_grads.norm())
+    print(f"packed layout: loss {packed_loss:.7f} vs {never_loss:.7f}, gradients off by {grad_error:.1%}")
+    assert packed_loss != never_loss
+    assert grad_error > 0.01  # measured 87 % (bitsandbytes 0.50.2)
+    saved_after = {k: v for k, v in models["packed"].state_dict().items() if "absmax" in k}
+    assert any(not torch.equal(saved_after[k], saved_before[k]) for k in saved_before)
