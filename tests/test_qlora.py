@@ -208,7 +208,8 @@ def _qlora_run(base, data, out, eval_every):
 
 def test_evaluating_inside_qlora_training_changes_nothing(bnb_cpu_check, odd_base, tmp_path):
     """A QLoRA run that evaluates after every step trains, saves and merges exactly as the same run that evaluates
-    after its last step only; its 4-bit layers (and a frozen copy, as DPO, KTO and RL make their reference) stay unpacked."""
+    after its last step only; its 4-bit layers (and a frozen copy, as DPO, KTO and RL make their reference) stay
+    unpacked."""
     import copy
 
     from safetensors.torch import load_file
