@@ -27,9 +27,11 @@ from tunelab.estimate import (
     NF4_DQ_BITS,
     ModelShape,
     count_tokens,
+    cpu_device,
     estimate,
     flops_per_token,
     format_estimate,
+    get_device,
     lora_params,
     lora_targets,
     model_shape,
@@ -129,6 +131,40 @@ def test_tokens_from_data_files(tmp_path):
     assert 90 < est.seconds_per_epoch < 120
 
 
+def test_cpu_rate_is_measured_in_under_a_second():
+    """`--device cpu` times fp32 matmuls at torch's thread count; the rate is that of a directly timed larger matmul
+    (within a factor of 3: other processes share the machine) and the device says it was measured, on how many
+    threads."""
+    import time
+
+    start = time.perf_counter()
+    dev = get_device("cpu")
+    probe_seconds = time.perf_counter() - start
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    seconds = []
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - t)
+    direct = 2 * n**3 / min(seconds) / 1e12
+    assert probe_seconds < 1.0
+    assert direct / 3 < dev.tflops < 3 * direct, f"probe {dev.tflops * 1e3:.1f} GFLOP/s, direct {direct * 1e3:.1f}"
+    assert dev.rate_source == f"measured by a fp32 matmul probe on {torch.get_num_threads()} threads"
+
+
+def test_time_says_where_the_rate_comes_from():
+    """Time per epoch = tokens x FLOPs per token / (rate x MFU), whichever rate: a given CPU rate (deterministic),
+    a datasheet GPU; the printout says which it used."""
+    cfg = readme_config("llama-7b", "lora")
+    for device, source in ((cpu_device(0.05), "given, not measured"), (get_device("a10"), "datasheet bf16 peak")):
+        est = estimate(cfg, device=device, tokens=1_000_000, suggest=False)
+        rate = device.tflops * 1e12 * device.mfu
+        assert est.seconds_per_epoch == pytest.approx(1_000_000 * est.flops_per_token / rate, rel=1e-9)
+        assert f"{device.mfu:.0%} of {device.tflops:.3g} TFLOP/s, {source})" in format_estimate(est)
+
+
 def readme_config(path, mode, mb=1, seq=512, gc=True, optimizer="adamw", **model) -> Config:
     data = {"model": {"path": path, **model}, "data": {"train": [{"path": "x.jsonl"}], "max_length": seq},
             "train": {"micro_batch_size": mb, "grad_accum": 16, "gradient_checkpointing": gc, "optimizer": optimizer}}
@@ -191,6 +227,7 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
 
     from tunelab.gated_mlp import keep_less_in_gated_mlps
     from tunelab.lora_dropout import fuse_lora_dropout
+    from tunelab.model import keep_4bit_layout
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
@@ -200,6 +237,7 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
                                    bnb_4bit_compute_dtype=dtype)
         model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, quantization_config=quant,
                                                  device_map={"": "cpu"})
+        keep_4bit_layout(model)  # as tunelab.model.load_model: the gated-MLP probe below is a no-grad forward
     else:
         model = LlamaForCausalLM(hf).to(dtype)
     if mode != "full":

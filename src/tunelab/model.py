@@ -127,9 +127,8 @@ def load_model(cfg: Config, kind: str = "causal_lm", device: torch.device | None
         model = _auto_class(kind).from_pretrained(mc.path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{mc.path}: could not load the model ({str(e).splitlines()[0]})") from None
-    if mc.quantize:
-        keep_4bit_layout(model)
-    else:
+    keep_4bit_layout(model)  # also a checkpoint saved 4-bit, without model.quantize
+    if not mc.quantize:
         model.to(device)
     if tokenizer is not None and kind == "sequence_classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the scalar head reads the last non-pad token
@@ -137,9 +136,13 @@ def load_model(cfg: Config, kind: str = "causal_lm", device: torch.device | None
 
 
 def keep_4bit_layout(model) -> None:
-    """bitsandbytes repacks a Linear4bit weight for a CPU inference kernel at its first eval-mode forward, for
-    good, and that layout has no backward: training after an evaluation or a rollout would backprop wrongly
-    through the 4-bit layers. Keep the trainable layout."""
+    """Keep bitsandbytes' 4-bit layers in their trainable layout in every forward. On a CPU with AVX512-BF16,
+    bitsandbytes (0.50) repacks a Linear4bit weight for a CPU inference kernel, for good, at its first forward in
+    eval mode without grad: an evaluation inside training, a rollout, a frozen reference, generation, serving. That
+    layout fails outright unless every output dimension is a multiple of 32 (tiny models), computes in bf16 whatever
+    the compute dtype (results would depend on the CPU), has no backward (later training steps get other gradients)
+    and rounds the stored absmax to bf16 (tests/test_qlora.py measures each). Every 4-bit layer tunelab loads comes
+    through here (load_model, _from_pretrained); copies of a model (DPO, KTO and RL references) keep the switch."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
@@ -427,7 +430,9 @@ def grow_to_tokenizer(base, tokenizer):
 def _from_pretrained(path, kind: str, dtype):
     # A reward model's scalar head: num_labels=1, also when its base is a causal LM (adapter dirs)
     extra = {"num_labels": 1} if kind == "sequence_classification" else {}
-    return _auto_class(kind).from_pretrained(path, dtype=dtype, **extra)
+    model = _auto_class(kind).from_pretrained(path, dtype=dtype, **extra)
+    keep_4bit_layout(model)  # a checkpoint saved 4-bit loads as bitsandbytes layers
+    return model
 
 
 def _set_pad_id(model, kind: str, tokenizer) -> None:

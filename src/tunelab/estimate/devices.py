@@ -18,6 +18,7 @@ class Device:
     memory_gib: float
     mfu: float = 0.4  # share of the peak a training step reaches (model FLOPs utilisation)
     cuda: bool = True
+    rate_source: str = "datasheet bf16 peak"  # where `tflops` comes from, for the printout
 
 
 # Datasheet dense (no sparsity) bf16 TFLOP/s. A 40 % MFU is typical of a well-fed single-GPU loop.
@@ -41,21 +42,38 @@ CPU_BASELINE = 0.40 * GIB
 CPU_MFU = 0.7  # tunelab's loop reached 0.65 (LoRA) to 0.77 (full FT) of the fp32 matmul rate on a 2-core CPU
 
 
-def measure_cpu_tflops() -> float:
-    """fp32 matmul rate of this machine with torch's current thread count, TFLOP/s (best of a few)."""
+PROBE_SECONDS = 0.25  # the CPU probe's budget: a few to a few dozen matmuls on current CPUs
+
+
+def measure_cpu_tflops(seconds: float = PROBE_SECONDS) -> float:
+    """fp32 matmul rate of this machine at torch's current thread count (the one training uses), TFLOP/s: the best
+    of the 1024 x 1024 matmuls that fit in `seconds` after a warm-up (best, not mean: other processes only slow it)."""
     import time
 
     import torch
 
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(3):
+    a @ b  # warm-up: thread pool, caches
+    best, start = math.inf, time.perf_counter()
+    while best == math.inf or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e12
+
+
+def cpu_device(tflops: float | None = None) -> Device:
+    """This machine's CPU, its fp32 matmul rate measured by the probe, or `tflops` if given (a known rate;
+    deterministic output in tests)."""
+    import torch
+
+    ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)
+    if tflops is None:
+        tflops, source = measure_cpu_tflops(), f"measured by a fp32 matmul probe on {torch.get_num_threads()} threads"
+    else:
+        source = "given, not measured"
+    return Device(f"CPU ({os.cpu_count()} cores)", tflops, ram, CPU_MFU, cuda=False, rate_source=source)
 
 
 def get_device(name: str | None) -> Device:
@@ -63,8 +81,7 @@ def get_device(name: str | None) -> Device:
         return GENERIC_GPU
     key = name.lower()
     if key == "cpu":
-        ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)
-        return Device(f"CPU ({os.cpu_count()} cores, measured)", measure_cpu_tflops(), ram, CPU_MFU, cuda=False)
+        return cpu_device()
     if key not in DEVICES:
         raise UserError(f"--device {name}: unknown; choose cpu or one of {', '.join(DEVICES)}")
     return DEVICES[key]

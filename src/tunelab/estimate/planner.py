@@ -136,7 +136,7 @@ def _assumptions(cfg: Config, dev: Device, chunked_ce: bool, batches: Batches | 
     if dev.cuda:
         notes.append("GPU: + 1 GiB CUDA context/workspaces + 5 % allocator slack")
     if dev.tflops:
-        notes.append(f"time: {dev.tflops:.3g} TFLOP/s x {dev.mfu:.0%} MFU; "
+        notes.append(f"time: {dev.tflops:.3g} TFLOP/s ({dev.rate_source}) x {dev.mfu:.0%} MFU; "
                      + ("eval not counted" if batches else "padding and eval not counted")
                      + ("; 4-bit dequantisation makes QLoRA slower than this" if cfg.model.quantize else ""))
     if cfg.method not in ("sft", "pretrain", "dpo", "orpo", "reward"):

@@ -67,8 +67,9 @@ def format_estimate(est: Estimate) -> str:
         if est.seconds_per_epoch is not None:
             epochs = st["epochs"]
             total = f", {epochs:g} epochs: {_duration(epochs * est.seconds_per_epoch)}" if epochs != 1 else ""
-            lines.append(f"time per epoch: {_duration(est.seconds_per_epoch)} "
-                         f"(at {est.device.tflops * est.device.mfu:.3g} TFLOP/s){total}")
+            dev = est.device
+            lines.append(f"time per epoch: {_duration(est.seconds_per_epoch)} (at {dev.tflops * dev.mfu:.3g} TFLOP/s = "
+                         f"{dev.mfu:.0%} of {dev.tflops:.3g} TFLOP/s, {dev.rate_source}){total}")
     else:
         lines.append(f"time per epoch: unknown ({est.tokens_source})")
     lines.append("assumptions: " + "; ".join(est.assumptions))
