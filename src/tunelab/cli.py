@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -169,11 +170,23 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(home=args.home, host=args.host, port=args.port, api_key=args.api_key,
                              max_jobs=args.max_jobs, data_roots=args.data_root, models=models,
                              max_loaded=args.max_loaded, allow_code=args.allow_code, max_retries=args.max_retries,
-                             max_body_mb=args.max_body_mb, max_upload_mb=args.max_upload_mb)
+                             max_body_mb=args.max_body_mb, max_upload_mb=args.max_upload_mb, backend=args.backend,
+                             gpus=_gpu_list(args.gpus), cancel_grace=args.cancel_grace,
+                             slurm_partition=args.slurm_partition, slurm_account=args.slurm_account,
+                             slurm_extra=shlex.split(args.slurm_extra or ""))
     from tunelab.serve.app import serve
 
     serve(settings)
     return 0
+
+
+def _gpu_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    ids = [g.strip() for g in text.split(",") if g.strip()]
+    if text.strip() not in ("", "none") and (not ids or any(not g.isdigit() for g in ids) or len(set(ids)) < len(ids)):
+        raise UserError(f"--gpus {text!r}: give distinct device numbers separated by commas (0,1,2,3), or none")
+    return [] if text.strip() == "none" else ids
 
 
 def cmd_jobs(args) -> int:
@@ -270,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "died on its own")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (uploads aside)")
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest uploaded dataset")
+    p.add_argument("--backend", default="local", choices=["local", "slurm", "ray"], help="where jobs run: child "
+                   "processes here (default) or a Slurm cluster (--home on storage its nodes share)")
+    p.add_argument("--gpus", default=None, help="the local backend's GPUs, e.g. 0,1,2,3, or none (default: "
+                   "CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists)")
+    p.add_argument("--cancel-grace", type=float, default=120.0, help="seconds a cancelled job has to checkpoint "
+                   "before it is killed")
+    p.add_argument("--slurm-partition", default=None, help="the partition jobs go to (default: Slurm's default)")
+    p.add_argument("--slurm-account", default=None, help="the account jobs are charged to")
+    p.add_argument("--slurm-extra", default=None, help='more sbatch options for every job, e.g. "--qos high"')
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("jobs", help="talk to a tuning service: submit, list, status, cancel, logs")
