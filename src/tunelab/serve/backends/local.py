@@ -67,6 +67,8 @@ def discover_gpus() -> list[str]:
 
 class LocalBackend(Backend):
     name = "local"
+    program = [sys.executable, "-m", "tunelab"]  # what runs a tunelab command line (the tests put a fake here)
+    time_limit_grace = 120.0  # a job past its time limit gets SIGTERM, and this long to checkpoint before the kill
 
     def __init__(self, gpus: list[str]):
         self.gpus = list(gpus)
@@ -97,13 +99,14 @@ class LocalBackend(Backend):
         with open(spec.run_dir / LOG_NAME, "ab") as out:
             out.write(f"$ tunelab {' '.join(argv)}\n".encode())
             out.flush()
-            proc = subprocess.Popen([sys.executable, "-m", "tunelab", *argv], cwd=spec.run_dir, env=env, stdout=out,
+            proc = subprocess.Popen([*self.program, *argv], cwd=spec.run_dir, env=env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=_die_with_server(os.getpid()))
         self.procs[proc.pid] = proc
         self.taken[proc.pid] = gpus
         # `match`: a restarted server stops a leftover only if its command line still names this file
-        return {"job_id": str(proc.pid), "pid": proc.pid, "match": argv[1], "gpus": gpus}
+        return {"job_id": str(proc.pid), "pid": proc.pid, "match": argv[1], "gpus": gpus,
+                "ends_at": time.time() + spec.compute.time_limit_s if spec.compute.time_limit_s else None}
 
     def poll(self, handle: dict) -> Status:
         pid = handle["pid"]
@@ -112,6 +115,9 @@ class LocalBackend(Backend):
             return Status(EXITED, exit_code=None)
         code = proc.poll()
         if code is None:
+            if handle.get("ends_at") and time.time() > handle["ends_at"] and pid not in self.kill_at:
+                log.warning("pid %s reached its time limit: asking it to checkpoint and stop", pid)
+                self.cancel(handle, self.time_limit_grace)
             if pid in self.kill_at and time.time() > self.kill_at[pid]:
                 _signal_group(pid, signal.SIGKILL)
             return Status(RUNNING, nodes=[os.uname().nodename], gpus=handle["gpus"])
