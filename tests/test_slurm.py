@@ -103,6 +103,14 @@ def plain_reference(env):
     return reference(env, "plain", job_config())
 
 
+LONG = {"max_steps": 400}  # long enough for a server restart or a requeue to happen mid-run
+
+
+@pytest.fixture(scope="module")
+def long_reference(env):
+    return reference(env, "long", job_config(LONG))
+
+
 def test_job_succeeds_with_the_weights_of_tunelab_train(env, plain_reference):
     job = wait_job(env, submit(env, job_config(), gpus=0)["id"])
     assert job["state"] == "JOB_STATE_SUCCEEDED", job["error"]
@@ -128,28 +136,30 @@ def test_cancel_checkpoints_then_cancelled(env):
     assert squeue_state(env, job["backend"]["job_id"]) in ("COMPLETED", "FAILED", "CANCELLED")
 
 
-def test_server_sigkill_then_restart_reattaches_to_the_same_slurm_job(env, plain_reference):
-    job = submit(env, job_config(), gpus=0)
+def test_server_sigkill_then_restart_reattaches_to_the_same_slurm_job(env, long_reference):
+    job = submit(env, job_config(LONG), gpus=0)
     steps_done(env, job["id"], 2)
     slurm_id = get(env, job["id"])["backend"]["job_id"]
     server = env["server"]
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     server.log.close()
-    assert squeue_state(env, slurm_id) == "RUNNING"  # Slurm's job does not depend on the server
+    while_down = squeue_state(env, slurm_id)
     env["server"] = server = Server(server.home, *env["args"]).start()
+    assert while_down == "RUNNING"  # Slurm's job does not depend on the server
+    assert get(env, job["id"])["state"] == "JOB_STATE_RUNNING" and squeue_state(env, slurm_id) == "RUNNING"
     job = wait_job(env, job["id"])
     assert job["state"] == "JOB_STATE_SUCCEEDED", job["error"]
     assert job["backend"]["job_id"] == slurm_id and job["attempt"] == 1
     log = (server.home / "runs" / job["id"] / "train.log").read_text()
     assert log.count("$ tunelab train") == 1 and "--resume" not in log  # one run, never restarted
     steps = [r["step"] for r in httpx.get(f"{server.url}/v1/tuningJobs/{job['id']}/metrics").json()["metrics"]]
-    assert steps == list(range(1, 41))
-    assert_equal_weights(adapter(job), plain_reference, atol=1e-6)
+    assert steps == list(range(1, 401))
+    assert_equal_weights(adapter(job), long_reference, atol=1e-6)
 
 
-def test_requeue_resumes_from_the_checkpoint(env, plain_reference):
-    job = submit(env, job_config(), gpus=0)
+def test_requeue_resumes_from_the_checkpoint(env, long_reference):
+    job = submit(env, job_config(LONG), gpus=0)
     steps_done(env, job["id"], 3)
     slurm_id = get(env, job["id"])["backend"]["job_id"]
     env["slurm"].run("scontrol", "requeue", slurm_id)
@@ -160,7 +170,7 @@ def test_requeue_resumes_from_the_checkpoint(env, plain_reference):
     assert job["state"] == "JOB_STATE_SUCCEEDED", job["error"]
     log = (env["server"].home / "runs" / job["id"] / "train.log").read_text()
     assert "restart 1)" in log and "resumed from" in log
-    assert_equal_weights(adapter(job), plain_reference, atol=1e-6)
+    assert_equal_weights(adapter(job), long_reference, atol=1e-6)
 
 
 def test_two_tasks_equal_one_process_with_the_same_global_batch(env):
