@@ -141,3 +141,21 @@ def test_a_server_restart_stops_the_leftover_and_its_gpus_come_back(world, tmp_p
     finish(store, second, a, 0)
     assert store.get_job(a)["state"] == "SUCCEEDED"
     first.backend.procs[pid].wait()  # reap the first server's child
+
+
+def test_schema_1_database_migrates_a_running_child_to_a_local_handle(tmp_path):
+    import sqlite3
+
+    from tunelab.serve.store import MIGRATIONS
+
+    path = tmp_path / "tunelab.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(f"BEGIN; {MIGRATIONS[0]} PRAGMA user_version = 1; COMMIT;")
+    db.execute("INSERT INTO jobs (id, state, method, config, run_dir, pid, create_time, update_time) "
+               "VALUES ('job-1', 'RUNNING', 'sft', '{}', '/h/runs/job-1', 4242, 0, 0)")
+    db.close()
+    store = SQLiteStore(path)
+    job = store.get_job("job-1")
+    assert job["backend"] == "local" and job["compute"] == {} and "pid" not in job
+    assert job["handle"] == {"job_id": "4242", "pid": 4242, "match": "/h/runs/job-1/job.yaml", "gpus": []}
+    store.close()

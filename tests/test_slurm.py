@@ -183,3 +183,12 @@ def test_two_tasks_equal_one_process_with_the_same_global_batch(env):
     script = (Path(job["tuned_model"]["path"]).parent / "train.sbatch").read_text()
     assert "--ntasks-per-node=2" in script and "--gpus-per-node=2" in script
     assert_equal_weights(adapter(job), single, atol=1e-5)
+
+
+def test_serve_refuses_to_start_when_a_job_cannot_reach_home(env):
+    result = run_cli("serve", "--backend", "slurm", "--slurm-partition", "nowhere", "--home",
+                     str(env["root"] / "other-home"), "--port", "0", timeout=300)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: --backend slurm: a job on partition nowhere cannot read --home"), error
+    assert "invalid partition" in error and "storage the cluster's nodes share" in error
