@@ -37,8 +37,9 @@ def env(slurm, tmp_path_factory):  # noqa: F811
     os.environ["SLURM_CONF"] = slurm.env["SLURM_CONF"]  # the server (and `tunelab train`) inherit it
     server = Server(root / "home", "--backend", "slurm", "--data-root", str(root / "data"), "--model",
                     f"base={base}", "--cancel-grace", "30").start()
-    yield {"server": server, "root": root, "base": base, "data": data, "slurm": slurm, "args": server.args}
-    server.stop()
+    env = {"server": server, "root": root, "base": base, "data": data, "slurm": slurm, "args": server.args}
+    yield env
+    env["server"].stop()  # the restart test replaces the first server
 
 
 def job_config(train: dict | None = None, adapter: dict | None = None) -> dict:
@@ -95,7 +96,9 @@ def assert_equal_weights(a: dict, b: dict, atol: float) -> None:
 
 def squeue_state(env, slurm_id: str) -> str:
     out = env["slurm"].run("squeue", "--json", "-t", "all", "-j", slurm_id, check=False)
-    return json.loads(out)["jobs"][0]["job_state"] if out.strip() else "GONE"
+    # 22.05's `squeue --json` lists every job whatever -j says: pick ours
+    jobs = [j for j in json.loads(out)["jobs"] if str(j["job_id"]) == slurm_id] if out.strip() else []
+    return jobs[0]["job_state"] if jobs else "GONE"
 
 
 @pytest.fixture(scope="module")
