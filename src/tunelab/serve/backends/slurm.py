@@ -156,7 +156,8 @@ class SlurmBackend(Backend):
         if state in QUEUED:
             return Status(PENDING)
         if state in LIVE:
-            if job_id in self.kill_at and time.time() > self.kill_at.pop(job_id):
+            if time.time() > self.kill_at.get(job_id, math.inf):  # a cancel's grace is over
+                del self.kill_at[job_id]
                 self._run("scancel", job_id, check=False)
             return Status(RUNNING, nodes=nodes, gpus=self.gpu_ids.get(job_id, []))
         self.kill_at.pop(job_id, None)
