@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -170,11 +171,23 @@ def cmd_serve(args) -> int:
                              max_jobs=args.max_jobs, data_roots=args.data_root, models=models,
                              max_loaded=args.max_loaded, allow_code=args.allow_code, max_retries=args.max_retries,
                              max_body_mb=args.max_body_mb, max_upload_mb=args.max_upload_mb,
-                             allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin)
+                             allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin, backend=args.backend,
+                             gpus=_gpu_list(args.gpus), cancel_grace=args.cancel_grace,
+                             slurm_partition=args.slurm_partition, slurm_account=args.slurm_account,
+                             slurm_extra=shlex.split(args.slurm_extra or ""))
     from tunelab.serve.app import serve
 
     serve(settings)
     return 0
+
+
+def _gpu_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    ids = [g.strip() for g in text.split(",") if g.strip()]
+    if text.strip() not in ("", "none") and (not ids or any(not g.isdigit() for g in ids) or len(set(ids)) < len(ids)):
+        raise UserError(f"--gpus {text!r}: give distinct device numbers separated by commas (0,1,2,3), or none")
+    return [] if text.strip() == "none" else ids
 
 
 def cmd_jobs(args) -> int:
@@ -260,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default="tunelab-home", help="database, run dirs and uploads (default ./tunelab-home)")
     p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"), help="required on every request if set "
                    "(default $TUNELAB_API_KEY)")
-    p.add_argument("--max-jobs", type=int, default=1, help="training processes at a time")
+    p.add_argument("--max-jobs", type=int, default=None, help="jobs running (or, on a cluster, queued there) at a "
+                   "time (default 1; 1000 with --backend slurm)")
     p.add_argument("--data-root", action="append", default=[], help="a dir clients may name files in; repeatable")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a base model served and "
                    "tunable by NAME; repeatable")
@@ -275,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "besides loopback and --host (others are refused against DNS rebinding); repeatable")
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN", help="a site "
                    "(scheme://host[:port]) whose pages may POST/PUT/PATCH/DELETE besides the server's own; repeatable")
+    p.add_argument("--backend", default="local", choices=["local", "slurm", "ray"], help="where jobs run: child "
+                   "processes here (default) or a Slurm cluster (--home on storage its nodes share)")
+    p.add_argument("--gpus", default=None, help="the local backend's GPUs, e.g. 0,1,2,3, or none (default: "
+                   "CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists)")
+    p.add_argument("--cancel-grace", type=float, default=120.0, help="seconds a cancelled job has to checkpoint "
+                   "before it is killed")
+    p.add_argument("--slurm-partition", default=None, help="the partition jobs go to (default: Slurm's default)")
+    p.add_argument("--slurm-account", default=None, help="the account jobs are charged to")
+    p.add_argument("--slurm-extra", default=None, help='more sbatch options for every job, e.g. "--qos high"')
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("jobs", help="talk to a tuning service: submit, list, status, cancel, logs")
@@ -284,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("submit", help="submit a tunelab config (or a managed request with source_model)")
     a.add_argument("file", help="YAML or JSON")
     a.add_argument("--display-name", default=None, help="the tuned model's endpoint name")
+    a.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: one if the server has GPUs)")
+    a.add_argument("--nodes", type=int, default=None, help="nodes (default 1; more need --backend slurm)")
+    a.add_argument("--cpus", type=int, default=None, help="CPUs per process")
+    a.add_argument("--memory-gb", type=float, default=None, help="memory per node")
+    a.add_argument("--time-limit", default=None, help='e.g. "2h", "30m", "1:30:00"')
+    a.add_argument("--priority", type=int, default=None, help="higher runs first among queued jobs (default 0)")
     a = actions.add_parser("list", help="jobs, newest first")
     a.add_argument("--state", default=None, help="e.g. RUNNING")
     a.add_argument("--limit", type=int, default=50)

@@ -33,9 +33,15 @@ def submit(client: Client, args) -> int:
     body = data if "source_model" in data or "config" in data else {"config": data}
     if args.display_name:
         body["tuned_model_display_name"] = args.display_name
+    flags = {key: getattr(args, key) for key in COMPUTE_FLAGS if getattr(args, key) is not None}
+    if flags:  # on top of the file's own `compute` section
+        body["compute"] = {**(body.get("compute") or {}), **flags}
     job = client.request("POST", "/v1/tuningJobs", body)
     print(f"{job['id']} {job['state']}")
     return 0
+
+
+COMPUTE_FLAGS = ("gpus", "nodes", "cpus", "memory_gb", "time_limit", "priority")  # the request's compute keys
 
 
 def list_jobs(client: Client, args) -> int:

@@ -7,7 +7,8 @@ It takes tuning jobs over HTTP, runs each as a `tunelab train` child process, ke
 - app.py        create_app(settings): the FastAPI app, its routers and the scheduler's lifespan
 - store.py      the database (SQLite, WAL, versioned migrations) behind a small interface
 - jobspec.py    a request -> a validated tunelab Config (paths, code-running keys, data rows)
-- scheduler.py  runs jobs as child processes, follows their progress, survives restarts
+- scheduler.py  the job queue: hands jobs to a backend, follows their progress, retries, survives restarts
+- backends/     where jobs run: base.py (the interface), local.py (child processes on this machine's GPUs), slurm.py
 - jobs_api.py   the /v1/tuningJobs, /v1/files and /v1/endpoints routes
 - registry.py   names -> models (endpoints of finished jobs, --model base models)
 - security.py   API key, loopback default, paths inside the roots, body size limits

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import dashboard, errors, jobs_api, openai_api
+from .backends import make_backend
 from .engine import Engine
 from .registry import Registry
 from .scheduler import Scheduler
@@ -18,7 +19,8 @@ from .store import SQLiteStore
 def create_app(settings: ServeSettings) -> FastAPI:
     settings.home.mkdir(parents=True, exist_ok=True)
     store = SQLiteStore(settings.home / "tunelab.db")
-    scheduler = Scheduler(settings, store)
+    app_backend = make_backend(settings)  # a backend that cannot work refuses here, before the server listens
+    scheduler = Scheduler(settings, store, app_backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -34,6 +36,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.store = store
     app.state.registry = Registry(settings, store)
     app.state.scheduler = scheduler
+    app.state.backend = app_backend
     app.state.engine = Engine(max_loaded=settings.max_loaded)
     # Paths served without the API key: no data behind them. Routers add theirs (an entry ending in '/' is a prefix).
     app.state.public_paths = {"/healthz"}

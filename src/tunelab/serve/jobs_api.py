@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from tunelab.config import DataSource, UserError, dump_config
 from tunelab.data.readers import load_rows
 
+from .compute import compute_json, resolve_compute
 from .jobspec import NAME, JobRequest, build_config, file_format
 from .scheduler import CONFIG_NAME, LOG_NAME, read_metrics
 from .views import ENDED, PREFIX, STATES, endpoint_json, file_json, job_json
@@ -50,6 +51,7 @@ def create_job(body: JobRequest, request: Request):
                         "starting with a letter or digit")
     job_id = f"job-{secrets.token_hex(6)}"
     run_dir = settings.home / "runs" / job_id
+    compute = resolve_compute(body.compute, request.app.state.backend.capacity())
     cfg, summary = build_config(body, settings, store, run_dir)  # every check, before anything is created
     with _submit_lock:
         if name is not None:
@@ -65,6 +67,7 @@ def create_job(body: JobRequest, request: Request):
             "source_model": summary["source_model"], "train_dataset": summary["train_dataset"],
             "validation_dataset": summary["validation_dataset"], "config": cfg.model_dump(mode="json"),
             "run_dir": str(run_dir), "progress": {"step": 0, "total_steps": summary["total_steps"]},
+            "compute": compute_json(compute),
         })
     store.add_event(job_id, "state", job_json(job))
     return job_json(job)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from tunelab.config import Config, Format, Method, UserError, load_config
 from tunelab.data.readers import load_rows, read_rows
 
+from .compute import ComputeRequest
 from .security import resolve_inside
 from .settings import ServeSettings
 
@@ -44,6 +45,7 @@ class JobRequest(BaseModel):
     method: Method = "sft"
     hyperparameters: Hyperparameters = Hyperparameters()
     config: dict[str, Any] | None = None
+    compute: ComputeRequest | None = None  # what the job needs: GPUs, nodes ... (serve/compute.py)
 
 
 # Config keys that import code or unpickle files on the server, or send data off it: refused from requests

@@ -1,74 +1,59 @@
-"""Runs tuning jobs as `tunelab train` child processes, max_jobs at a time, oldest first; follows them through the
-files the trainer writes (metrics.jsonl, the log, final/, eval.json); survives restarts.
+"""Runs tuning jobs through a backend (serve/backends: this machine's processes, or a cluster's scheduler),
+max_jobs at a time, in submission order (higher `compute.priority` first); follows them through the files the
+trainer writes in the run dir (metrics.jsonl, the log, final/, eval.json); retries; survives restarts.
 
-Each child gets its own process group (start_new_session) so a cancel reaches everything it started, and
-PR_SET_PDEATHSIG = SIGTERM so it stops when the server dies, even by SIGKILL: the trainer answers SIGTERM by
-saving a checkpoint at the end of its current step, so no orphan keeps training unwatched (holding the memory and
-the run dir), and at most one step is lost. On start, the scheduler stops whatever is left of a recorded process
-group (a child that outlived its server, e.g. on a system without PDEATHSIG) before it resumes that job from its
-last checkpoint with `--resume`, so two trainers never write one run dir. The trainer's resume is exact, so the
-resumed run ends with the weights of an uninterrupted one.
+Queue rule: the head of the queue starts as soon as the backend can start it. While it waits (for GPUs), a job
+behind it may run ahead only if it needs no GPUs, and only while a job slot stays free for the head: every GPU
+that frees up is the head's, so no job that runs ahead can delay it.
+
+After a restart, a job the backend still has (a Slurm job) is attached to again by its handle, never rerun; one it
+no longer has (the local backend stops a leftover child) goes back to the queue and resumes from its last
+checkpoint with `--resume`. The trainer's resume is exact, so the resumed run ends with the weights of an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends.base import CANCELLED, EXITED, LOG_NAME, RUNNING, Backend, Compute, JobSpec, Status
 from .store import Store
 from .settings import ServeSettings
 from .views import job_json
 
 log = logging.getLogger("tunelab.serve")
-PR_SET_PDEATHSIG = 1
-LOG_NAME, CONFIG_NAME = "train.log", "job.yaml"
-
-
-def _prctl():
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-PRCTL = _prctl()  # looked up before any fork: the child only calls it
-
-
-def _die_with_server(parent: int):
-    def preexec():
-        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the server died between fork and prctl
-            os._exit(1)
-    return preexec if PRCTL is not None else None
+CONFIG_NAME = "job.yaml"
 
 
 @dataclass
-class Child:
+class Running:
+    """A job the backend has (queued or running), as the scheduler follows it."""
     job_id: str
     phase: str
-    proc: subprocess.Popen
+    handle: dict
     run_dir: Path
     metrics_offset: int = 0
     log_offset: int = 0
     last_step: int = 0
-    first_seen: tuple[float, int] | None = None  # (time, step) of the first metrics row of this child: for the ETA
+    first_seen: tuple[float, int] | None = None  # (time, step) of the first metrics row of this run: for the ETA
+    placement: dict | None = None  # the nodes and GPUs last recorded on the job
     log_tail: list[str] = field(default_factory=list)
 
 
+def job_compute(job: dict) -> Compute:
+    return Compute(**(job.get("compute") or {}))
+
+
 class Scheduler:
-    def __init__(self, settings: ServeSettings, store: Store):
-        self.settings, self.store = settings, store
-        self.children: dict[str, Child] = {}
+    def __init__(self, settings: ServeSettings, store: Store, backend: Backend):
+        self.settings, self.store, self.backend = settings, store, backend
+        self.running: dict[str, Running] = {}
         self._lock = threading.RLock()  # state transitions: the loop and cancel requests
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -77,40 +62,38 @@ class Scheduler:
 
     def start(self) -> None:
         self.recover()
-        # Children are started from this thread only: PR_SET_PDEATHSIG fires when the *thread* that forked a child
-        # ends, and this one lives exactly as long as the server.
+        # Jobs are submitted from this thread only: the local backend's PR_SET_PDEATHSIG fires when the *thread*
+        # that forked a child ends, and this one lives exactly as long as the server.
         self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 120.0) -> None:
-        """Ask each running child to checkpoint and stop; their jobs stay RUNNING, to resume on the next start.
-        (With PDEATHSIG the end of the scheduler thread has asked already; the trainer takes a repeat as the same
-        request.)"""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
-            for child in self.children.values():
-                _signal_group(child.proc.pid, signal.SIGTERM)
-            deadline = time.time() + timeout
-            for child in self.children.values():
-                try:
-                    child.proc.wait(timeout=max(0.1, deadline - time.time()))
-                except subprocess.TimeoutExpired:
-                    _signal_group(child.proc.pid, signal.SIGKILL)
-            self.children.clear()
+            self.backend.shutdown([run.handle for run in self.running.values()], timeout)
+            self.running.clear()
 
     def recover(self) -> None:
-        """After a restart: stop leftovers of the recorded children; RUNNING jobs go back to the queue (they keep their
-        place: the queue is ordered by submission) and resume from their checkpoint, CANCELLING ones end CANCELLED."""
-        for job in self.store.list_jobs(states=["RUNNING", "CANCELLING"], oldest_first=True):
-            if job["pid"]:
-                stop_orphan(job["pid"], Path(job["run_dir"]) / CONFIG_NAME)
-            if job["state"] == "CANCELLING":
-                self._set(job, "CANCELLED", end_time=time.time(), pid=None)
+        """After a restart: attach to every job the backend was given. One it still has is followed on; one it no
+        longer has goes back to the queue (keeping its place: the queue is ordered by submission) to resume from
+        its checkpoint, or ends CANCELLED if it was being cancelled."""
+        for job in self.store.list_jobs(states=["PENDING", "RUNNING", "CANCELLING"], oldest_first=True):
+            if not job["handle"]:
+                continue
+            if job["backend"] != self.backend.name:  # never rerun what another backend may still be running
+                self._set(job, "FAILED", end_time=time.time(), error=f"the server restarted with --backend "
+                          f"{self.backend.name}; this job was given to {job['backend']} ({json.dumps(job['handle'])})")
+            elif self.backend.attach(job["handle"]):
+                self.running[job["id"]] = self._follower(job, job["handle"])
+                if job["state"] == "CANCELLING":
+                    self.backend.cancel(job["handle"], self.settings.cancel_grace)
+            elif job["state"] == "CANCELLING":
+                self._set(job, "CANCELLED", end_time=time.time())
             else:
                 self.store.add_event(job["id"], "log", "server restarted: the job resumes from its last checkpoint")
-                self._set(job, "PENDING", pid=None)
+                self._set(job, "PENDING", handle=None)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -124,130 +107,172 @@ class Scheduler:
 
     def tick(self) -> None:
         with self._lock:
-            for child in list(self.children.values()):
-                self._follow(child)
-                code = child.proc.poll()
-                if code is not None:
-                    del self.children[child.job_id]
-                    self._follow(child)
-                    self._ended(child, code)
-            free = self.settings.max_jobs - len(self.children)
-            if free > 0 and not self._stop.is_set():
-                for job in self.store.list_jobs(states=["PENDING"], oldest_first=True, limit=free):
-                    self._launch(job)
+            for run in list(self.running.values()):
+                self._follow(run)
+                status = self.backend.poll(run.handle)
+                self._placed(run, status)
+                if status.state in (EXITED, CANCELLED):
+                    del self.running[run.job_id]
+                    self._follow(run)
+                    self._ended(run, status)
+            if not self._stop.is_set():
+                self._start_queued()
+
+    def _start_queued(self) -> None:
+        """The queue rule of the module docstring."""
+        free = self.settings.max_jobs - len(self.running)
+        queued = [j for j in self.store.list_jobs(states=["PENDING"], oldest_first=True) if j["id"] not in self.running]
+        queued.sort(key=lambda j: -job_compute(j).priority)  # stable: submission order within a priority
+        head_waits = False
+        for job in queued:
+            if free <= 0:
+                return
+            compute = job_compute(job)
+            if head_waits and compute.gpus > 0:
+                continue
+            if self.backend.can_start(compute):
+                self._launch(job)
+            elif not head_waits:
+                head_waits = True  # keep a slot for it
+            free -= 1
 
     def cancel(self, job: dict) -> dict:
         with self._lock:
             job = self.store.get_job(job["id"])
-            if job["state"] == "PENDING":
+            run = self.running.get(job["id"])
+            if run is None and job["state"] == "PENDING":
                 return self._set(job, "CANCELLED", end_time=time.time())
-            if job["state"] == "RUNNING":
-                child = self.children.get(job["id"])
-                if child is not None:
-                    _signal_group(child.proc.pid, signal.SIGTERM)  # the trainer checkpoints, then exits
+            if job["state"] in ("PENDING", "RUNNING"):
+                if run is not None:
+                    self.backend.cancel(run.handle, self.settings.cancel_grace)  # the trainer checkpoints, exits
                 return self._set(job, "CANCELLING")
             return job
 
-    # -- children
+    # -- jobs in the backend
 
     def _launch(self, job: dict) -> None:
         run_dir = Path(job["run_dir"])
         config = run_dir / CONFIG_NAME
         if job["phase"] == "eval":
-            cmd = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / "eval.json")]
+            argv = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / "eval.json")]
         else:
-            resume = any((run_dir / "checkpoints").glob("step-*"))
-            cmd = ["train", str(config), *(["--resume"] if resume else [])]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(run_dir / LOG_NAME, "ab") as out:
-            out.write(f"$ tunelab {' '.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen([sys.executable, "-m", "tunelab", *cmd], cwd=run_dir, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=_die_with_server(os.getpid()))
-        child = Child(job["id"], job["phase"], proc, run_dir, last_step=job["progress"].get("step", 0))
-        metrics = run_dir / "metrics.jsonl"
-        child.metrics_offset = metrics.stat().st_size if metrics.exists() else 0
-        child.log_offset = (run_dir / LOG_NAME).stat().st_size
-        self.children[job["id"]] = child
+            argv = ["train", str(config)]
+        spec = JobSpec(job["id"], run_dir, argv, job_compute(job), resume=job["phase"] == "train")
+        run = self._follower(job, None)  # from the log's current end: earlier attempts are in the events already
+        try:
+            run.handle = self.backend.submit(spec)
+        except Exception as e:  # noqa: BLE001 - whatever the backend hit, the job says it and the queue goes on
+            log.exception("submitting %s failed", job["id"])
+            self._set(job, "FAILED", end_time=time.time(), error=f"the {self.backend.name} backend could not "
+                      f"start the job: {' '.join(str(e).split())[:500]}")
+            return
+        self.running[job["id"]] = run
         attempt = job["attempt"] + (job["phase"] == "train")
-        self._set(job, "RUNNING", pid=proc.pid, attempt=attempt, start_time=job["start_time"] or time.time())
+        job = self.store.update_job(job["id"], handle=run.handle, backend=self.backend.name, attempt=attempt)
+        status = self.backend.poll(run.handle)
+        self._placed(run, status)
+        if job["state"] == "PENDING" and status.state == "PENDING":  # queued in the backend: say so
+            self._set(job, "PENDING")
 
-    def _follow(self, child: Child) -> None:
+    def _follower(self, job: dict, handle: dict | None) -> Running:
+        run_dir = Path(job["run_dir"])
+        # Metrics rows are read from the start and kept from the job's last known step on; log lines from the
+        # current end (after a restart, the lines written meanwhile are in the log file, not in the events).
+        log_file = run_dir / LOG_NAME
+        return Running(job["id"], job["phase"], handle, run_dir, last_step=job["progress"].get("step", 0),
+                       log_offset=log_file.stat().st_size if log_file.exists() else 0)
+
+    def _placed(self, run: Running, status: Status) -> None:
+        """The backend's view -> the job: RUNNING once it runs, and where."""
+        placement = {"nodes": status.nodes, "gpus": status.gpus} if status.nodes else None
+        fields = {}
+        if placement and placement != run.placement:
+            run.placement = fields["placement"] = placement
+        job = self.store.get_job(run.job_id)
+        if status.state == RUNNING and job["state"] == "PENDING":
+            self._set(job, "RUNNING", start_time=job["start_time"] or time.time(), **fields)
+        elif fields:
+            self.store.update_job(run.job_id, **fields)
+
+    def _follow(self, run: Running) -> None:
         """New metrics rows and log lines -> events; progress and latest metrics -> the job."""
-        job = self.store.get_job(child.job_id)
-        rows = self._new_metrics(child)
-        for line in self._new_log_lines(child):
-            self.store.add_event(child.job_id, "log", line)
+        job = self.store.get_job(run.job_id)
+        rows = self._new_metrics(run)
+        for line in self._new_log_lines(run):
+            self.store.add_event(run.job_id, "log", line)
         if not rows:
             return
         progress, latest = dict(job["progress"]), job["latest_metrics"]
         for row in rows:
-            self.store.add_event(child.job_id, "metrics", row)
+            self.store.add_event(run.job_id, "metrics", row)
             latest = {**latest, **row}
         now, step = time.time(), rows[-1]["step"]
-        child.first_seen = child.first_seen or (now, rows[0]["step"])
+        run.first_seen = run.first_seen or (now, rows[0]["step"])
         total = max(progress.get("total_steps") or step, step)
-        t0, s0 = child.first_seen
+        t0, s0 = run.first_seen
         eta = (total - step) * (now - t0) / (step - s0) if step > s0 else None
         progress.update(step=step, total_steps=total, epoch=rows[-1].get("epoch", progress.get("epoch")),
                         eta_seconds=round(eta, 1) if eta is not None else None)
-        self.store.update_job(child.job_id, progress=progress, latest_metrics=latest)
+        self.store.update_job(run.job_id, progress=progress, latest_metrics=latest)
 
-    def _new_metrics(self, child: Child) -> list[dict]:
-        path = child.run_dir / "metrics.jsonl"
+    def _new_metrics(self, run: Running) -> list[dict]:
+        path = run.run_dir / "metrics.jsonl"
         if not path.exists():
             return []
-        if path.stat().st_size < child.metrics_offset:  # a resumed trainer cut the log back to its checkpoint
-            child.metrics_offset = 0
+        if path.stat().st_size < run.metrics_offset:  # a resumed trainer cut the log back to its checkpoint
+            run.metrics_offset = 0
         with open(path, "rb") as f:
-            f.seek(child.metrics_offset)
+            f.seek(run.metrics_offset)
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next pass
-        child.metrics_offset += len(complete)
+        run.metrics_offset += len(complete)
         rows = []
         for line in complete.decode("utf-8", "replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and row.get("step", 0) > child.last_step:
+            if isinstance(row, dict) and row.get("step", 0) > run.last_step:
                 rows.append(row)
-                child.last_step = row["step"]
+                run.last_step = row["step"]
         return rows
 
-    def _new_log_lines(self, child: Child) -> list[str]:
-        path = child.run_dir / LOG_NAME
+    def _new_log_lines(self, run: Running) -> list[str]:
+        path = run.run_dir / LOG_NAME
+        if not path.exists():  # a job still queued in the backend
+            return []
         with open(path, "rb") as f:
-            f.seek(child.log_offset)
+            f.seek(run.log_offset)
             data = f.read()
         complete = data[: max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
-        child.log_offset += len(complete)
+        run.log_offset += len(complete)
         lines = [" ".join(x.split())[:2000] for x in complete.decode("utf-8", "replace").replace("\r", "\n").split("\n")]
         lines = [x for x in lines if x]
-        child.log_tail = (child.log_tail + lines)[-20:]
+        run.log_tail = (run.log_tail + lines)[-20:]
         return lines
 
-    def _ended(self, child: Child, code: int) -> None:
-        job = self.store.get_job(child.job_id)
-        if code == 0 and child.phase == "train" and _has_eval_data(job["config"]):
+    def _ended(self, run: Running, status: Status) -> None:
+        job = self.store.get_job(run.job_id)
+        code = status.exit_code
+        if code == 0 and run.phase == "train" and _has_eval_data(job["config"]):
             job = self.store.update_job(job["id"], phase="eval")
             if job["state"] == "RUNNING":
                 self._launch(job)
                 return
         if code == 0:
             return self._succeeded(job, eval_error=None)
-        if job["state"] == "CANCELLING":
-            return self._set(job, "CANCELLED", end_time=time.time(), pid=None)
-        message = _error_line(child.log_tail, code)
-        if child.phase == "eval":  # the model is trained and whole: keep it, say what the evaluation hit
+        if job["state"] == "CANCELLING" or status.state == CANCELLED:
+            error = None if job["state"] == "CANCELLING" else f"cancelled by the {self.backend.name} backend"
+            return self._set(job, "CANCELLED", end_time=time.time(), error=error)
+        message = _error_line(run.log_tail, code)
+        if run.phase == "eval":  # the model is trained and whole: keep it, say what the evaluation hit
             return self._succeeded(job, eval_error=message)
         retryable = code != 2  # exit 2 is a UserError: the same input fails the same way again
         if retryable and job["attempt"] <= self.settings.max_retries:
             self.store.add_event(job["id"], "log", f"attempt {job['attempt']} failed ({message}); retrying from the "
                                                    "last checkpoint")
-            return self._set(job, "PENDING", pid=None, error=None)
-        self._set(job, "FAILED", end_time=time.time(), pid=None, error=message)
+            return self._set(job, "PENDING", handle=None, error=None)
+        self._set(job, "FAILED", end_time=time.time(), error=message)
 
     def _succeeded(self, job: dict, eval_error: str | None) -> dict:
         run_dir = Path(job["run_dir"])
@@ -269,7 +294,7 @@ class Scheduler:
         progress = {**job["progress"], "eta_seconds": 0}
         if rows:
             progress["step"] = rows[-1]["step"]
-        return self._set(job, "SUCCEEDED", end_time=time.time(), pid=None, best_metrics=best, progress=progress,
+        return self._set(job, "SUCCEEDED", end_time=time.time(), best_metrics=best, progress=progress,
                          final_metrics=final_metrics, tuned_model={"path": str(final), "adapter": adapter, "endpoint": name})
 
     def _set(self, job: dict, state: str, **fields) -> dict:
@@ -280,55 +305,18 @@ class Scheduler:
 
 # ---------------------------------------------------------------- helpers
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has finished
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-
-
-def stop_orphan(pid: int, config: Path, wait: float = 120.0) -> None:
-    """Stop a child of an earlier server, if it is still that child (the pid may have been reused, so its command
-    line must name this job's config). Ask it to checkpoint and stop (with PDEATHSIG it was asked when its server
-    died, maybe more than once; the trainer takes a repeat as the same request), wait for it; SIGKILL if it will not."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
-    except OSError:
-        cmdline = None
-    if cmdline is not None and str(config) not in cmdline:
-        return
-    if not _alive(pid):
-        return
-    log.warning("waiting for pid %s, left by the previous server, to checkpoint and stop", pid)
-    _signal_group(pid, signal.SIGTERM)
-    deadline = time.time() + wait
-    while _alive(pid) and time.time() < deadline:
-        time.sleep(0.2)
-    _signal_group(pid, signal.SIGKILL)
-
-
 def _has_eval_data(config: dict) -> bool:
     data, ev = config.get("data", {}), config.get("eval", {})
     return bool(data.get("eval") or data.get("eval_fraction") or ev.get("data"))
 
 
-def _error_line(tail: list[str], code: int) -> str:
+def _error_line(tail: list[str], code: int | None) -> str:
     for line in reversed(tail):
         if line.startswith(("error:", "stopped:")):
             return line
     last = tail[-1] if tail else "no output"
+    if code is None:
+        return f"the backend lost the training process: {last}"
     return f"the training process exited with code {code}: {last}" if code > 0 else \
         f"the training process was killed by signal {-code}: {last}"
 

@@ -31,7 +31,7 @@ MIGRATIONS = [
         config TEXT NOT NULL,                    -- the resolved tunelab config (JSON)
         run_dir TEXT NOT NULL,
         phase TEXT NOT NULL DEFAULT 'train',     -- train | eval: which child runs (or runs next)
-        pid INTEGER,                             -- the child's pid = its process group (start_new_session)
+        pid INTEGER,                             -- the child's pid = its process group (dropped in 2)
         attempt INTEGER NOT NULL DEFAULT 0,
         progress TEXT NOT NULL DEFAULT '{}',
         latest_metrics TEXT NOT NULL DEFAULT '{}',
@@ -71,9 +71,21 @@ MIGRATIONS = [
         create_time REAL NOT NULL
     );
     """,
+    # 2: jobs run through a backend (local processes, Slurm ...): its name, its handle on the job (pid or Slurm job
+    # id), where the job runs, and what it asked for. A local child's pid becomes its handle.
+    """
+    ALTER TABLE jobs ADD COLUMN backend TEXT;
+    ALTER TABLE jobs ADD COLUMN handle TEXT;
+    ALTER TABLE jobs ADD COLUMN placement TEXT;
+    ALTER TABLE jobs ADD COLUMN compute TEXT NOT NULL DEFAULT '{}';
+    UPDATE jobs SET backend = 'local', handle = json_object('job_id', CAST(pid AS TEXT), 'pid', pid, 'match', run_dir || '/job.yaml', 'gpus',
+        json_array()) WHERE pid IS NOT NULL;
+    ALTER TABLE jobs DROP COLUMN pid;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-JSON_COLUMNS = ("config", "progress", "latest_metrics", "best_metrics", "final_metrics", "tuned_model")
+JSON_COLUMNS = ("config", "progress", "latest_metrics", "best_metrics", "final_metrics", "tuned_model", "handle",
+                "placement", "compute")
 
 
 class Store(Protocol):

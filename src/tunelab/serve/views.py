@@ -29,7 +29,17 @@ def job_json(job: dict) -> dict:
         "error": {"message": job["error"]} if job["error"] else None,
         "attempt": job["attempt"], "config": job["config"],
         "tuned_model": tuned, "tuned_model_endpoint_name": endpoint,
+        "compute": job.get("compute") or {}, "backend": _where(job),
     }
+
+
+def _where(job: dict) -> dict | None:
+    """Where the job runs (or ran): the backend, its own id for the job, the nodes and GPU ids."""
+    if not job.get("backend"):
+        return None
+    handle, placement = job.get("handle") or {}, job.get("placement") or {}
+    return {"name": job["backend"], "job_id": handle.get("job_id"), "nodes": placement.get("nodes", []),
+            "gpus": placement.get("gpus", [])}
 
 
 def file_json(record: dict) -> dict:

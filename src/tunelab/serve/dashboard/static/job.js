@@ -121,5 +121,15 @@ function drawStats(stats, job) {
     stat('Training data', h('span', { class: 'mono small' }, job.train_dataset || '—')),
     stat('Validation data', h('span', { class: 'mono small' }, job.validation_dataset || '—')),
     stat('Created', when(job.create_time)),
-    stat('Attempt', job.attempt ?? '—'));
+    stat('Attempt', job.attempt ?? '—'),
+    stat('Runs on', where(job.backend), 'job-backend'));
+}
+
+// "slurm job 1234 · node01 · GPUs 0,1": the backend, its own id for the job, the nodes and GPU ids.
+function where(backend) {
+  if (!backend) return '—';
+  const parts = [`${backend.name}${backend.job_id ? ` job ${backend.job_id}` : ''}`];
+  if (backend.nodes.length) parts.push(backend.nodes.join(', '));
+  if (backend.gpus.length) parts.push(`GPU${backend.gpus.length > 1 ? 's' : ''} ${backend.gpus.join(',')}`);
+  return h('span', { class: 'mono small' }, parts.join(' · '));
 }

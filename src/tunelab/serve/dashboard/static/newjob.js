@@ -1,5 +1,6 @@
 // The new-job form: base model (a served base or a path), a dataset (uploaded here, checked by the server, or one
-// uploaded before), method, the main hyperparameters, a display name. The server's one-line errors show inline.
+// uploaded before), method, the main hyperparameters, what the job needs (compute), a display name. The server's
+// one-line errors show inline.
 
 import { api } from './api.js';
 import { errorBox, h } from './dom.js';
@@ -16,6 +17,12 @@ export function jobRequest(fields) {
   for (const key of ['epoch_count', 'learning_rate_multiplier', 'adapter_size', 'batch_size']) {
     if (fields[key] !== '') request.hyperparameters[key] = Number(fields[key]);
   }
+  const compute = {};
+  for (const key of ['gpus', 'nodes', 'cpus', 'memory_gb', 'priority']) {
+    if (fields[key] !== undefined && fields[key] !== '') compute[key] = Number(fields[key]);
+  }
+  if (fields.time_limit) compute.time_limit = fields.time_limit.trim();
+  if (Object.keys(compute).length) request.compute = compute;
   return request;
 }
 
@@ -93,6 +100,16 @@ export async function render(main) {
       number('adapter-size', 'adapter_size', '', { min: 1, step: 1, placeholder: '16' })),
     field('batch-size', 'Batch size', number('batch-size', 'batch_size', '', { min: 1, step: 1, placeholder: '16' })),
   ];
+  const resources = [
+    field('gpus', 'GPUs per node', number('gpus', 'gpus', '', { min: 0, step: 1, placeholder: 'server default' })),
+    field('nodes', 'Nodes', number('nodes', 'nodes', '', { min: 1, step: 1, placeholder: '1' })),
+    field('cpus', 'CPUs per process', number('cpus', 'cpus', '', { min: 1, step: 1, placeholder: 'any' })),
+    field('memory-gb', 'Memory (GB per node)',
+      number('memory-gb', 'memory_gb', '', { min: 0, step: 'any', placeholder: 'any' })),
+    field('time-limit', 'Time limit', h('input', { id: 'time-limit', name: 'time_limit', placeholder: '2h, 30m, 1:30:00' })),
+    field('priority', 'Priority', number('priority', 'priority', '', { step: 1, placeholder: '0' }),
+      'Higher runs first among queued jobs.'),
+  ];
   const displayName = h('input', { id: 'display-name', name: 'tuned_model_display_name', maxlength: 128,
     placeholder: 'my-tuned-model' });
   const submitError = h('div', { 'data-testid': 'submit-error' });
@@ -107,6 +124,7 @@ export async function render(main) {
       h('div', { class: 'grid-2' }, fields.dataset.node, fields.validation.node)),
     h('fieldset', {}, h('legend', {}, 'Training'), field('method', 'Method', method).node,
       h('div', { class: 'grid-4' }, params.map((p) => p.node))),
+    h('fieldset', {}, h('legend', {}, 'Compute'), h('div', { class: 'grid-4' }, resources.map((r) => r.node))),
     submitError,
     h('div', { class: 'actions' }, h('a', { href: '/', class: 'button' }, 'Cancel'), submit));
 
