@@ -19,11 +19,13 @@ def _config(args):
 
 def cmd_train(args) -> int:
     cfg = _config(args)  # checked here first, so a config mistake is reported once, before any process starts
-    nproc = args.nproc
-    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from tunelab.launch import launch
+    from tunelab.launch import Nodes, launch
 
-        return launch(nproc, getattr(args, "argv", None) or sys.argv[1:])
+    nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port, args.rdzv_endpoint)
+    nodes.check()
+    nproc = args.nproc or 1
+    if (nproc > 1 or nodes.count > 1) and "WORLD_SIZE" not in os.environ:  # not already a rank of a launcher
+        return launch(nproc, getattr(args, "argv", None) or sys.argv[1:], nodes)
     from tunelab.trainer import train
 
     train(cfg, resume=args.resume)
@@ -222,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--nproc", type=int, default=None, help="processes on this machine (runs torchrun)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines taking part, each running this command")
+    p.add_argument("--node-rank", type=int, default=None, help="this machine's number, 0 to nnodes-1")
+    p.add_argument("--master-addr", default=None, help="the address of node 0 (with --node-rank)")
+    p.add_argument("--master-port", type=int, default=None, help="a free port on node 0 (default 29500)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT where the machines meet and are numbered "
+                   "as they arrive (instead of --node-rank/--master-addr)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a config without loading anything heavy")
