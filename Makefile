@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium demo test test-slow bench bench-estimate bench-serve bench-peers clean
+.PHONY: venv chromium demo test test-slow test-ray bench bench-estimate bench-serve bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP) chromium
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+
+# tunelab serve --backend ray against a local Ray head the tests start and stop (tests/ray_cluster.py)
+test-ray: $(STAMP)
+	$(BIN)/pip install -q -e '.[ray]'
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_ray_backend.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py

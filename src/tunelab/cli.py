@@ -175,7 +175,7 @@ def cmd_serve(args) -> int:
                              max_body_mb=args.max_body_mb, max_upload_mb=args.max_upload_mb, backend=args.backend,
                              gpus=_gpu_list(args.gpus), cancel_grace=args.cancel_grace,
                              slurm_partition=args.slurm_partition, slurm_account=args.slurm_account,
-                             slurm_extra=shlex.split(args.slurm_extra or ""))
+                             slurm_extra=shlex.split(args.slurm_extra or ""), ray_address=args.ray_address)
     from tunelab.serve.app import serve
 
     serve(settings)
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (uploads aside)")
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest uploaded dataset")
     p.add_argument("--backend", default="local", choices=["local", "slurm", "ray"], help="where jobs run: child "
-                   "processes here (default) or a Slurm cluster (--home on storage its nodes share)")
+                   "processes here (default), a Slurm cluster or a Ray cluster (--home on storage its nodes share)")
     p.add_argument("--gpus", default=None, help="the local backend's GPUs, e.g. 0,1,2,3, or none (default: "
                    "CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists)")
     p.add_argument("--cancel-grace", type=float, default=120.0, help="seconds a cancelled job has to checkpoint "
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-partition", default=None, help="the partition jobs go to (default: Slurm's default)")
     p.add_argument("--slurm-account", default=None, help="the account jobs are charged to")
     p.add_argument("--slurm-extra", default=None, help='more sbatch options for every job, e.g. "--qos high"')
+    p.add_argument("--ray-address", default=None, help="with --backend ray: the Ray dashboard's address, where its "
+                   "Job Submission API answers, e.g. http://HEAD:8265 (--home and this install at the same paths "
+                   "on the Ray nodes)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("jobs", help="talk to a tuning service: submit, list, status, cancel, logs")
