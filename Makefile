@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium demo test test-slow test-ray bench bench-estimate bench-serve bench-peers clean
+.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray bench bench-estimate bench-serve bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,13 +26,29 @@ chromium:
 	  else echo "chromium is missing and installing it needs root: the browser test will be skipped"; exit 0; fi; \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
-test: $(STAMP) chromium
+# The Slurm backend's tests bring up a real one-node Slurm from Debian's packages (tests/slurm_cluster.py).
+slurm:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+	  && command -v munged >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; \
+	  else echo "Slurm is missing and installing it needs root: the Slurm tests will be skipped"; exit 0; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+	    --no-install-recommends -o DPkg::Lock::Timeout=600 slurmctld slurmd slurm-client munge; }
+
+test: $(STAMP) chromium slurm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	$(MAKE) test-slurm
+	$(MAKE) test-ray
+
+# Marked slow (each job is a real Slurm job: about 5 minutes in all), so run here explicitly.
+test-slurm: $(STAMP) slurm
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_slurm.py
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
 
-# tunelab serve --backend ray against a local Ray head the tests start and stop (tests/ray_cluster.py)
+# tunelab serve --backend ray against a local Ray head the tests start and stop (tests/ray_cluster.py); installs the
+# optional extra tunelab[ray] first. Marked slow (a Ray head and three training jobs: about 3 minutes here).
 test-ray: $(STAMP)
 	$(BIN)/pip install -q -e '.[ray]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_ray_backend.py

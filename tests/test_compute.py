@@ -71,3 +71,33 @@ def test_cpu_server_defaults_to_the_cpu_and_refuses_gpus(tmp_path):
     client = client_for(tmp_path, [])
     assert post(client, None).json()["compute"]["gpus"] == 0
     assert "0 GPUs per node" in error(post(client, {"gpus": 1}), 400)
+
+
+def test_the_clients_send_the_compute_section(tmp_path, monkeypatch):
+    import argparse
+
+    from tunelab import jobs_cli
+    from tunelab.client import TuningJob
+    from tunelab.tuning import sft
+
+    sent = []
+
+    class Recorder:
+        def request(self, method, path, body=None, **kw):
+            sent.append(body)
+            return {"id": "job-x", "state": "JOB_STATE_PENDING"}
+
+    request = tmp_path / "request.yaml"
+    request.write_text("source_model: base\ntrain_dataset: t.jsonl\ncompute: {nodes: 1, cpus: 4}\n")
+    args = argparse.Namespace(file=str(request), display_name=None, gpus=2, nodes=None, cpus=None, memory_gb=64.0,
+                              time_limit="2h", priority=None)
+    jobs_cli.submit(Recorder(), args)
+    assert sent[-1]["compute"] == {"nodes": 1, "cpus": 4, "gpus": 2, "memory_gb": 64.0, "time_limit": "2h"}
+    monkeypatch.setattr(TuningJob, "create", classmethod(lambda cls, body: sent.append(body)))
+    sft.train(source_model="base", train_dataset="t.jsonl", compute={"gpus": 1, "time_limit": "30m"})
+    assert sent[-1]["compute"] == {"gpus": 1, "time_limit": "30m"}
+
+
+def test_serve_refuses_slurm_flags_without_slurm(tmp_path):  # ray's flags: tests/test_ray_backend.py
+    with pytest.raises(UserError, match="need --backend slurm"):
+        ServeSettings(home=tmp_path, slurm_partition="gpu")

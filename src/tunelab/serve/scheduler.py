@@ -239,6 +239,8 @@ class Scheduler:
 
     def _new_log_lines(self, run: Running) -> list[str]:
         path = run.run_dir / LOG_NAME
+        if not path.exists():  # a job still queued in the backend
+            return []
         with open(path, "rb") as f:
             f.seek(run.log_offset)
             data = f.read()

@@ -1,0 +1,185 @@
+"""`tunelab serve --backend slurm` against a real one-node Slurm 22.05 (tests/slurm_cluster.py): a job through to
+SUCCEEDED with the weights of `tunelab train` run directly; cancel (the trainer checkpoints); a SIGKILLed server
+re-attaching to the same Slurm job; `scontrol requeue` resuming from the checkpoint; a 2-task job (two fake GPUs,
+gloo) equal to one process with the same global batch."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from service_util import Server, wait_for  # noqa: E402
+from slurm_cluster import slurm  # noqa: E402,F401  (the session fixture)
+from tiny import make_base_model, run_cli, write_task_data  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
+TRAIN = {"max_steps": 40, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "eval_every": None, "save_every": None}
+
+
+@pytest.fixture(scope="module")
+def env(slurm, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("slurm")
+    base = make_base_model(tmp_path_factory.mktemp("base"), warm_steps=0)
+    data = write_task_data(root / "data" / "train.jsonl", n=32)
+    os.environ["SLURM_CONF"] = slurm.env["SLURM_CONF"]  # the server (and `tunelab train`) inherit it
+    server = Server(root / "home", "--backend", "slurm", "--data-root", str(root / "data"), "--model",
+                    f"base={base}", "--cancel-grace", "30").start()
+    yield {"server": server, "root": root, "base": base, "data": data, "slurm": slurm, "args": server.args}
+    server.stop()
+
+
+def job_config(train: dict | None = None, adapter: dict | None = None) -> dict:
+    return {"model": {"path": "base"}, "adapter": adapter or {"r": 4},
+            "data": {"train": [{"path": "train.jsonl", "format": "alpaca"}], "max_length": 64},
+            "train": {**TRAIN, **(train or {})}, "log": {"tensorboard": False, "plot": False}}
+
+
+def reference(env, name: str, cfg: dict) -> dict:
+    """The same config run by `tunelab train` directly: its final adapter."""
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["path"] = str(env["base"])
+    cfg["data"]["train"][0]["path"] = str(env["data"])
+    out = env["root"] / "reference" / name
+    cfg["output_dir"] = str(out)
+    path = env["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_cli("train", str(path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out / "final" / "adapter_model.safetensors")
+
+
+def submit(env, cfg: dict, **compute) -> dict:
+    body = {"config": cfg, **({"compute": compute} if compute else {})}
+    response = httpx.post(env["server"].url + "/v1/tuningJobs", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def get(env, job_id: str) -> dict:
+    return httpx.get(f"{env['server'].url}/v1/tuningJobs/{job_id}", timeout=60).json()
+
+
+def wait_job(env, job_id: str, states=ENDED, timeout: float = 900) -> dict:
+    return wait_for(lambda: (j := get(env, job_id))["state"] in states and j, timeout=timeout, what=f"{job_id} {states}")
+
+
+def steps_done(env, job_id: str, n: int) -> None:
+    metrics = env["server"].home / "runs" / job_id / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= n, what=f"{n} steps of {job_id}",
+             poll=0.05, timeout=600)
+
+
+def adapter(job: dict) -> dict:
+    return load_file(Path(job["tuned_model"]["path"]) / "adapter_model.safetensors")
+
+
+def assert_equal_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0)
+    assert any((a[n] != 0).any() for n in a if "lora_B" in n)  # training moved the adapter off its start
+
+
+def squeue_state(env, slurm_id: str) -> str:
+    out = env["slurm"].run("squeue", "--json", "-t", "all", "-j", slurm_id, check=False)
+    return json.loads(out)["jobs"][0]["job_state"] if out.strip() else "GONE"
+
+
+@pytest.fixture(scope="module")
+def plain_reference(env):
+    return reference(env, "plain", job_config())
+
+
+LONG = {"max_steps": 400}  # long enough for a server restart or a requeue to happen mid-run
+
+
+@pytest.fixture(scope="module")
+def long_reference(env):
+    return reference(env, "long", job_config(LONG))
+
+
+def test_job_succeeds_with_the_weights_of_tunelab_train(env, plain_reference):
+    job = wait_job(env, submit(env, job_config(), gpus=0)["id"])
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job["error"]
+    where = job["backend"]
+    assert where["name"] == "slurm" and where["job_id"].isdigit() and where["nodes"] == [env["slurm"].node]
+    run_dir = Path(job["tuned_model"]["path"]).parent
+    script = (run_dir / "train.sbatch").read_text()  # the generated script is kept in the run dir
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:TERM@120" in script
+    assert job["progress"]["step"] == 40 and job["attempt"] == 1
+    assert_equal_weights(adapter(job), plain_reference, atol=1e-6)
+
+
+def test_cancel_checkpoints_then_cancelled(env):
+    job = submit(env, job_config({"max_steps": 100000}), gpus=0)
+    steps_done(env, job["id"], 2)
+    response = httpx.post(f"{env['server'].url}/v1/tuningJobs/{job['id']}:cancel", timeout=60)
+    assert response.json()["state"] == "JOB_STATE_CANCELLING"
+    job = wait_job(env, job["id"], timeout=120)
+    assert job["state"] == "JOB_STATE_CANCELLED", job
+    run_dir = env["server"].home / "runs" / job["id"]
+    assert list((run_dir / "checkpoints").glob("step-*")), "the trainer saved a checkpoint on SIGTERM"
+    assert "SIGTERM received" in (run_dir / "train.log").read_text()
+    assert squeue_state(env, job["backend"]["job_id"]) in ("COMPLETED", "FAILED", "CANCELLED")
+
+
+def test_server_sigkill_then_restart_reattaches_to_the_same_slurm_job(env, long_reference):
+    job = submit(env, job_config(LONG), gpus=0)
+    steps_done(env, job["id"], 2)
+    slurm_id = get(env, job["id"])["backend"]["job_id"]
+    server = env["server"]
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    server.log.close()
+    while_down = squeue_state(env, slurm_id)
+    env["server"] = server = Server(server.home, *env["args"]).start()
+    assert while_down == "RUNNING"  # Slurm's job does not depend on the server
+    assert get(env, job["id"])["state"] == "JOB_STATE_RUNNING" and squeue_state(env, slurm_id) == "RUNNING"
+    job = wait_job(env, job["id"])
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job["error"]
+    assert job["backend"]["job_id"] == slurm_id and job["attempt"] == 1
+    log = (server.home / "runs" / job["id"] / "train.log").read_text()
+    assert log.count("$ tunelab train") == 1 and "--resume" not in log  # one run, never restarted
+    steps = [r["step"] for r in httpx.get(f"{server.url}/v1/tuningJobs/{job['id']}/metrics").json()["metrics"]]
+    assert steps == list(range(1, 401))
+    assert_equal_weights(adapter(job), long_reference, atol=1e-6)
+
+
+def test_requeue_resumes_from_the_checkpoint(env, long_reference):
+    job = submit(env, job_config(LONG), gpus=0)
+    steps_done(env, job["id"], 3)
+    slurm_id = get(env, job["id"])["backend"]["job_id"]
+    env["slurm"].run("scontrol", "requeue", slurm_id)
+    wait_for(lambda: squeue_state(env, slurm_id) == "PENDING", what="requeued job pending", poll=0.1, timeout=60)
+    time.sleep(1.5)  # StartTime=now in the same second as the requeue fails the job (CLUSTERS.md, gotcha 8)
+    env["slurm"].run("scontrol", "update", f"JobId={slurm_id}", "StartTime=now")
+    job = wait_job(env, job["id"])
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job["error"]
+    log = (env["server"].home / "runs" / job["id"] / "train.log").read_text()
+    assert "restart 1)" in log and "resumed from" in log
+    assert_equal_weights(adapter(job), long_reference, atol=1e-6)
+
+
+def test_two_tasks_equal_one_process_with_the_same_global_batch(env):
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}  # one process draws its masks in turn, two side by side
+    common = {"max_steps": 6, "micro_batch_size": 2, "lr": 3e-3, "max_grad_norm": 1.0, "scheduler": "linear"}
+    single = reference(env, "single", job_config({**common, "grad_accum": 2}, adapter=lora))
+    job = wait_job(env, submit(env, job_config({**common, "grad_accum": 1}, adapter=lora), gpus=2)["id"])
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job["error"]
+    assert job["backend"]["gpus"] == ["0", "1"]  # the fake gres: two GPUs on the one node
+    script = (Path(job["tuned_model"]["path"]).parent / "train.sbatch").read_text()
+    assert "--ntasks-per-node=2" in script and "--gpus-per-node=2" in script
+    assert_equal_weights(adapter(job), single, atol=1e-5)
