@@ -42,7 +42,7 @@ test: $(STAMP) chromium slurm
 
 # Marked slow (each job is a real Slurm job: about 5 minutes in all), so run here explicitly.
 test-slurm: $(STAMP) slurm
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_slurm.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_slurm.py tests/test_multinode.py
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow

@@ -2,7 +2,7 @@
 one gloo process each. The reference is one process with the same global batch (grad_accum doubled), as in
 test_distributed.py: the weights agree to 1e-5. Resuming the 2-node checkpoint is exact on one process when the
 global batch is kept, and refused, naming both world sizes, when it is not. Running under an outside srun without
-torchrun reads Slurm's variables (as srun sets them in each task)."""
+torchrun reads Slurm's variables: checked as a mapping, and with a real `srun --ntasks 2` (tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from slurm_cluster import slurm  # noqa: F401  (the session fixture)
 from tiny import config_dict, make_base_model, write_task_data
 
 from tunelab.cli import main as cli_main
@@ -141,3 +142,24 @@ def test_srun_tasks_without_torchrun_read_slurms_variables():
     under_torchrun = {**env, "WORLD_SIZE": "8", "RANK": "5"}
     adopt_slurm_env(under_torchrun)
     assert (under_torchrun["WORLD_SIZE"], under_torchrun["RANK"]) == ("8", "5")
+
+
+@pytest.mark.slow
+def test_srun_tasks_without_torchrun_equal_one_process(slurm, tmp_path):  # noqa: F811
+    base = make_base_model(tmp_path / "base", warm_steps=0)
+    data = write_task_data(tmp_path / "train.jsonl", n=16)
+    single, two = tmp_path / "single.yaml", tmp_path / "two.yaml"
+    single.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / "single", adapter=LORA,
+                                                 train={**TRAIN, "grad_accum": 2})))
+    two.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / "srun", adapter=LORA,
+                                              train={**TRAIN, "grad_accum": 1})))
+    assert cli_main(["train", str(single)]) == 0
+    env = {k: v for k, v in slurm.env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    result = subprocess.run(["srun", "--ntasks=2", "--time=10", sys.executable, "-m", "tunelab", "train", str(two)],
+                            env={**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done at step") == 1  # two ranks, rank 0 alone reports
+    assert max_diff(load_file(tmp_path / "srun" / "final" / "adapter_model.safetensors"),
+                    load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")) < 1e-5
