@@ -172,3 +172,22 @@ def test_only_the_ray_backend_imports_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(path.relative_to(src).as_posix())
     assert importers == {"serve/backends/ray.py"}
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_before_the_trainer_starts_says_why_in_its_log(ray_head, tmp_path):  # noqa: F811
+    """As when a Ray node cannot see --home: the entrypoint's shell fails to cd into the run dir, and what it said
+    (only in Ray's own message) reaches train.log, where the scheduler takes the error line from."""
+    from tunelab.serve.backends.base import EXITED, Compute, JobSpec
+    from tunelab.serve.backends.ray import RayBackend
+
+    backend = RayBackend(ray_head.address)
+    backend.entrypoint = lambda spec: "cd /nonexistent/tunelab-home/runs/x && exec true"
+    spec = JobSpec("unseen", tmp_path, ["train", "job.yaml"], Compute())
+    handle = backend.submit(spec)
+    status = wait_for(lambda: (s := backend.poll(handle)).state == EXITED and s, timeout=60, what="the job's end")
+    assert status.exit_code == 2  # what /bin/sh exits with when cd fails
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    assert last.startswith("ray: ") and "/nonexistent/tunelab-home/runs/x" in last
+    backend.poll(handle)
+    assert (tmp_path / "train.log").read_text().count("ray: ") == 1  # reported once

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 import urllib.request
@@ -31,6 +32,7 @@ from tunelab.config import UserError
 from .base import CANCELLED, EXITED, LOG_NAME, PENDING, RUNNING, Backend, Capacity, JobSpec, Status
 
 # Variables of the server's environment the job gets too (the rest of its environment is the Ray node's).
+RAY_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ ")  # Ray's logger, e.g. "... INFO job_manager.py:581"
 FORWARDED = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")
 
 
@@ -50,6 +52,7 @@ class RayBackend(Backend):
         self.address = address.rstrip("/")
         self.stop_wait = stop_wait
         self.program = [sys.executable, "-m", "tunelab"]
+        self.reported: set[str] = set()  # submission ids whose failure message is already in their train.log
         try:
             self.client = client_class(self.address)
         except ConnectionError as e:
@@ -89,7 +92,7 @@ class RayBackend(Backend):
 
     def submit(self, spec: JobSpec) -> dict:
         submission_id = f"tunelab-{spec.job_id}-{spec.argv[0]}-{spec.attempt}"
-        handle = {"job_id": submission_id}
+        handle = {"job_id": submission_id, "log": str(spec.run_dir / LOG_NAME)}
         if self._exists(submission_id):  # submitted before a crash that lost the handle: never run it twice
             return handle
         c = spec.compute
@@ -126,8 +129,21 @@ class RayBackend(Backend):
             return Status(RUNNING, nodes=nodes)
         if state == self.JobStatus.STOPPED:  # stop_job: the trainer has saved and exited, or was killed
             return Status(CANCELLED, nodes=nodes)
-        code = 0 if state == self.JobStatus.SUCCEEDED else info.driver_exit_code
-        return Status(EXITED, exit_code=code, nodes=nodes)
+        if state == self.JobStatus.SUCCEEDED:
+            return Status(EXITED, exit_code=0, nodes=nodes)
+        self._report_entrypoint_output(handle, info.message or "")
+        return Status(EXITED, exit_code=info.driver_exit_code, nodes=nodes)
+
+    def _report_entrypoint_output(self, handle: dict, message: str) -> None:
+        """A job that failed before its output went to the run dir (the Ray node cannot see --home, so `cd` fails):
+        what the entrypoint's shell said is only in Ray's message, which ends with its log. Copied into train.log,
+        where the scheduler takes the job's error line from."""
+        said = [line for line in message.splitlines()[1:]  # after Ray's own summary line
+                if line.strip() and not RAY_LOG_LINE.match(line) and not line.startswith("Running entrypoint for job")]
+        if said and "log" in handle and handle["job_id"] not in self.reported:
+            self.reported.add(handle["job_id"])
+            with open(handle["log"], "a") as log:
+                log.writelines(f"ray: {line}\n" for line in said[-5:])
 
     def cancel(self, handle: dict, grace: float) -> None:
         """SIGTERM now; Ray's own SIGKILL comes RAY_JOB_STOP_WAIT_TIME_S (--cancel-grace, set at submission) later."""
