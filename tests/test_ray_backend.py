@@ -113,6 +113,16 @@ def test_job_succeeds_with_the_weights_of_tunelab_train(env, plain_reference):
 
 
 @pytest.mark.slow
+def test_requests_beyond_a_ray_node_are_refused_naming_the_limit(env):
+    for compute, message in [({"nodes": 2}, "compute.nodes 2: the Ray cluster at "),
+                             ({"gpus": 1}, "compute.gpus 1: the Ray cluster at "),
+                             ({"cpus": 3}, "compute.cpus 3 per process x 1 processes: the Ray cluster at ")]:
+        response = httpx.post(env["server"].url + "/v1/tuningJobs", json={"config": job_config(), "compute": compute},
+                              timeout=60)
+        assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
+@pytest.mark.slow
 def test_cancel_checkpoints_then_cancelled(env):
     job = submit(env, job_config({"max_steps": 100000}))
     steps_done(env, job["id"], 2)

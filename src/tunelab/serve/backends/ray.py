@@ -31,8 +31,8 @@ from tunelab.config import UserError
 
 from .base import CANCELLED, EXITED, LOG_NAME, PENDING, RUNNING, Backend, Capacity, JobSpec, Status
 
+RAY_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ ")  # Ray's logger: "<time>\tINFO job_manager..."
 # Variables of the server's environment the job gets too (the rest of its environment is the Ray node's).
-RAY_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ ")  # Ray's logger, e.g. "... INFO job_manager.py:581"
 FORWARDED = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")
 
 
