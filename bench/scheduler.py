@@ -136,9 +136,9 @@ def main() -> None:
                       "runs": runs}
         print(f"{way:<8} {first:>17.2f}s {done:>15.2f}s   {first - ref[0]:+.2f}s / {done - ref[1]:+.2f}s")
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "scheduler.json").write_text(json.dumps({"jobs": args.jobs, "steps": args.steps,
-                                                                 "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                                                 "load_average": os.getloadavg(), **table}, indent=2))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    summary = {"jobs": args.jobs, "steps": args.steps, "time": when, "load_average": os.getloadavg(), **table}
+    (HERE / "results" / "scheduler.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ def test_dashboard_end_to_end(server, tmp_path):
         page.get_by_label("Batch size").fill("4")
         page.get_by_label("Learning rate multiplier").fill("20")  # a curve that visibly falls in 8 steps
         page.get_by_label("Validation dataset (optional)").select_option(validation_id)
+        page.get_by_label("Time limit").fill("30m")
+        page.get_by_label("Priority").fill("3")
         _shot(page, shots / "new-job.png", full_page=True)
         page.get_by_role("button", name="Start tuning").click()
 
@@ -119,6 +121,7 @@ def test_dashboard_end_to_end(server, tmp_path):
         assert job["tuned_model_display_name"] == "tiny-tasks" and job["validation_dataset"] == validation_id
         assert train["epochs"] == 2 and train["micro_batch_size"] * train["grad_accum"] == 4
         assert train["lr"] == pytest.approx(20 * 2e-4)  # the multiplier times tunelab's default train.lr
+        assert (job["compute"]["time_limit_s"], job["compute"]["priority"], job["compute"]["gpus"]) == (1800, 3, 0)
         expect(page.get_by_test_id("job-state")).to_have_text("SUCCEEDED")  # the page followed the event stream
         rows = httpx.get(f"{server}/v1/tuningJobs/{job_id}/metrics", headers=AUTH).json()["metrics"]
         losses = [r for r in rows if "loss" in r]
@@ -129,6 +132,7 @@ def test_dashboard_end_to_end(server, tmp_path):
         expect(curve).to_have_attribute("points", _points_count(len(losses)))
         assert evals and page.get_by_test_id("chart-eval").locator("circle").count() == len(evals)
         expect(page.get_by_test_id("endpoint-name")).to_have_text(job["tuned_model_endpoint_name"])
+        expect(page.get_by_test_id("job-backend")).to_contain_text(f"local job {job['backend']['job_id']}")
         _shot(page, shots / "job.png", full_page=True)
 
         page.get_by_label("Message").fill(MESSAGE)

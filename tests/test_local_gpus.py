@@ -19,8 +19,10 @@ from tunelab.serve.settings import ServeSettings
 from tunelab.serve.store import SQLiteStore
 
 FAKE_TRAINER = """
-import json, os, pathlib, sys, time
+import json, os, pathlib, signal, sys, time
 run = pathlib.Path.cwd()
+if (run / "stubborn").exists():  # a trainer that never answers SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 (run / "seen.json").write_text(json.dumps({"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": sys.argv[1:]}))
 while not (run / "exit").exists():
     time.sleep(0.02)
@@ -141,3 +143,37 @@ def test_a_server_restart_stops_the_leftover_and_its_gpus_come_back(world, tmp_p
     finish(store, second, a, 0)
     assert store.get_job(a)["state"] == "SUCCEEDED"
     first.backend.procs[pid].wait()  # reap the first server's child
+
+
+def test_schema_1_database_migrates_a_running_child_to_a_local_handle(tmp_path):
+    import sqlite3
+
+    from tunelab.serve.store import MIGRATIONS
+
+    path = tmp_path / "tunelab.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(f"BEGIN; {MIGRATIONS[0]} PRAGMA user_version = 1; COMMIT;")
+    db.execute("INSERT INTO jobs (id, state, method, config, run_dir, pid, create_time, update_time) "
+               "VALUES ('job-1', 'RUNNING', 'sft', '{}', '/h/runs/job-1', 4242, 0, 0)")
+    db.close()
+    store = SQLiteStore(path)
+    job = store.get_job("job-1")
+    assert job["backend"] == "local" and job["compute"] == {} and "pid" not in job
+    assert job["handle"] == {"job_id": "4242", "pid": 4242, "match": "/h/runs/job-1/job.yaml", "gpus": []}
+    store.close()
+
+
+def test_a_cancelled_job_that_ignores_sigterm_is_killed_after_the_grace(world, tmp_path):
+    store, make = world
+    sched = make()
+    a = add_job(store, tmp_path / "home", "a", gpus=1)
+    (Path(store.get_job(a)["run_dir"]) / "stubborn").touch()
+    sched.tick()
+    seen(store, a)
+    t0 = time.time()
+    sched.cancel(store.get_job(a))
+    time.sleep(1)
+    assert wait_state(store, sched, a, ("CANCELLING",))["state"] == "CANCELLING"  # still there after SIGTERM
+    wait_state(store, sched, a, ("CANCELLED",))
+    assert time.time() - t0 >= 5  # the settings' cancel_grace
+    assert sched.backend.free_gpus() == ["0", "1", "2"]

@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default="tunelab-home", help="database, run dirs and uploads (default ./tunelab-home)")
     p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"), help="required on every request if set "
                    "(default $TUNELAB_API_KEY)")
-    p.add_argument("--max-jobs", type=int, default=1, help="training processes at a time")
+    p.add_argument("--max-jobs", type=int, default=None, help="jobs running (or, on a cluster, queued there) at a "
+                   "time (default 1; 1000 with --backend slurm or ray)")
     p.add_argument("--data-root", action="append", default=[], help="a dir clients may name files in; repeatable")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a base model served and "
                    "tunable by NAME; repeatable")

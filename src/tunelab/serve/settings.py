@@ -15,7 +15,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8321
     api_key: str | None = None
-    max_jobs: int = 1  # training processes at a time
+    max_jobs: int | None = None  # jobs handed to the backend at a time; default 1 locally, 1000 on a cluster
     data_roots: list[Path] = field(default_factory=list)  # where client-named paths may point (home always may)
     models: dict[str, Path] = field(default_factory=dict)  # --model NAME=PATH: base models served and tunable by name
     max_loaded: int = 4  # models the engine keeps in memory
@@ -35,6 +35,8 @@ class ServeSettings:
     def __post_init__(self):
         from tunelab.config import UserError
 
+        if self.max_jobs is None:  # a cluster queues and places jobs itself: give it them all
+            self.max_jobs = 1 if self.backend == "local" else 1000
         for name, low in (("max_jobs", 1), ("max_loaded", 1), ("max_retries", 0), ("port", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")

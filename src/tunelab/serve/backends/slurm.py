@@ -11,13 +11,12 @@ execs Python, so `scancel --signal=TERM JOB` (steps only) reaches the trainer, w
 same way. A requeued or preempted job starts the script again; it passes --resume whenever the run dir holds a
 checkpoint, and the trainer's resume is exact.
 
-State comes from `squeue --json` while Slurm remembers the job (MinJobAge), then from `sacct -c` (the jobcomp
-file): a cluster without either loses a job's final state once it is purged.
+State comes from `scontrol show job` while Slurm remembers the job (MinJobAge), then from `sacct` (`-c`: the
+jobcomp file, which works without slurmdbd): a cluster with neither loses a job's final state once it is purged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -150,45 +149,52 @@ class SlurmBackend(Backend):
 
     def poll(self, handle: dict) -> Status:
         job_id = handle["job_id"]
-        record = self._squeue(job_id) or self._sacct(job_id)
+        record = self._scontrol(job_id) or self._sacct(job_id)
         if record is None:
             return Status(EXITED, exit_code=None)
         state, code, nodes = record
         if state in QUEUED:
             return Status(PENDING)
         if state in LIVE:
-            if job_id in self.kill_at and time.time() > self.kill_at.pop(job_id):
+            if time.time() > self.kill_at.get(job_id, math.inf):  # a cancel's grace is over
+                del self.kill_at[job_id]
                 self._run("scancel", job_id, check=False)
-            return Status(RUNNING, nodes=nodes, gpus=self._gpus(job_id, handle))
+            return Status(RUNNING, nodes=nodes, gpus=self.gpu_ids.get(job_id, []))
         self.kill_at.pop(job_id, None)
-        gpus = self.gpu_ids.pop(job_id, [])
+        gpus = self.gpu_ids.pop(job_id, [])  # an ended job's record no longer lists them
         if state == "CANCELLED":
             return Status(CANCELLED, nodes=nodes, gpus=gpus)
         if state != "COMPLETED" and code == 0:  # TIMEOUT, NODE_FAIL, OUT_OF_MEMORY ... without an exit code
             code = 1
         return Status(EXITED, exit_code=code, nodes=nodes, gpus=gpus)
 
-    def _squeue(self, job_id: str) -> tuple[str, int, list[str]] | None:
-        out = self._run("squeue", "--json", "-t", "all", "-j", job_id, check=False)
-        if out.returncode != 0:  # "Invalid job id": purged after MinJobAge
+    def _scontrol(self, job_id: str) -> tuple[str, int, list[str]] | None:
+        """(state, exit code, nodes) while slurmctld remembers the job (MinJobAge); also notes its GPU indices.
+        `scontrol show job` rather than `squeue --json`: 22.05's --json lists every job of the cluster, whatever
+        -j says."""
+        out = self._run("scontrol", "show", "job", "-d", job_id, check=False)
+        state = re.search(r"\bJobState=(\S+)", out.stdout)
+        if out.returncode != 0 or state is None:  # "Invalid job id specified": purged
             return None
-        jobs = [j for j in json.loads(out.stdout).get("jobs", []) if str(j.get("job_id")) == job_id]
-        if not jobs:
-            return None
-        job = jobs[0]
-        status = int(job.get("exit_code") or 0)  # a wait status: code << 8 | signal
-        code = -(status & 0x7F) if status & 0x7F else status >> 8
-        nodes = self._hostnames(job.get("nodes") or "")
-        return str(job["job_state"]), code, nodes
+        code, sig = re.search(r"\bExitCode=(\d+):(\d+)", out.stdout).groups()
+        nodes = re.search(r"\bNodeList=(\S+)", out.stdout)
+        found = re.findall(r"Nodes=(\S+) .*?GRES=\S*?gpu\S*?\(IDX:([^)]+)\)", out.stdout)
+        if found:  # node:index once there are several nodes
+            self.gpu_ids[job_id] = [i if len(found) == 1 else f"{node}:{i}" for node, idx in found
+                                    for i in _ranges(idx)]
+        return state.group(1), -int(sig) if int(sig) else int(code), self._hostnames(nodes.group(1) if nodes else "")
 
     def _sacct(self, job_id: str) -> tuple[str, int, list[str]] | None:
-        out = self._run("sacct", "-c", "-P", "-n", "-j", job_id, "-o", "JobID,State,ExitCode,NodeList", check=False)
-        for line in out.stdout.splitlines():
-            fields = line.split("|")
-            if len(fields) == 4 and fields[0] == job_id:
-                code, _, sig = fields[2].partition(":")
-                return fields[1].split()[0], -int(sig) if sig.isdigit() and int(sig) else int(code or 0), \
-                    self._hostnames(fields[3])
+        """The final state of a purged job: from the accounting database (slurmdbd), else the jobcomp file (-c)."""
+        for source in ([], ["-c"]):
+            out = self._run("sacct", *source, "-P", "-n", "-j", job_id, "-o", "JobID,State,ExitCode,NodeList",
+                            check=False)
+            for line in out.stdout.splitlines():
+                fields = line.split("|")
+                if len(fields) == 4 and fields[0] == job_id:
+                    code, _, sig = fields[2].partition(":")
+                    exit_code = -int(sig) if sig.isdigit() and int(sig) else int(code or 0)
+                    return fields[1].split()[0], exit_code, self._hostnames(fields[3])
         return None
 
     def _hostnames(self, nodelist: str) -> list[str]:
@@ -197,15 +203,6 @@ class SlurmBackend(Backend):
         if not re.search(r"[\[,]", nodelist):
             return [nodelist]
         return self._run("scontrol", "show", "hostnames", nodelist).stdout.split()
-
-    def _gpus(self, job_id: str, handle: dict) -> list[str]:
-        """The GPU indices Slurm gave the job (from `scontrol show job -d`), read once."""
-        if job_id not in self.gpu_ids:
-            out = self._run("scontrol", "show", "job", "-d", job_id, check=False).stdout
-            found = re.findall(r"Nodes=(\S+) .*?GRES=\S*?gpu\S*?\(IDX:([^)]+)\)", out)
-            self.gpu_ids[job_id] = [i if len(found) == 1 else f"{node}:{i}" for node, idx in found
-                                    for i in _ranges(idx)]  # node:index once there are several nodes
-        return self.gpu_ids[job_id]
 
     def cancel(self, handle: dict, grace: float) -> None:
         job_id = handle["job_id"]
@@ -216,7 +213,7 @@ class SlurmBackend(Backend):
         self.kill_at[job_id] = time.time() + grace
 
     def attach(self, handle: dict) -> bool:
-        return (self._squeue(handle["job_id"]) or self._sacct(handle["job_id"])) is not None
+        return (self._scontrol(handle["job_id"]) or self._sacct(handle["job_id"])) is not None
 
 
 def _ranges(text: str) -> list[str]:
