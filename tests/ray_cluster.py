@@ -2,7 +2,8 @@
 temp dir, stopped and deleted afterwards. ../shared/CLUSTERS.md part A has why each flag is there.
 
 Skipped with the reason when Ray is not installed (`make test-ray` installs it), except under CI=true, where a
-missing Ray is a failure: CI must run these tests.
+missing Ray is a failure: CI must run these tests. `ray stop` stops every Ray process on the machine, so two test
+sessions (or a bench run) with a Ray head at once on one machine stop each other's.
 """
 
 from __future__ import annotations
