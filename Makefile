@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium slurm demo test test-slow test-slurm bench bench-estimate bench-serve bench-peers clean
+.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray bench bench-estimate bench-serve bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,13 +38,20 @@ slurm:
 test: $(STAMP) chromium slurm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 	$(MAKE) test-slurm
+	$(MAKE) test-ray
 
 # Marked slow (each job is a real Slurm job: about 5 minutes in all), so run here explicitly.
 test-slurm: $(STAMP) slurm
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_slurm.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_slurm.py tests/test_multinode.py
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+
+# tunelab serve --backend ray against a local Ray head the tests start and stop (tests/ray_cluster.py); installs the
+# optional extra tunelab[ray] first. Marked slow (a Ray head and three training jobs: about 3 minutes here).
+test-ray: $(STAMP)
+	$(BIN)/pip install -q -e '.[ray]'
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_ray_backend.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py

@@ -1,13 +1,14 @@
 """Scheduler overhead per job: what `tunelab serve` adds to a training run, on each backend, against running
 `tunelab train` directly.
 
-    python bench/scheduler.py                 # local backend; plus Slurm when its packages are installed (root)
+    python bench/scheduler.py                 # local backend; plus Slurm when its packages are installed (root),
+                                              # and Ray when tunelab[ray] is installed
     python bench/scheduler.py --jobs 3 --steps 20
 
 Work: the tests' tiny model (tests/tiny.py), a LoRA SFT config of `--steps` steps, run `--jobs` times each way:
 - direct: `tunelab train CONFIG` as a process; start = the process starts.
-- local / slurm: POST /v1/tuningJobs to a `tunelab serve --backend B` started once (Slurm: the tests' one-node
-  cluster, tests/slurm_cluster.py); start = the POST.
+- local / slurm / ray: POST /v1/tuningJobs to a `tunelab serve --backend B` started once (Slurm: the tests' one-node
+  cluster, tests/slurm_cluster.py; Ray: the tests' local head, tests/ray_cluster.py); start = the POST.
 For each run: start -> first step (the first row in metrics.jsonl, polled every 10 ms) and last step -> done (the
 process exits / the job reads SUCCEEDED, polled every 20 ms). The overhead is the difference of the medians from the
 direct run's. The server polls its jobs every 0.5 s (ServeSettings.poll_seconds), which bounds "last step -> done".
@@ -33,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from service_util import Server  # noqa: E402
+from ray_cluster import start_head, stop_head  # noqa: E402
 from slurm_cluster import SlurmCluster, _missing  # noqa: E402
 from tiny import make_base_model, write_task_data  # noqa: E402
 
@@ -110,6 +112,20 @@ def main() -> None:
                 server.stop()
         finally:
             cluster.stop()
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        ray = None
+    if ray is not None:
+        head = start_head()
+        try:
+            server = Server(root / "home-ray", *common, "--backend", "ray", "--ray-address", head.address).start()
+            try:
+                results["ray"] = [through(server, args.steps, 0) for _ in range(args.jobs)]
+            finally:
+                server.stop()
+        finally:
+            stop_head(head)
     table = {}
     ref = [statistics.median(x) for x in zip(*results["direct"])]
     print(f"{'way':<8} {'start->first step':>18} {'last step->done':>16}   overhead (vs direct)")

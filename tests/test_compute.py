@@ -98,8 +98,6 @@ def test_the_clients_send_the_compute_section(tmp_path, monkeypatch):
     assert sent[-1]["compute"] == {"gpus": 1, "time_limit": "30m"}
 
 
-def test_serve_refuses_ray_and_slurm_flags_without_slurm(tmp_path):
-    with pytest.raises(UserError, match="ray is not installed yet"):
-        ServeSettings(home=tmp_path, backend="ray")
+def test_serve_refuses_slurm_flags_without_slurm(tmp_path):  # ray's flags: tests/test_ray_backend.py
     with pytest.raises(UserError, match="need --backend slurm"):
         ServeSettings(home=tmp_path, slurm_partition="gpu")

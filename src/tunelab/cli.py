@@ -19,11 +19,13 @@ def _config(args):
 
 def cmd_train(args) -> int:
     cfg = _config(args)  # checked here first, so a config mistake is reported once, before any process starts
-    nproc = args.nproc
-    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from tunelab.launch import launch
+    from tunelab.launch import Nodes, launch
 
-        return launch(nproc, getattr(args, "argv", None) or sys.argv[1:])
+    nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port, args.rdzv_endpoint)
+    nodes.check()
+    nproc = args.nproc or 1
+    if (nproc > 1 or nodes.count > 1) and "WORLD_SIZE" not in os.environ:  # not already a rank of a launcher
+        return launch(nproc, getattr(args, "argv", None) or sys.argv[1:], nodes)
     from tunelab.trainer import train
 
     train(cfg, resume=args.resume)
@@ -174,7 +176,7 @@ def cmd_serve(args) -> int:
                              allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin, backend=args.backend,
                              gpus=_gpu_list(args.gpus), cancel_grace=args.cancel_grace,
                              slurm_partition=args.slurm_partition, slurm_account=args.slurm_account,
-                             slurm_extra=shlex.split(args.slurm_extra or ""))
+                             slurm_extra=shlex.split(args.slurm_extra or ""), ray_address=args.ray_address)
     from tunelab.serve.app import serve
 
     serve(settings)
@@ -223,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--nproc", type=int, default=None, help="processes on this machine (runs torchrun)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines taking part, each running this command")
+    p.add_argument("--node-rank", type=int, default=None, help="this machine's number, 0 to nnodes-1")
+    p.add_argument("--master-addr", default=None, help="the address of node 0 (with --node-rank)")
+    p.add_argument("--master-port", type=int, default=None, help="a free port on node 0 (default 29500)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT where the machines meet and are numbered "
+                   "as they arrive (instead of --node-rank/--master-addr)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a config without loading anything heavy")
@@ -274,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"), help="required on every request if set "
                    "(default $TUNELAB_API_KEY)")
     p.add_argument("--max-jobs", type=int, default=None, help="jobs running (or, on a cluster, queued there) at a "
-                   "time (default 1; 1000 with --backend slurm)")
+                   "time (default 1; 1000 with --backend slurm or ray)")
     p.add_argument("--data-root", action="append", default=[], help="a dir clients may name files in; repeatable")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a base model served and "
                    "tunable by NAME; repeatable")
@@ -290,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN", help="a site "
                    "(scheme://host[:port]) whose pages may POST/PUT/PATCH/DELETE besides the server's own; repeatable")
     p.add_argument("--backend", default="local", choices=["local", "slurm", "ray"], help="where jobs run: child "
-                   "processes here (default) or a Slurm cluster (--home on storage its nodes share)")
+                   "processes here (default), a Slurm cluster or a Ray cluster (--home on storage its nodes share)")
     p.add_argument("--gpus", default=None, help="the local backend's GPUs, e.g. 0,1,2,3, or none (default: "
                    "CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists)")
     p.add_argument("--cancel-grace", type=float, default=120.0, help="seconds a cancelled job has to checkpoint "
@@ -298,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-partition", default=None, help="the partition jobs go to (default: Slurm's default)")
     p.add_argument("--slurm-account", default=None, help="the account jobs are charged to")
     p.add_argument("--slurm-extra", default=None, help='more sbatch options for every job, e.g. "--qos high"')
+    p.add_argument("--ray-address", default=None, help="with --backend ray: the Ray dashboard's address, where its "
+                   "Job Submission API answers, e.g. http://HEAD:8265 (--home and this install at the same paths "
+                   "on the Ray nodes)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("jobs", help="talk to a tuning service: submit, list, status, cancel, logs")

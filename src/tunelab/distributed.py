@@ -1,12 +1,14 @@
 """Running on several processes: the process group and the collectives the loop needs (Dist), wrapping the
 model for DDP or FSDP2, switching gradient reduction off inside an accumulation window, and gathering a sharded
-model's weights for saving. Started by torchrun (`tunelab train --nproc N`); on one process every collective
-is a no-op, so the loop calls them unconditionally."""
+model's weights for saving. Started by torchrun (`tunelab train --nproc N`, --nnodes, or an outside torchrun),
+or one process per task by an outside `srun` (Slurm's variables stand in for torchrun's); on one process every
+collective is a no-op, so the loop calls them unconditionally."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +31,9 @@ class Dist:
 
     @classmethod
     def from_env(cls, single_rank_group: bool = False) -> "Dist":
-        """From torchrun's variables. A process group is started for world > 1, and for a world of 1 under torchrun
+        """From torchrun's variables (or srun's, see adopt_slurm_env). A process group is started for world > 1, and for a world of 1 under torchrun
         when `single_rank_group` (FSDP on one GPU still shards through the same collectives)."""
+        adopt_slurm_env(os.environ)
         world = int(os.environ.get("WORLD_SIZE", 1))
         wanted = world > 1 or (single_rank_group and "WORLD_SIZE" in os.environ)
         if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
@@ -112,6 +115,30 @@ class Dist:
             if finished:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def adopt_slurm_env(env) -> None:
+    """A process started by `srun` as one of several tasks, with no torchrun: set torchrun's variables from
+    Slurm's, which is all init_process_group needs. The step's own task count (SLURM_STEP_NUM_TASKS, set by srun
+    only) decides, not the job's, so a batch script that runs tunelab once is one process. The rendezvous is on the
+    step's first node, at MASTER_PORT if set, else a port every task derives from the job id."""
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", 1))
+    if "WORLD_SIZE" in env or tasks < 2:
+        return
+    env["WORLD_SIZE"] = str(tasks)
+    env["RANK"] = env["SLURM_PROCID"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+
+
+def first_host(nodelist: str) -> str:
+    """The first name in a Slurm node list: "gpu[03-05,9],cpu1" -> "gpu03" (what `scontrol show hostnames` would
+    print first)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\],\-]+))?", nodelist.strip())
+    if not match:
+        raise UserError(f"cannot read the Slurm node list {nodelist!r}")
+    return match.group(1) + (match.group(2) or "")
 
 
 def wrap(module: nn.Module, device: torch.device, group: Dist, sharded: bool) -> tuple[nn.Module, set[str]]:

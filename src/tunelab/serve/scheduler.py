@@ -157,7 +157,8 @@ class Scheduler:
             argv = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / "eval.json")]
         else:
             argv = ["train", str(config)]
-        spec = JobSpec(job["id"], run_dir, argv, job_compute(job), resume=job["phase"] == "train")
+        attempt = job["attempt"] + (job["phase"] == "train")
+        spec = JobSpec(job["id"], run_dir, argv, job_compute(job), resume=job["phase"] == "train", attempt=attempt)
         run = self._follower(job, None)  # from the log's current end: earlier attempts are in the events already
         try:
             run.handle = self.backend.submit(spec)
@@ -167,7 +168,6 @@ class Scheduler:
                       f"start the job: {' '.join(str(e).split())[:500]}")
             return
         self.running[job["id"]] = run
-        attempt = job["attempt"] + (job["phase"] == "train")
         job = self.store.update_job(job["id"], handle=run.handle, backend=self.backend.name, attempt=attempt)
         status = self.backend.poll(run.handle)
         self._placed(run, status)

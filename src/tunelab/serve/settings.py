@@ -32,6 +32,7 @@ class ServeSettings:
     slurm_partition: str | None = None
     slurm_account: str | None = None
     slurm_extra: list[str] = field(default_factory=list)  # more sbatch options, as given to --slurm-extra
+    ray_address: str | None = None  # the Ray dashboard's HTTP address (the Job Submission API), with --backend ray
 
     def __post_init__(self):
         from tunelab.config import UserError
@@ -45,8 +46,9 @@ class ServeSettings:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.backend not in BACKENDS:
             raise UserError(f"--backend {self.backend}: use one of {', '.join(BACKENDS)}")
-        if self.backend == "ray":
-            raise UserError("--backend ray is not installed yet; use --backend local or slurm")
+        if (self.backend == "ray") != (self.ray_address is not None):
+            raise UserError("--backend ray needs --ray-address (the dashboard's, e.g. http://HEAD:8265), and "
+                            "--ray-address needs --backend ray")
         if self.backend != "slurm" and (self.slurm_partition or self.slurm_account or self.slurm_extra):
             raise UserError("--slurm-partition, --slurm-account and --slurm-extra need --backend slurm")
         if self.backend != "local" and self.gpus is not None:

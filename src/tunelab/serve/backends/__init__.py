@@ -1,4 +1,4 @@
-"""Where jobs run: `tunelab serve --backend local|slurm`. Each backend implements backends.base.Backend."""
+"""Where jobs run: `tunelab serve --backend local|slurm|ray`. Each backend implements backends.base.Backend."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ def make_backend(settings: ServeSettings) -> Backend:
 
         return SlurmBackend(settings.home, partition=settings.slurm_partition, account=settings.slurm_account,
                             extra=settings.slurm_extra)
+    if settings.backend == "ray":
+        from .ray import RayBackend
+
+        return RayBackend(settings.ray_address, stop_wait=settings.cancel_grace)
     from .local import LocalBackend, discover_gpus
 
     return LocalBackend(settings.gpus if settings.gpus is not None else discover_gpus())

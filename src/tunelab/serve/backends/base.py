@@ -42,6 +42,7 @@ class JobSpec:
     compute: Compute
     resume: bool = False  # add --resume when the run dir holds a checkpoint when the process starts
     env: dict[str, str] = field(default_factory=dict)  # on top of the server's own environment
+    attempt: int = 1  # of this phase: with job_id and the phase, names one submission (a backend may key on it)
 
 
 @dataclass
