@@ -36,7 +36,7 @@ def client_for(tmp_path, gpus: list[str]) -> TestClient:
     base = make_base_model(tmp_path / "base", warm_steps=0)
     settings = ServeSettings(home=tmp_path / f"home-{len(gpus)}", data_roots=[data], models={"base": base},
                              gpus=gpus)
-    return TestClient(create_app(settings))  # no `with`: the scheduler does not start, jobs stay PENDING
+    return TestClient(create_app(settings), base_url="http://127.0.0.1:8321")  # no `with`: the scheduler does not start, jobs stay PENDING
 
 
 def post(client, compute: dict | None):
