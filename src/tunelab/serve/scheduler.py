@@ -32,6 +32,7 @@ from .views import job_json
 log = logging.getLogger("tunelab.serve")
 PR_SET_PDEATHSIG = 1
 LOG_NAME, CONFIG_NAME = "train.log", "job.yaml"
+MERGED_BASE = "start-model"  # a run dir's merged copy of the fine-tuned model a job continues from
 
 
 def _prctl():
@@ -103,11 +104,13 @@ class Scheduler:
     def recover(self) -> None:
         """After a restart: stop leftovers of the recorded children; RUNNING jobs go back to the queue (they keep their
         place: the queue is ordered by submission) and resume from their checkpoint, CANCELLING ones end CANCELLED."""
-        for job in self.store.list_jobs(states=["RUNNING", "CANCELLING"], oldest_first=True):
+        for job in self.store.list_jobs(states=["RUNNING", "CANCELLING", "PAUSING"], oldest_first=True):
             if job["pid"]:
                 stop_orphan(job["pid"], Path(job["run_dir"]) / CONFIG_NAME)
             if job["state"] == "CANCELLING":
                 self._set(job, "CANCELLED", end_time=time.time(), pid=None)
+            elif job["state"] == "PAUSING":
+                self._set(job, "PAUSED", pid=None)
             else:
                 self.store.add_event(job["id"], "log", "server restarted: the job resumes from its last checkpoint")
                 self._set(job, "PENDING", pid=None)
@@ -139,7 +142,7 @@ class Scheduler:
     def cancel(self, job: dict) -> dict:
         with self._lock:
             job = self.store.get_job(job["id"])
-            if job["state"] == "PENDING":
+            if job["state"] in ("PENDING", "PAUSED"):
                 return self._set(job, "CANCELLED", end_time=time.time())
             if job["state"] == "RUNNING":
                 child = self.children.get(job["id"])
@@ -148,6 +151,26 @@ class Scheduler:
                 return self._set(job, "CANCELLING")
             return job
 
+    def pause(self, job: dict) -> dict:
+        """A running job checkpoints and stops (PAUSING, then PAUSED when its child has ended); a queued one pauses
+        at once. Either keeps its run dir, and `resume` puts it back in the queue: its next child starts with
+        --resume, whose continuation is exact."""
+        with self._lock:
+            job = self.store.get_job(job["id"])
+            if job["state"] == "PENDING":
+                return self._set(job, "PAUSED")
+            if job["state"] == "RUNNING":
+                child = self.children.get(job["id"])
+                if child is not None:
+                    _signal_group(child.proc.pid, signal.SIGTERM)
+                return self._set(job, "PAUSING")
+            return job
+
+    def resume(self, job: dict) -> dict:
+        with self._lock:
+            job = self.store.get_job(job["id"])
+            return self._set(job, "PENDING", pid=None) if job["state"] == "PAUSED" else job
+
     # -- children
 
     def _launch(self, job: dict) -> None:
@@ -155,6 +178,8 @@ class Scheduler:
         config = run_dir / CONFIG_NAME
         if job["phase"] == "eval":
             cmd = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / "eval.json")]
+        elif job["phase"] == "merge":  # continuous tuning from an adapter: its merged model is the run's base
+            cmd = ["merge", job["openai"]["merge_from"], "--out", str(run_dir / MERGED_BASE)]
         else:
             resume = any((run_dir / "checkpoints").glob("step-*"))
             cmd = ["train", str(config), *(["--resume"] if resume else [])]
@@ -230,6 +255,14 @@ class Scheduler:
 
     def _ended(self, child: Child, code: int) -> None:
         job = self.store.get_job(child.job_id)
+        if code == 0 and child.phase == "merge":
+            job = self.store.update_job(job["id"], phase="train")
+            if job["state"] == "RUNNING":
+                return self._launch(job)
+            if job["state"] == "CANCELLING":
+                return self._set(job, "CANCELLED", end_time=time.time(), pid=None)
+        if job["state"] == "PAUSING" and (code != 0 or child.phase == "merge"):
+            return self._set(job, "PAUSED", pid=None)
         if code == 0 and child.phase == "train" and _has_eval_data(job["config"]):
             job = self.store.update_job(job["id"], phase="eval")
             if job["state"] == "RUNNING":
