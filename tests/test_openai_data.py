@@ -48,3 +48,10 @@ def test_weight_must_be_zero_or_one_on_an_assistant_message(tiny_tokenizer):
         _example(tiny_tokenizer, [*CONVERSATION[:2], {**CONVERSATION[2], "weight": 0.5}], line=7)
     with pytest.raises(UserError, match=r"messages\[1\].weight is allowed on assistant messages only"):
         _example(tiny_tokenizer, [CONVERSATION[0], {**CONVERSATION[1], "weight": 0}, CONVERSATION[2]])
+
+
+def test_developer_messages_are_system_messages(tiny_tokenizer):
+    """OpenAI's reinforcement rows open with a "developer" message: its newer name for the system message."""
+    developer = [{"role": "developer", "content": "Be brief."}, *CONVERSATION[1:]]
+    ours, reference = _example(tiny_tokenizer, developer), _example(tiny_tokenizer, CONVERSATION)
+    assert (ours.input_ids, ours.labels) == (reference.input_ids, reference.labels)

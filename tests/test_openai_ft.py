@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,8 @@ def env(tmp_path_factory):
     base = make_base_model(tmp_path_factory.mktemp("base"), warm_steps=0)
     items, _ = tasks.split_items(24, 0, seed=3)
     chat = write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]},
-                                                            {"role": "assistant", "content": i["answer"]}]} for i in items])
+                                                            {"role": "assistant", "content": i["answer"]}]}
+                                             for i in items])
     prefs = write_jsonl(root / "prefs.jsonl", [{"input": {"messages": [{"role": "user", "content": i["prompt"]}]},
                                                 "preferred_output": [{"role": "assistant", "content": i["answer"]}],
                                                 "non_preferred_output": [{"role": "assistant", "content": i["wrong"]}]}
@@ -116,7 +118,8 @@ def test_supervised_migration_checkpoints_results_and_delete(env):
     csv_rows = client.files.content(job.result_files[0]).text.strip().splitlines()
     assert csv_rows[0].startswith("step,train_loss") and len(csv_rows) == 1 + len(metrics)
     same = httpx.get(f"{env['server'].url}/v1/tuningJobs/{job.id}").json()
-    assert same["state"] == "JOB_STATE_SUCCEEDED" and same["tuned_model_endpoint_name"] == f"endpoints/{job.fine_tuned_model}"
+    assert same["state"] == "JOB_STATE_SUCCEEDED"
+    assert same["tuned_model_endpoint_name"] == f"endpoints/{job.fine_tuned_model}"
     env["sft_job"] = job
     # deleting a checkpoint, then the model: gone from /v1/models and from disk; a base model cannot be deleted
     assert client.models.delete(early).deleted
@@ -148,9 +151,43 @@ def test_pause_resume_equals_uninterrupted(env):
     client.fine_tuning.jobs.resume(job.id)
     done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ENDED and j, 600, "end")
     assert done.status == "succeeded", done.error
-    ours, theirs = adapter_weights(run_dir(env, job.id) / "final"), adapter_weights(run_dir(env, reference.id) / "final")
+    ours = adapter_weights(run_dir(env, job.id) / "final")
+    theirs = adapter_weights(run_dir(env, reference.id) / "final")
     assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-6
     assert client.files.delete(training_file.id).deleted
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH (make test installs it as root)")
+def test_dashboard_lists_checkpoints_and_chats_with_one(env):
+    """The job page lists the kept checkpoints with their losses; Chat points the playground at one, whose streamed
+    greedy reply equals the API's for that checkpoint."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    job = env.get("sft_job") or pytest.skip("needs the supervised job")
+    checkpoint = f"{job.fine_tuned_model}:ckpt-step-48"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{env['server'].url}/jobs/{job.id}")
+        rows = page.get_by_test_id("checkpoint-row")
+        playwright.expect(rows).to_have_count(2)  # steps 72 and 48; step 24 was deleted
+        row = rows.filter(has_text="ckpt-step-48")
+        loss = next(c.metrics.train_loss for c in env["client"].fine_tuning.jobs.checkpoints.list(job.id).data
+                    if c.step_number == 48)
+        playwright.expect(row.locator("td").nth(1)).to_have_text(str(float(f"{loss:.4g}")))
+        row.get_by_role("button", name="Chat").click()
+        playwright.expect(page.get_by_test_id("chat-model")).to_have_text(checkpoint)
+        page.get_by_label("Message").fill("Reverse the word: apple")
+        page.get_by_label("Max tokens").fill("8")
+        page.get_by_role("button", name="Send").click()
+        reply = page.get_by_test_id("chat-reply")
+        playwright.expect(reply).to_be_visible(timeout=60_000)
+        streamed = reply.locator(".bubble-text").text_content()
+        browser.close()
+    greedy = env["client"].chat.completions.create(model=checkpoint, temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": "Reverse the word: apple"}]).choices[0].message.content
+    assert streamed == greedy and errors == []
 
 
 def test_dpo_continues_from_the_fine_tuned_model(env):
@@ -197,8 +234,8 @@ def _graders_merged() -> bool:
     return importlib.util.find_spec("tunelab.graders") is not None and "graders" in GRPOConfig.model_fields
 
 
-@pytest.mark.xfail(not _graders_merged(), reason="needs graders branch: tunelab.graders and the grpo.graders config key",
-                   strict=False)
+@pytest.mark.xfail(not _graders_merged(), strict=False,
+                   reason="needs graders branch: tunelab.graders and the grpo.graders config key")
 def test_reinforcement_migration_with_a_string_check_grader(env):
     items, _ = tasks.split_items(12, 0, seed=5)
     rows = write_jsonl(env["root"] / "rft.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]}],
@@ -217,13 +254,16 @@ def test_reinforcement_grader_errors(env):
     """Bad grader JSON and a python grader without --allow-code are refused at create (400, param the grader);
     without the graders package the route says so (501)."""
     url = env["server"].url
-    with open(env["chat"], "rb") as f:
-        file_id = httpx.post(f"{url}/v1/files", files={"file": ("c.jsonl", f)}, data={"purpose": "fine-tune"}).json()["id"]
+    def upload(path):
+        with open(path, "rb") as f:
+            response = httpx.post(f"{url}/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"})
+        return response.json()["id"]
+
+    file_id = upload(env["chat"])
     items, _ = tasks.split_items(12, 0, seed=5)
     rows = write_jsonl(env["root"] / "rft-bad.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]}]}
                                                        for i in items])
-    with open(rows, "rb") as f:
-        rft_id = httpx.post(f"{url}/v1/files", files={"file": ("r.jsonl", f)}, data={"purpose": "fine-tune"}).json()["id"]
+    rft_id = upload(rows)
     for grader in ({"type": "string_check", "operation": "eqq", "name": "x", "input": "a", "reference": "b"},
                    {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}):
         body = {"model": "base", "training_file": rft_id, "method": {"type": "reinforcement",
@@ -256,8 +296,10 @@ def test_bad_requests_in_openai_error_shape(env):
             return httpx.post(f"{url}/v1/files", files={"file": (path.name, f)}, data={"purpose": purpose})
 
     good = upload(env["chat"]).json()["id"]
-    create = lambda **body: httpx.post(f"{url}/v1/fine_tuning/jobs", json={"model": "base", "training_file": good,  # noqa: E731
-                                                                            **body}, timeout=60)
+    def create(**body):
+        return httpx.post(f"{url}/v1/fine_tuning/jobs", json={"model": "base", "training_file": good, **body},
+                          timeout=60)
+
     assert_openai_error(create(model="gpt-4o-mini"), 404, "model", "gpt-4o-mini")
     batch = upload(env["chat"], "batch").json()
     assert batch["purpose"] == "batch"

@@ -223,6 +223,7 @@ def _message(row: Row, m, where: str) -> Message:
         role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m.get("value")
     else:
         role, content = m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system message
     if role not in ROLES:
         raise UserError(f"{row.where}: {where} has role {role!r}; expected one of {', '.join(ROLES)}")
     calls = m.get("tool_calls") if role == "assistant" else None

@@ -1,6 +1,7 @@
 """Every error response is one JSON line in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, status 4xx.
 
-Route code raises `UserError` (-> 400), `HTTPException(status, "one line")` or `ApiError` (also naming the field); request validation errors become
+Route code raises `UserError` (-> 400), `HTTPException(status, "one line")` or `ApiError` (also naming the field);
+request validation errors become
 400 with a message naming the field. Anything else is a 500 with a one-line message (and a traceback in the
 server's log), so a client never sees a stack trace.
 """

@@ -182,8 +182,9 @@ def upload_file(request: Request, file: UploadFile = File(...), format: str | No
     with open(path, "wb") as out:
         shutil.copyfileobj(file.file, out)
     if purpose not in (None, "fine-tune"):  # kept as it is; fine-tuning jobs refuse it (openai_spec.py)
-        return file_json(store.add_file({"id": file_id, "filename": filename, "path": str(path), "created_at": time.time(),
-                                         "bytes": path.stat().st_size, "rows": 0, "format": "", "purpose": purpose}))
+        return file_json(store.add_file({"id": file_id, "filename": filename, "path": str(path), "rows": 0,
+                                         "created_at": time.time(), "bytes": path.stat().st_size, "format": "",
+                                         "purpose": purpose}))
     try:
         fmt = format or file_format(path)
         rows = load_rows([DataSource(path=str(path), format=fmt)])

@@ -116,7 +116,8 @@ def list_jobs(request: Request, after: str | None = None, limit: int = Query(20,
         if after not in ids:
             raise ApiError(400, f"after: no fine-tuning job {after!r}", "after", "invalid_request")
         jobs = jobs[ids.index(after) + 1:]
-    jobs = [j for j in jobs if all(((j.get("openai") or {}).get("metadata") or {}).get(k) == v for k, v in wanted.items())]
+    metadata = lambda job: (job.get("openai") or {}).get("metadata") or {}  # noqa: E731
+    jobs = [j for j in jobs if all(metadata(j).get(k) == v for k, v in wanted.items())]
     page = jobs[:limit]
     return {"object": "list", "data": [ft_job_json(_with_results(store, j)) for j in page],
             "has_more": len(jobs) > limit}

@@ -55,8 +55,10 @@ def _tunelab_hyperparameters(config: dict) -> dict:
 def _error(job: dict) -> dict | None:
     if job["state"] != "FAILED":
         return None
-    code = "invalid_training_file" if "error:" in (job["error"] or "") and ".jsonl:" in job["error"] else "training_failed"
-    return {"code": code, "message": job["error"] or "the training process failed", "param": None}
+    message = job["error"] or "the training process failed"
+    bad_row = message.startswith("error:") and ".jsonl:" in message  # the trainer names a row: file:line
+    return {"code": "invalid_training_file" if bad_row else "training_failed", "message": message,
+            "param": "training_file" if bad_row else None}
 
 
 def event_json(event_id: int, created: float, kind: str, data, total_steps: int | None) -> dict:
@@ -71,7 +73,8 @@ def event_json(event_id: int, created: float, kind: str, data, total_steps: int 
     if kind == "state":
         status = STATUS[data["state"].removeprefix("JOB_STATE_")]
         failed = status == "failed"
-        message = f"Fine-tuning job {status}" + (f": {data['error']['message']}" if failed and data.get("error") else "")
+        reason = f": {data['error']['message']}" if failed and data.get("error") else ""
+        message = f"Fine-tuning job {status}{reason}"
         return {**head, "level": "error" if failed else "info", "type": "message", "data": {"status": status},
                 "message": message}
     return {**head, "level": "warn" if str(data).startswith(("warning", "error")) else "info", "type": "message",

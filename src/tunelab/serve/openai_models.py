@@ -80,7 +80,8 @@ def listed_checkpoints(store) -> list[tuple[str, Path, dict]]:
         job = store.get_job(record["job_id"]) if record["name"].startswith("ft:") else None
         if job is not None:
             run_dir = Path(job["run_dir"])
-            out += [(checkpoint_name(record["name"], s), checkpoint_dir(run_dir, s), record) for s in checkpoint_steps(run_dir)]
+            out += [(checkpoint_name(record["name"], s), checkpoint_dir(run_dir, s), record)
+                    for s in checkpoint_steps(run_dir)]
     return out
 
 
