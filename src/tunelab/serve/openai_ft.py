@@ -215,7 +215,7 @@ async def run_grader(request: Request):
     body = _parse(_GraderRun, await _body(request))
     allow = request.app.state.settings.allow_code
     check_grader(body.grader, allow, "grader")
-    from tunelab import graders
+    import tunelab.graders as graders
 
     sample = {"output_text": body.model_sample, "output_json": _json_or_none(body.model_sample), "output_tools": []}
     try:

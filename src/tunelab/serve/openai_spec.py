@@ -181,7 +181,7 @@ def build_openai_config(req: FineTuneRequest, settings, store, run_dir: Path, jo
 
 def check_grader(grader: dict, allow_code: bool, param: str) -> None:
     try:
-        from tunelab import graders
+        import tunelab.graders as graders
     except ImportError:
         raise ApiError(501, "reinforcement fine-tuning needs tunelab.graders, which this install lacks", param,
                        "not_implemented") from None
