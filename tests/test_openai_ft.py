@@ -124,6 +124,8 @@ def test_supervised_migration_checkpoints_results_and_delete(env):
     # deleting a checkpoint, then the model: gone from /v1/models and from disk; a base model cannot be deleted
     assert client.models.delete(early).deleted
     assert not (run_dir(env, job.id) / "checkpoints" / "step-00000024").exists()
+    assert early not in {m.id for m in client.models.list().data}
+    assert answers(f"{job.fine_tuned_model}:ckpt-step-48")  # the engine let go of the deleted adapter's files
     with pytest.raises(Exception) as e:
         client.models.delete("base")
     assert e.value.status_code == 403 and e.value.body["code"] == "model_not_deletable"

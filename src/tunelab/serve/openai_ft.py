@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tunelab.config import UserError, dump_config
 
 from .errors import ApiError
+from .jobspec import estimate_steps
 from .openai_ft_views import RESULTS_NAME, checkpoints, ft_job_json, event_json, results_csv
 from .openai_models import delete_model
 from .openai_spec import FineTuneRequest, build_openai_config, check_grader
@@ -94,15 +95,10 @@ async def create_job(request: Request):
         "source_model": req.model, "train_dataset": req.training_file, "validation_dataset": req.validation_file,
         "config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "openai": record,
         "phase": "merge" if record["merge_from"] else "train",
-        "progress": {"step": 0, "total_steps": _total_steps(cfg, record["rows"])},
+        "progress": {"step": 0, "total_steps": estimate_steps(cfg, record["rows"])},
     })
     store.add_event(job_id, "state", job_json(job))
     return ft_job_json(job)
-
-
-def _total_steps(cfg, rows: int) -> int:
-    t = cfg.train
-    return max(1, round(t.epochs * -(-rows // (t.micro_batch_size * t.grad_accum))))
 
 
 @router.get("/v1/fine_tuning/jobs")
@@ -184,7 +180,7 @@ def delete_fine_tuned_model(name: str, request: Request):
     if name in request.app.state.settings.models:
         raise ApiError(403, f"{name} is a base model served with --model; only fine-tuned models can be deleted",
                        "model", "model_not_deletable")
-    if not delete_model(request.app.state.store, name):
+    if not delete_model(request.app.state.store, name, request.app.state.engine.unload):
         raise ApiError(404, f"The model {name!r} does not exist", "model", "model_not_found")
     return {"id": name, "object": "model", "deleted": True}
 

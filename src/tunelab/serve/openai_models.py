@@ -85,14 +85,16 @@ def listed_checkpoints(store) -> list[tuple[str, Path, dict]]:
     return out
 
 
-def delete_model(store, name: str) -> bool:
-    """Delete a fine-tuned model or checkpoint and its files; False when `name` is neither."""
+def delete_model(store, name: str, unload) -> bool:
+    """Delete a fine-tuned model or checkpoint and its files, calling `unload(dir)` first for each dir the engine
+    may serve from; False when `name` is neither."""
     m = CKPT.match(name)
     if m and (record := store.get_endpoint(m["model"])) is not None:
         run_dir = Path(store.get_job(record["job_id"])["run_dir"])
         step = int(m["step"])
         if step not in checkpoint_steps(run_dir):
             return False
+        unload(run_dir / EXPORTS / f"ckpt-step-{step}")
         shutil.rmtree(checkpoint_dir(run_dir, step))
         shutil.rmtree(run_dir / EXPORTS / f"ckpt-step-{step}", ignore_errors=True)
         return True
@@ -102,6 +104,9 @@ def delete_model(store, name: str) -> bool:
     store.delete_endpoint(record["name"])
     job = store.get_job(record["job_id"])
     run_dir = Path(job["run_dir"]) if job else Path(record["path"]).parent
+    exports = run_dir / EXPORTS
+    for served in [Path(record["path"]), *(exports.iterdir() if exports.is_dir() else [])]:
+        unload(served)
     for part in ("final", "checkpoints", EXPORTS, "start-model"):
         shutil.rmtree(run_dir / part, ignore_errors=True)
     return True
