@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from tunelab.config import UserError, dump_config
 
@@ -85,7 +86,8 @@ async def create_job(request: Request):
     job_id = f"ftjob-{secrets.token_hex(8)}"
     run_dir = settings.home / "runs" / job_id
     try:
-        cfg, record = build_openai_config(req, settings, store, run_dir, job_id)
+        # reads the training file: off the event loop
+        cfg, record = await run_in_threadpool(build_openai_config, req, settings, store, run_dir, job_id)
     except UserError as e:  # a row of a file, a config value: OpenAI's file checks name the line
         raise ApiError(400, str(e), "training_file" if ".jsonl:" in str(e) else None, "invalid_request") from None
     run_dir.mkdir(parents=True)
@@ -215,7 +217,7 @@ async def run_grader(request: Request):
 
     sample = {"output_text": body.model_sample, "output_json": _json_or_none(body.model_sample), "output_tools": []}
     try:
-        return graders.run(body.grader, sample, body.item or {}, allow_code=allow)
+        return await run_in_threadpool(graders.run, body.grader, sample, body.item or {}, allow_code=allow)
     except UserError as e:
         raise ApiError(400, str(e), "grader", "invalid_grader") from None
 
