@@ -78,3 +78,61 @@ def test_bad_graders_answer_in_openai_error_shape(client):
     assert refused.status_code == 400 and "--allow-code" in refused.json()["error"]["message"]
     missing = client.post("/v1/fine_tuning/alpha/graders/run", json={"grader": STRING_CHECK})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model_sample"
+
+
+def _reinforcement_request(tmp_path):
+    """A settings/store pair with one served base model and an uploaded reinforcement file of 12 rows."""
+    import json
+
+    from tunelab.serve.openai_spec import FineTuneRequest
+    from tunelab.serve.settings import ServeSettings
+    from tunelab.serve.store import SQLiteStore
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    rows = tmp_path / "rft.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"}],
+                                        "answer": str(i + 1)}) + "\n" for i in range(12)))
+    settings = ServeSettings(home=tmp_path / "home", models={"base": base})
+    store = SQLiteStore(tmp_path / "home" / "tunelab.db")
+    store.add_file({"id": "file-r", "filename": "rft.jsonl", "path": str(rows), "bytes": 1, "rows": 12,
+                    "format": "prompt", "created_at": 0.0, "purpose": "fine-tune"})
+    req = FineTuneRequest.model_validate({"model": "base", "training_file": "file-r", "seed": 1, "method": {
+        "type": "reinforcement", "reinforcement": {"grader": STRING_CHECK, "hyperparameters": {"batch_size": 4}}}})
+    return req, settings, store
+
+
+def test_reinforcement_maps_to_grpo_with_the_grader(client, tmp_path, monkeypatch):
+    """The config a reinforcement job asks for, before tunelab's config validation: method grpo, the grader as
+    grpo.graders, the chosen hyperparameters."""
+    from tunelab.serve import openai_spec
+
+    req, settings, store = _reinforcement_request(tmp_path)
+    seen = {}
+    monkeypatch.setattr(openai_spec, "_config", lambda raw, merge_from: seen.setdefault("raw", raw) and None)
+    monkeypatch.setattr(openai_spec, "code_keys", lambda cfg: [])
+    _, record = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x")
+    raw = seen["raw"]
+    assert raw["method"] == "grpo" and raw["grpo"] == {"group_size": 4, "graders": [STRING_CHECK]}
+    assert raw["data"]["train"][0]["format"] == "prompt"
+    assert raw["train"]["grad_accum"] * raw["train"]["micro_batch_size"] == 4
+    assert raw["train"]["epochs"] == 9 and raw["train"]["lr"] == 0.5 * 2e-4  # auto: ceil(100 / 12), 0.5 x 2e-4
+    assert record["hyperparameters"] == {"n_epochs": 9, "batch_size": 4, "learning_rate_multiplier": 0.5,
+                                         "compute_multiplier": 1.0, "eval_interval": 3, "eval_samples": 1,
+                                         "reasoning_effort": "default"}
+
+
+def _grpo_has_graders() -> bool:
+    from tunelab.config import GRPOConfig
+
+    return "graders" in GRPOConfig.model_fields
+
+
+@pytest.mark.xfail(not _grpo_has_graders(), strict=False, reason="needs graders branch: the grpo.graders config key")
+def test_reinforcement_config_validates(client, tmp_path):
+    from tunelab.serve import openai_spec
+
+    req, settings, store = _reinforcement_request(tmp_path)
+    cfg, _ = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x")
+    assert cfg.method == "grpo" and cfg.grpo.graders == [STRING_CHECK]
