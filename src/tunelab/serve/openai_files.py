@@ -15,7 +15,7 @@ from .views import ENDED
 router = APIRouter()
 
 
-def uploaded(request: Request, file_id: str, param: str = "file_id") -> dict:
+def uploaded(request: Request, file_id: str) -> dict:
     record = request.app.state.store.get_file(file_id)
     if record is None:
         raise HTTPException(404, f"No such File object: {file_id}")
