@@ -14,7 +14,8 @@ Every step is a `tunelab` command a user would type; each is printed before it r
   4. distill    a student with under a quarter of the parameters learns the tuned teacher  -> work/runs/distill
   5. eval       `tunelab eval` on held-out prompts for every model: exact match per task family, preference
                 accuracy, perplexity; one table -> work/demo/results.{json,md}
-  6. serve      `tunelab serve`, one short LoRA SFT job submitted through the Python client (tunelab.tuning.sft),
+  6. serve      `tunelab serve`, one short LoRA SFT job submitted through the Python client (tunelab.tuning.sft)
+                and one through OpenAI's fine-tuning API (the `openai` client: files, jobs, events, checkpoints),
                 and the tuned endpoint called through the official `openai` client  -> work/service
 Everything is written under work/ (git-ignored). A stage whose training method is not available in this
 checkout is kept in the table as "pending", never faked.
@@ -344,6 +345,7 @@ def service_stage(root: Path, work: Path, smoke: bool) -> dict:
             model=job.tuned_model_endpoint_name, max_tokens=16, temperature=0,
             messages=[{"role": "user", "content": held_out["instruction"]}]).choices[0].message.content
         first_reply = time.time() - t0
+        openai_job = openai_flow(client, work, max(10, len(rows)), held_out)  # OpenAI asks for 10 rows at least
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -354,7 +356,38 @@ def service_stage(root: Path, work: Path, smoke: bool) -> dict:
     return {"job": job.id, "state": job.state, "steps": steps, "endpoint": job.tuned_model_endpoint_name,
             "prompt": held_out["instruction"], "expected": held_out["output"], "reply": reply,
             "startup_seconds": round(up, 1), "job_seconds": round(tuned, 1), "first_reply_seconds": round(first_reply, 2),
-            "total_seconds": round(time.time() - started, 1)}
+            "openai_job": openai_job, "total_seconds": round(time.time() - started, 1)}
+
+
+def openai_flow(client, work: Path, n_rows: int, held_out: dict) -> dict:
+    """The same tuning the way OpenAI's fine-tuning docs show it, on the same server: upload chat rows, create a job,
+    poll it, read its events and checkpoints, chat with the fine-tuned model."""
+    chat = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+            for r in map(json.loads, (work / "data/tasks-train.jsonl").read_text().splitlines()[:n_rows])]
+    path = work / "data/service-train-chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat))
+    print(f"""
+>>> training_file = client.files.create(file=open("{path.relative_to(work.parent)}", "rb"), purpose="fine-tune")
+>>> job = client.fine_tuning.jobs.create(model="tiny-sft", training_file=training_file.id, suffix="demo",
+...     method={{"type": "supervised", "supervised": {{"hyperparameters": {{"n_epochs": 1, "batch_size": 8}}}}}})
+>>> while job.status not in ("succeeded", "failed", "cancelled"): job = client.fine_tuning.jobs.retrieve(job.id)
+>>> client.fine_tuning.jobs.list_events(job.id).data[0].message; client.fine_tuning.jobs.checkpoints.list(job.id)""")
+    training_file = client.files.create(file=open(path, "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny-sft", training_file=training_file.id, suffix="demo", method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}}})
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    if job.status != "succeeded":
+        raise SystemExit(f"demo: fine-tuning job {job.id} ended {job.status}: {job.error}")
+    events = client.fine_tuning.jobs.list_events(job.id, limit=5).data
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=16, temperature=0, messages=[
+        {"role": "user", "content": held_out["instruction"]}]).choices[0].message.content
+    print(f"{events[0].message!r}; checkpoints {[c.fine_tuned_model_checkpoint for c in checkpoints]}")
+    print(f"{job.fine_tuned_model}: {reply!r}    (expected: {held_out['output']!r})")
+    return {"id": job.id, "status": job.status, "fine_tuned_model": job.fine_tuned_model, "reply": reply,
+            "checkpoints": [c.step_number for c in checkpoints], "hyperparameters": job.hyperparameters.model_dump()}
 
 
 def _free_port() -> int:

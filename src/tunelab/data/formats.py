@@ -1,7 +1,8 @@
 """Row formats -> messages. Every error names the row's file and line.
 
 A message is {"role": "system" | "user" | "assistant" | "tool", "content": str}, content non-empty, except that an
-assistant message with "tool_calls" may have empty content (tools.py describes tool calls and results). A
+assistant message with "tool_calls" may have empty content; an assistant message may carry OpenAI's "weight": 0
+(rendered, never trained: templates.render masks it) (tools.py describes tool calls and results). A
 conversation's tool schemas ride along as `Conversation.tools`.
 """
 
@@ -222,6 +223,7 @@ def _message(row: Row, m, where: str) -> Message:
         role, content = SHAREGPT_ROLES.get(m["from"], m["from"]), m.get("value")
     else:
         role, content = m.get("role"), m.get("content")
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system message
     if role not in ROLES:
         raise UserError(f"{row.where}: {where} has role {role!r}; expected one of {', '.join(ROLES)}")
     calls = m.get("tool_calls") if role == "assistant" else None
@@ -233,6 +235,12 @@ def _message(row: Row, m, where: str) -> Message:
         what = "empty" if isinstance(content, str) or content is None else type(content).__name__
         raise UserError(f"{row.where}: {where} ({role}) has {what} content; content must be a non-empty string")
     message = {"role": role, "content": content}
+    if "weight" in m and role == "assistant":  # OpenAI's per-message loss switch: 0 = context only, 1 = trained
+        if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+            raise UserError(f"{row.where}: {where}.weight must be 0 or 1, got {m['weight']!r}")
+        message["weight"] = int(m["weight"])
+    elif "weight" in m:
+        raise UserError(f"{row.where}: {where}.weight is allowed on assistant messages only (role {role!r})")
     if calls:
         message["tool_calls"] = [check_tool_call(row.where, c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
     if role == "tool":

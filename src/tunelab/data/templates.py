@@ -50,6 +50,7 @@ def render(messages: list[Message] | str, template: str, tokenizer, *, add_gener
     eos = _eos(tokenizer)
     if isinstance(messages, str):
         return [(mark_special_tokens(messages, tokenizer) + eos, True)]
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
     if has_tools(messages, tools) and not template_handles_tools(resolve_template(template, tokenizer)):
         messages, tools = as_text(messages, tools), None
     messages = [{**m, "content": mark_special_tokens(m["content"], tokenizer)} for m in messages]
@@ -61,7 +62,23 @@ def render(messages: list[Message] | str, template: str, tokenizer, *, add_gener
         segments = [(m["content"] + eos, True) if m["role"] == "assistant" else (m["content"], False) for m in messages]
     else:
         segments = _jinja(messages, template, tokenizer, add_generation_prompt, tools)
-    return _merge(segments)
+    return _merge(_apply_weights(segments, weights))
+
+
+def _apply_weights(segments: Segments, weights: list[int]) -> Segments:
+    """Every renderer emits one assistant segment per assistant message, in order: a message with weight 0 keeps
+    its text but loses its loss."""
+    if all(weights):
+        return segments
+    replies = [i for i, (_, is_assistant) in enumerate(segments) if is_assistant]
+    if len(replies) != len(weights):
+        raise UserError("this chat template does not render one reply per assistant message, so per-message "
+                        "'weight' cannot be applied; remove the weights or use data.template: chatml")
+    out = list(segments)
+    for i, weight in zip(replies, weights):
+        if not weight:
+            out[i] = (out[i][0], False)
+    return out
 
 
 def resolve_template(template: str, tokenizer) -> str:

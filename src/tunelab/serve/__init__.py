@@ -15,5 +15,9 @@ It takes tuning jobs over HTTP, runs each as a `tunelab train` child process, ke
 - errors.py     every error as one JSON line: {"error": {"message", "type", "code"}}
 - engine.py     the model pool: lazy loading, LoRA adapters switched on one base, LRU, batched generation
 - openai_api.py the OpenAI-compatible /v1/models, /v1/chat/completions and /v1/completions routes
+- openai_ft.py  OpenAI's fine-tuning API on the same jobs: /v1/fine_tuning/jobs, pause/resume, events, checkpoints,
+                DELETE /v1/models/{name}, the grader routes (openai_spec.py: request -> Config and the "auto" rules;
+                openai_ft_views.py: OpenAI's shapes; openai_models.py: ft: names and checkpoints as models;
+                openai_files.py: file content and delete)
 - remote.py     the client side of those routes for `tunelab generate URL` / `tunelab chat URL` (stdlib only)
 """

@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import dashboard, errors, jobs_api, openai_api
+from . import dashboard, errors, jobs_api, openai_api, openai_files, openai_ft
 from .backends import make_backend
 from .engine import Engine
 from .registry import Registry
@@ -43,6 +43,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_middleware(Guard, settings=settings, public=app.state.public_paths)
     errors.install(app)
     app.include_router(jobs_api.router)
+    app.include_router(openai_files.router)
+    app.include_router(openai_ft.router)  # before openai_api: its DELETE /v1/models/{name} beside GET
     app.include_router(openai_api.router)
     app.state.public_paths |= dashboard.PUBLIC
     app.include_router(dashboard.router)

@@ -114,6 +114,23 @@ class Engine:
         with self._table:
             return [(b.path, a) for b in self._bases.values() if b.model is not None for a in [None, *list(b.adapters)]]
 
+    def unload(self, path: Path) -> None:
+        """Forget a model whose files are being deleted: an adapter dir or a base dir no request will name again.
+        Its adapter leaves the base (as an LRU eviction does), so no later load reads its deleted files."""
+        path = Path(path).resolve()
+        with self._table:
+            for key in [k for k in self._lru if path in k]:  # a base takes its adapters with it
+                del self._lru[key]
+            bases = [b for b in self._bases.values() if path in b.adapters or b.path == path]
+        for base in bases:
+            with base.lock:
+                if base.path == path:
+                    with self._table:
+                        self._bases.pop(path, None)
+                    base.model, base.adapters, base.tokenizers = None, {}, {}
+                else:
+                    self._drop_evicted_adapters(base)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -1,6 +1,7 @@
-"""Every error response is one JSON line in OpenAI's shape: {"error": {"message", "type", "code"}}, status 4xx.
+"""Every error response is one JSON line in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, status 4xx.
 
-Route code raises `UserError` (-> 400) or `HTTPException(status, "one line")`; request validation errors become
+Route code raises `UserError` (-> 400), `HTTPException(status, "one line")` or `ApiError` (also naming the field);
+request validation errors become
 400 with a message naming the field. Anything else is a 500 with a one-line message (and a traceback in the
 server's log), so a client never sees a stack trace.
 """
@@ -20,10 +21,18 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           405: "invalid_request_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error"}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+class ApiError(HTTPException):
+    """An HTTP error that names the request field at fault (OpenAI's `param`) and a machine-readable `code`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(status, message)
+        self.param, self.code = param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code=None) -> JSONResponse:
     line = " ".join(str(message).split())  # one line, whatever the message held
-    return JSONResponse({"error": {"message": line, "type": _TYPES.get(status, "server_error"), "code": status}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": line, "type": _TYPES.get(status, "server_error"), "param": param,
+                                   "code": status if code is None else code}}, status_code=status)
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -51,7 +60,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        return error_response(exc.status_code, exc.detail)
+        return error_response(exc.status_code, exc.detail, getattr(exc, "param", None), getattr(exc, "code", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -28,6 +28,8 @@ from .views import ENDED, PREFIX, STATES, endpoint_json, file_json, job_json
 router = APIRouter()
 _submit_lock = threading.Lock()  # display-name uniqueness is checked and claimed in one step
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+# OpenAI's file purposes. fine-tune files (and tunelab uploads, which give none) are read and checked row by row
+PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "evals", "vision")
 
 
 def _job(request: Request, job_id: str) -> dict:
@@ -168,8 +170,11 @@ async def job_events(job_id: str, request: Request, after: int = Query(0, ge=0))
 # ---------------------------------------------------------------- files
 
 @router.post("/v1/files")
-def upload_file(request: Request, file: UploadFile = File(...), format: str | None = Form(None)):
+def upload_file(request: Request, file: UploadFile = File(...), format: str | None = Form(None),
+                purpose: str | None = Form(None)):
     settings, store = request.app.state.settings, request.app.state.store
+    if purpose is not None and purpose not in PURPOSES:
+        raise UserError(f"purpose {purpose!r} is not one of OpenAI's file purposes ({', '.join(PURPOSES)})")
     filename = Path(file.filename or "upload.jsonl").name
     suffix = Path(filename).suffix.lower()
     if suffix not in UPLOAD_SUFFIXES:
@@ -179,6 +184,10 @@ def upload_file(request: Request, file: UploadFile = File(...), format: str | No
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as out:
         shutil.copyfileobj(file.file, out)
+    if purpose not in (None, "fine-tune"):  # kept as it is; fine-tuning jobs refuse it (openai_spec.py)
+        return file_json(store.add_file({"id": file_id, "filename": filename, "path": str(path), "rows": 0,
+                                         "created_at": time.time(), "bytes": path.stat().st_size, "format": "",
+                                         "purpose": purpose}))
     try:
         fmt = format or file_format(path)
         rows = load_rows([DataSource(path=str(path), format=fmt)])
@@ -189,13 +198,16 @@ def upload_file(request: Request, file: UploadFile = File(...), format: str | No
         path.unlink()
         raise UserError(f"{filename}: format {format!r} is not a data format: {str(e).splitlines()[-1].strip()}") from None
     record = store.add_file({"id": file_id, "filename": filename, "path": str(path), "bytes": path.stat().st_size,
-                             "rows": len(rows), "format": fmt, "created_at": time.time()})
+                             "rows": len(rows), "format": fmt, "created_at": time.time(), "purpose": purpose})
     return file_json(record)
 
 
 @router.get("/v1/files")
-def list_files(request: Request):
-    return {"data": [file_json(r) for r in request.app.state.store.list_files()]}
+def list_files(request: Request, purpose: str | None = None):
+    files = [file_json(r) for r in request.app.state.store.list_files()]
+    data = [f for f in files if purpose is None or f["purpose"] == purpose]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 @router.get("/v1/files/{file_id}")

@@ -72,7 +72,7 @@ def detect_format(row: dict) -> str:
     """The data format of a row, from its keys (the managed service's `contents` rows are format gemini)."""
     if "contents" in row:
         return "gemini"
-    if "chosen" in row and "rejected" in row:
+    if ("chosen" in row and "rejected" in row) or "preferred_output" in row:  # the latter: OpenAI's dpo rows
         return "preference"
     if "conversations" in row:
         return "sharegpt"

@@ -1,4 +1,5 @@
-"""Model names -> model paths, for the serving engine: the endpoints of succeeded jobs and the --model base models."""
+"""Model names -> model paths, for the serving engine: the endpoints of succeeded jobs, the --model base models and
+the kept checkpoints of OpenAI-style jobs (openai_models.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .openai_models import listed_checkpoints, resolve_checkpoint
 from .settings import ServeSettings
 from .store import Store
 
@@ -24,7 +26,7 @@ class Registry:
         self._started = int(time.time())
 
     def resolve(self, name: str) -> ModelRef | None:
-        """Accepts `endpoints/NAME`, `NAME`, a job id (its endpoint), or a --model name."""
+        """Accepts `endpoints/NAME`, `NAME`, a job id (its endpoint), `ft:...:ckpt-step-N`, or a --model name."""
         if not isinstance(name, str):
             return None
         bare = name.removeprefix("endpoints/")
@@ -35,13 +37,19 @@ class Registry:
                 record = self.store.get_endpoint(job["tuned_model"]["endpoint"])
         if record is not None:
             return _ref(record)
+        checkpoint = resolve_checkpoint(self.store, bare)
+        if checkpoint is not None:
+            path, final = checkpoint
+            return ModelRef(bare, path, int(path.stat().st_mtime), final["job_id"])
         if bare == name and name in self.settings.models:
             return ModelRef(name, self.settings.models[name], self._started, "tunelab")
         return None
 
     def list(self) -> list[ModelRef]:
         base = [ModelRef(n, p, self._started, "tunelab") for n, p in self.settings.models.items()]
-        return base + [_ref(r) for r in self.store.list_endpoints()]
+        checkpoints = [ModelRef(n, path, int(path.stat().st_mtime), final["job_id"])
+                       for n, path, final in listed_checkpoints(self.store)]
+        return base + [_ref(r) for r in self.store.list_endpoints()] + checkpoints
 
 
 def _ref(record: dict) -> ModelRef:

@@ -29,6 +29,7 @@ from .views import job_json
 
 log = logging.getLogger("tunelab.serve")
 CONFIG_NAME = "job.yaml"
+MERGED_BASE = "start-model"  # a run dir's merged copy of the fine-tuned model a job continues from
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Scheduler:
         """After a restart: attach to every job the backend was given. One it still has is followed on; one it no
         longer has goes back to the queue (keeping its place: the queue is ordered by submission) to resume from
         its checkpoint, or ends CANCELLED if it was being cancelled."""
-        for job in self.store.list_jobs(states=["PENDING", "RUNNING", "CANCELLING"], oldest_first=True):
+        for job in self.store.list_jobs(states=["PENDING", "RUNNING", "CANCELLING", "PAUSING"], oldest_first=True):
             if not job["handle"]:
                 continue
             if job["backend"] != self.backend.name:  # never rerun what another backend may still be running
@@ -87,10 +88,12 @@ class Scheduler:
                           f"{self.backend.name}; this job was given to {job['backend']} ({json.dumps(job['handle'])})")
             elif self.backend.attach(job["handle"]):
                 self.running[job["id"]] = self._follower(job, job["handle"])
-                if job["state"] == "CANCELLING":
+                if job["state"] in ("CANCELLING", "PAUSING"):
                     self.backend.cancel(job["handle"], self.settings.cancel_grace)
             elif job["state"] == "CANCELLING":
                 self._set(job, "CANCELLED", end_time=time.time())
+            elif job["state"] == "PAUSING":
+                self._set(job, "PAUSED", handle=None)
             else:
                 self.store.add_event(job["id"], "log", "server restarted: the job resumes from its last checkpoint")
                 self._set(job, "PENDING", handle=None)
@@ -140,13 +143,33 @@ class Scheduler:
         with self._lock:
             job = self.store.get_job(job["id"])
             run = self.running.get(job["id"])
-            if run is None and job["state"] == "PENDING":
+            if run is None and job["state"] in ("PENDING", "PAUSED"):
                 return self._set(job, "CANCELLED", end_time=time.time())
             if job["state"] in ("PENDING", "RUNNING"):
                 if run is not None:
                     self.backend.cancel(run.handle, self.settings.cancel_grace)  # the trainer checkpoints, exits
                 return self._set(job, "CANCELLING")
             return job
+
+    def pause(self, job: dict) -> dict:
+        """A running job checkpoints and stops (PAUSING, then PAUSED when it has ended); a queued one pauses at
+        once. Either keeps its run dir, and `resume` puts it back in the queue: its next run starts with --resume,
+        whose continuation is exact."""
+        with self._lock:
+            job = self.store.get_job(job["id"])
+            run = self.running.get(job["id"])
+            if run is None and job["state"] == "PENDING":
+                return self._set(job, "PAUSED")
+            if job["state"] in ("PENDING", "RUNNING"):
+                if run is not None:
+                    self.backend.cancel(run.handle, self.settings.cancel_grace)  # the trainer checkpoints, exits
+                return self._set(job, "PAUSING")
+            return job
+
+    def resume(self, job: dict) -> dict:
+        with self._lock:
+            job = self.store.get_job(job["id"])
+            return self._set(job, "PENDING", handle=None) if job["state"] == "PAUSED" else job
 
     # -- jobs in the backend
 
@@ -155,6 +178,8 @@ class Scheduler:
         config = run_dir / CONFIG_NAME
         if job["phase"] == "eval":
             argv = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / "eval.json")]
+        elif job["phase"] == "merge":  # continuous tuning from an adapter: its merged model is the run's base
+            argv = ["merge", job["openai"]["merge_from"], "--out", str(run_dir / MERGED_BASE)]
         else:
             argv = ["train", str(config)]
         attempt = job["attempt"] + (job["phase"] == "train")
@@ -254,6 +279,14 @@ class Scheduler:
     def _ended(self, run: Running, status: Status) -> None:
         job = self.store.get_job(run.job_id)
         code = status.exit_code
+        if code == 0 and run.phase == "merge":
+            job = self.store.update_job(job["id"], phase="train")
+            if job["state"] == "RUNNING":
+                return self._launch(job)
+            if job["state"] == "CANCELLING":
+                return self._set(job, "CANCELLED", end_time=time.time(), handle=None)
+        if job["state"] == "PAUSING" and (code != 0 or run.phase == "merge"):
+            return self._set(job, "PAUSED", handle=None)
         if code == 0 and run.phase == "train" and _has_eval_data(job["config"]):
             job = self.store.update_job(job["id"], phase="eval")
             if job["state"] == "RUNNING":

@@ -82,10 +82,15 @@ MIGRATIONS = [
         json_array()) WHERE pid IS NOT NULL;
     ALTER TABLE jobs DROP COLUMN pid;
     """,
+    # the OpenAI fine-tuning face (openai_ft.py): a file's purpose, an OpenAI job's request and chosen values
+    """
+    ALTER TABLE files ADD COLUMN purpose TEXT;
+    ALTER TABLE jobs ADD COLUMN openai TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 JSON_COLUMNS = ("config", "progress", "latest_metrics", "best_metrics", "final_metrics", "tuned_model", "handle",
-                "placement", "compute")
+                "placement", "compute", "openai")
 
 
 class Store(Protocol):
@@ -95,13 +100,19 @@ class Store(Protocol):
     def list_jobs(self, states: list[str] | None = None, before_seq: int | None = None,
                   limit: int | None = None, oldest_first: bool = False) -> list[dict]: ...
     def add_event(self, job_id: str, kind: str, data) -> int: ...
-    def events(self, job_id: str, after: int = 0) -> list[tuple[int, str, object]]: ...
+    def events(self, job_id: str, after: int = 0, timed: bool = False) -> list[tuple]: ...
     def add_file(self, record: dict) -> dict: ...
     def get_file(self, file_id: str) -> dict | None: ...
     def list_files(self) -> list[dict]: ...
+    def delete_file(self, file_id: str) -> None: ...
+    def delete_file(self, file_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+
     def add_endpoint(self, record: dict) -> dict: ...
     def get_endpoint(self, name: str) -> dict | None: ...
     def list_endpoints(self) -> list[dict]: ...
+    def delete_endpoint(self, name: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -170,10 +181,13 @@ class SQLiteStore:
                                    (job_id, time.time(), kind, json.dumps(data)))
             return cur.lastrowid
 
-    def events(self, job_id: str, after: int = 0) -> list[tuple[int, str, object]]:
+    def events(self, job_id: str, after: int = 0, timed: bool = False) -> list[tuple]:
+        """(id, kind, data) per event, oldest first; (id, time, kind, data) with timed."""
         with self._lock:
-            rows = self._db.execute("SELECT id, kind, data FROM events WHERE job_id = ? AND id > ? ORDER BY id",
+            rows = self._db.execute("SELECT id, time, kind, data FROM events WHERE job_id = ? AND id > ? ORDER BY id",
                                     (job_id, after)).fetchall()
+        if timed:
+            return [(r["id"], r["time"], r["kind"], json.loads(r["data"])) for r in rows]
         return [(r["id"], r["kind"], json.loads(r["data"])) for r in rows]
 
     # -- files and endpoints
@@ -189,6 +203,10 @@ class SQLiteStore:
         with self._lock:
             return [dict(r) for r in self._db.execute("SELECT * FROM files ORDER BY created_at").fetchall()]
 
+    def delete_file(self, file_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+
     def add_endpoint(self, record: dict) -> dict:
         self._insert("endpoints", record)
         return self.get_endpoint(record["name"])
@@ -199,6 +217,10 @@ class SQLiteStore:
     def list_endpoints(self) -> list[dict]:
         with self._lock:
             return [dict(r) for r in self._db.execute("SELECT * FROM endpoints ORDER BY create_time").fetchall()]
+
+    def delete_endpoint(self, name: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM endpoints WHERE name = ?", (name,))
 
     def close(self) -> None:
         with self._lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 PREFIX = "JOB_STATE_"
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
+STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED", "PAUSING", "PAUSED")
 ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
@@ -43,8 +43,12 @@ def _where(job: dict) -> dict | None:
 
 
 def file_json(record: dict) -> dict:
-    return {"id": record["id"], "filename": record["filename"], "bytes": record["bytes"], "rows": record["rows"],
-            "format": record["format"], "created_at": int(record["created_at"])}
+    """OpenAI's file object (id, object, bytes, created_at, filename, purpose, status), plus the rows and format
+    tunelab read from it."""
+    return {"id": record["id"], "object": "file", "filename": record["filename"], "bytes": record["bytes"],
+            "created_at": int(record["created_at"]), "purpose": record.get("purpose") or "fine-tune",
+            "status": "processed", "status_details": None, "expires_at": None,
+            "rows": record["rows"], "format": record["format"]}
 
 
 def endpoint_json(record: dict, display_name: str | None) -> dict:

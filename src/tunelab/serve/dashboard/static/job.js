@@ -1,9 +1,11 @@
 // One job: its state and progress, live loss curves (SSE `events` stream on top of `/metrics`), the log tail, a
-// cancel button, its config, and once it succeeded the endpoint with a chat playground.
+// cancel button, its config, and once it succeeded the endpoint with a chat playground and the job's checkpoints
+// (each can be chatted with).
 
 import { api } from './api.js';
 import { lineChart } from './charts.js';
 import { TERMINAL, duration, errorBox, h, number, progressBar, shortState, stateBadge, when } from './dom.js';
+import { checkpointsCard } from './checkpoints.js';
 import { playground } from './playground.js';
 
 const LOG_LINES = 400;
@@ -24,11 +26,13 @@ export async function render(main, id) {
   const trainChart = h('figure', { class: 'card chart-card', 'data-testid': 'chart-train' });
   const evalChart = h('figure', { class: 'card chart-card', 'data-testid': 'chart-eval' });
   const endpoint = h('section', { class: 'endpoint', 'aria-label': 'Endpoint' });
+  const checkpoints = h('div', {});
   const log = h('pre', { class: 'log', 'data-testid': 'job-log', tabindex: 0, 'aria-label': 'Log tail' });
   const config = h('pre', { class: 'config mono' });
   main.replaceChildren(head, problem, stats,
     h('div', { class: 'charts' }, trainChart, evalChart),
     endpoint,
+    checkpoints,
     h('section', { class: 'card' }, h('h2', {}, 'Log'), log),
     h('section', { class: 'card' }, h('details', {}, h('summary', {}, 'Resolved config'), config)));
 
@@ -56,7 +60,12 @@ export async function render(main, id) {
     drawStats(stats, job);
     problem.replaceChildren(...(job.error && job.error.message ? [errorBox(job.error.message)] : []));
     config.textContent = JSON.stringify(job.config || {}, null, 2);
-    if (job.tuned_model && !endpoint.hasChildNodes()) endpoint.append(playground(job));
+    if (job.tuned_model && !endpoint.hasChildNodes()) {
+      const chat = playground(job);
+      endpoint.append(chat);
+      checkpointsCard(job, (name) => { chat.chooseModel(name); chat.scrollIntoView(); })
+        .then((card) => checkpoints.replaceChildren(...(card ? [card] : [])));
+    }
   }
 
   show(job);

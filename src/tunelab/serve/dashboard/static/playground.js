@@ -1,12 +1,14 @@
 // A succeeded job's endpoint: its name, how to call it, and a chat playground streaming from
-// POST /v1/chat/completions (OpenAI's server-sent chunks, `data: {...}` ... `data: [DONE]`).
+// POST /v1/chat/completions (OpenAI's server-sent chunks, `data: {...}` ... `data: [DONE]`). The returned element's
+// chooseModel(name) points the playground at another model, e.g. one of the job's checkpoints.
 
 import { request } from './api.js';
 import { h } from './dom.js';
 
 export function playground(job) {
-  const model = job.tuned_model_endpoint_name || (job.tuned_model && job.tuned_model.endpoint);
+  let model = job.tuned_model_endpoint_name || (job.tuned_model && job.tuned_model.endpoint);
   const messages = [];
+  const chatModel = h('p', { class: 'muted small mono', 'data-testid': 'chat-model' }, model);
   const transcript = h('div', { class: 'transcript', role: 'log', 'aria-live': 'polite', 'aria-label': 'Conversation',
     'data-testid': 'chat-transcript' });
   const input = h('textarea', { id: 'chat-message', rows: 2, required: true, placeholder: 'Ask the tuned model…' });
@@ -49,7 +51,7 @@ export function playground(job) {
   const origin = window.location.origin;
   const example = `curl ${origin}/v1/chat/completions -H 'Content-Type: application/json' \\\n` +
     `  -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello"}]}'`;
-  return h('div', { class: 'grid-2' },
+  const element = h('div', { class: 'grid-2' },
     h('div', { class: 'card' },
       h('h2', {}, 'Endpoint'),
       h('p', { class: 'mono', 'data-testid': 'endpoint-name' }, model),
@@ -60,6 +62,7 @@ export function playground(job) {
       h('pre', { class: 'snippet' }, example)),
     h('div', { class: 'card playground', id: 'playground' },
       h('h2', {}, 'Chat playground'),
+      chatModel,
       transcript,
       h('form', { onsubmit: submit, class: 'chat-form' },
         h('label', { for: 'chat-message' }, 'Message'), input,
@@ -71,6 +74,14 @@ export function playground(job) {
               'Clear'),
             send)),
         status)));
+  element.chooseModel = (name) => {
+    model = name;
+    chatModel.textContent = name;
+    messages.length = 0;
+    transcript.replaceChildren();
+    input.focus();
+  };
+  return element;
 }
 
 function bubble(role, text) {

@@ -1,0 +1,328 @@
+"""OpenAI's fine-tuning API on `tunelab serve`, driven by the official `openai` client with only base_url changed.
+
+One server, one tiny base model. References: the same job run uninterrupted (pause/resume), PEFT's merge of the
+adapter a job continues from, the step metrics the trainer wrote, OpenAI's documented object shapes and error shape."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from service_util import Server, wait_for  # noqa: E402
+from tiny import make_base_model  # noqa: E402
+
+from tunelab import tasks  # noqa: E402
+
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openai-ft")
+    base = make_base_model(tmp_path_factory.mktemp("base"), warm_steps=0)
+    items, _ = tasks.split_items(24, 0, seed=3)
+    chat = write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]},
+                                                            {"role": "assistant", "content": i["answer"]}]}
+                                             for i in items])
+    prefs = write_jsonl(root / "prefs.jsonl", [{"input": {"messages": [{"role": "user", "content": i["prompt"]}]},
+                                                "preferred_output": [{"role": "assistant", "content": i["answer"]}],
+                                                "non_preferred_output": [{"role": "assistant", "content": i["wrong"]}]}
+                                               for i in items[:12]])
+    server = Server(root / "home", "--model", f"base={base}").start()
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused-on-loopback", max_retries=0)
+    yield {"server": server, "client": client, "root": root, "base": base, "chat": chat, "prefs": prefs}
+    server.stop()
+
+
+def migration_script(client, path: Path, model: str, method: dict, suffix: str):
+    """What OpenAI's docs show, unchanged: upload, create, poll, events, checkpoints, chat with the tuned model."""
+    training_file = client.files.create(file=open(path, "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=model, training_file=training_file.id, method=method, suffix=suffix,
+                                         seed=7)
+    while job.status not in ENDED:
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    events = client.fine_tuning.jobs.list_events(fine_tuning_job_id=job.id, limit=50)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(fine_tuning_job_id=job.id)
+    reply = client.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8,
+                                           messages=[{"role": "user", "content": "What is 12 + 30?"}])
+    return job, events, checkpoints, reply
+
+
+def sft_method(**hp):
+    return {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 1,
+                                                                    "learning_rate_multiplier": 10, **hp}}}
+
+
+def adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def run_dir(env, job_id: str) -> Path:
+    return env["server"].home / "runs" / job_id
+
+
+def test_supervised_migration_checkpoints_results_and_delete(env):
+    client = env["client"]
+    job, events, checkpoints, reply = migration_script(client, env["chat"], "base", sft_method(), "tasks")
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:base:tasks:{job.id}" and job.seed == 7
+    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 1
+    assert isinstance(reply.choices[0].message.content, str) and reply.model == job.fine_tuned_model
+    metrics = [json.loads(line) for line in (run_dir(env, job.id) / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in events.data if e.type == "metrics"]
+    assert [e.data["step"] for e in steps] == [r["step"] for r in metrics][::-1][:len(steps)]  # newest first
+    assert steps[0].data["train_loss"] == pytest.approx(metrics[-1]["loss"])
+    assert job.trained_tokens == sum(r["tokens"] for r in metrics)
+    # one checkpoint per epoch (24 rows, batch 1), the last three kept, each with its step's loss
+    assert [c.step_number for c in checkpoints.data] == [72, 48, 24]
+    by_step = {r["step"]: r for r in metrics}
+    assert all(c.metrics.train_loss == pytest.approx(by_step[c.step_number]["loss"]) for c in checkpoints.data)
+    names = {m.id for m in client.models.list().data}
+    early = checkpoints.data[-1].fine_tuned_model_checkpoint
+    assert early == f"{job.fine_tuned_model}:ckpt-step-24" and {early, job.fine_tuned_model} <= names
+    # the step-24 checkpoint differs from the final weights, and so do its greedy answers
+    final = adapter_weights(run_dir(env, job.id) / "final")
+    prompts = [i["prompt"] for i in tasks.split_items(24, 0, seed=3)[0][:6]]
+
+    def answers(model):
+        return [client.chat.completions.create(model=model, temperature=0, max_tokens=8, messages=[
+            {"role": "user", "content": p}]).choices[0].message.content for p in prompts]
+
+    at_end = answers(job.fine_tuned_model)
+    assert answers(f"{job.fine_tuned_model}:ckpt-step-72") == at_end  # the last checkpoint is the final model
+    exported = adapter_weights(run_dir(env, job.id) / "models" / "ckpt-step-72")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert answers(early) != at_end
+    text = client.completions.create(model=early, prompt="Reverse the word: apple", max_tokens=4, temperature=0)
+    assert isinstance(text.choices[0].text, str)
+    # the step metrics CSV is a result file; the job is the same one /v1/tuningJobs shows
+    csv_rows = client.files.content(job.result_files[0]).text.strip().splitlines()
+    assert csv_rows[0].startswith("step,train_loss") and len(csv_rows) == 1 + len(metrics)
+    same = httpx.get(f"{env['server'].url}/v1/tuningJobs/{job.id}").json()
+    assert same["state"] == "JOB_STATE_SUCCEEDED"
+    assert same["tuned_model_endpoint_name"] == f"endpoints/{job.fine_tuned_model}"
+    env["sft_job"] = job
+    # deleting a checkpoint, then the model: gone from /v1/models and from disk; a base model cannot be deleted
+    assert client.models.delete(early).deleted
+    assert not (run_dir(env, job.id) / "checkpoints" / "step-00000024").exists()
+    assert early not in {m.id for m in client.models.list().data}
+    assert answers(f"{job.fine_tuned_model}:ckpt-step-48")  # the engine let go of the deleted adapter's files
+    with pytest.raises(Exception) as e:
+        client.models.delete("base")
+    assert e.value.status_code == 403 and e.value.body["code"] == "model_not_deletable"
+
+
+def test_pause_resume_equals_uninterrupted(env):
+    """The same job (seed, data, hyperparameters) paused mid-run and resumed ends with the uninterrupted weights."""
+    client = env["client"]
+    reference = env.get("sft_job") or pytest.skip("needs the supervised job")
+    training_file = client.files.create(file=open(env["chat"], "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, method=sft_method(),
+                                         suffix="tasks", seed=7)
+    with pytest.raises(Exception) as e:
+        client.fine_tuning.jobs.resume(job.id)  # not paused
+    assert e.value.status_code == 409 and "not paused" in e.value.body["message"]
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", 300, "running")
+    wait_for(lambda: (run_dir(env, job.id) / "metrics.jsonl").exists(), 300, "first step")
+    client.fine_tuning.jobs.pause(job.id)
+    paused = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "paused" and j, 300, "paused")
+    steps = [int(p.name[5:]) for p in (run_dir(env, job.id) / "checkpoints").glob("step-*")]
+    assert paused.fine_tuned_model is None and 0 < max(steps) < 72  # stopped mid-run, at a checkpoint
+    with pytest.raises(Exception) as e:  # its training file is in use by a live (paused) job
+        client.files.delete(training_file.id)
+    assert e.value.status_code == 409
+    client.fine_tuning.jobs.resume(job.id)
+    done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ENDED and j, 600, "end")
+    assert done.status == "succeeded", done.error
+    ours = adapter_weights(run_dir(env, job.id) / "final")
+    theirs = adapter_weights(run_dir(env, reference.id) / "final")
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-6
+    assert client.files.delete(training_file.id).deleted
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH (make test installs it as root)")
+def test_dashboard_lists_checkpoints_and_chats_with_one(env):
+    """The job page lists the kept checkpoints with their losses; Chat points the playground at one, whose streamed
+    greedy reply equals the API's for that checkpoint."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    job = env.get("sft_job") or pytest.skip("needs the supervised job")
+    checkpoint = f"{job.fine_tuned_model}:ckpt-step-48"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{env['server'].url}/jobs/{job.id}")
+        rows = page.get_by_test_id("checkpoint-row")
+        playwright.expect(rows).to_have_count(2)  # steps 72 and 48; step 24 was deleted
+        row = rows.filter(has_text="ckpt-step-48")
+        loss = next(c.metrics.train_loss for c in env["client"].fine_tuning.jobs.checkpoints.list(job.id).data
+                    if c.step_number == 48)
+        playwright.expect(row.locator("td").nth(1)).to_have_text(str(float(f"{loss:.4g}")))
+        row.get_by_role("button", name="Chat").click()
+        playwright.expect(page.get_by_test_id("chat-model")).to_have_text(checkpoint)
+        page.get_by_label("Message").fill("Reverse the word: apple")
+        page.get_by_label("Max tokens").fill("8")
+        page.get_by_role("button", name="Send").click()
+        reply = page.get_by_test_id("chat-reply")
+        playwright.expect(reply).to_be_visible(timeout=60_000)
+        streamed = reply.locator(".bubble-text").text_content()
+        browser.close()
+    greedy = env["client"].chat.completions.create(model=checkpoint, temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": "Reverse the word: apple"}]).choices[0].message.content
+    assert streamed == greedy and errors == []
+
+
+def test_dpo_continues_from_the_fine_tuned_model(env):
+    client = env["client"]
+    sft = env.get("sft_job") or pytest.skip("needs the supervised job")
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 4, "beta": "auto"}}}
+    job, events, checkpoints, reply = migration_script(client, env["prefs"], sft.fine_tuned_model, method, "pref")
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:base:pref:{job.id}" and job.method.dpo.hyperparameters.beta == 0.1
+    assert job.method.dpo.hyperparameters.learning_rate_multiplier == 0.25  # auto for dpo
+    assert isinstance(reply.choices[0].message.content, str) and checkpoints.data[0].step_number == 3
+    # the job started from the supervised model: its start model is PEFT's merge of that adapter
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]),
+                                       run_dir(env, sft.id) / "final").merge_and_unload().state_dict()
+    start = load_file(run_dir(env, job.id) / "start-model" / "model.safetensors")
+    assert max((start[k] - merged[k]).abs().max().item() for k in start) <= 1e-6
+    # delete: gone from /v1/models, its files freed
+    assert client.models.delete(job.fine_tuned_model).deleted
+    assert job.fine_tuned_model not in {m.id for m in client.models.list().data}
+    assert not (run_dir(env, job.id) / "final").exists() and not (run_dir(env, job.id) / "checkpoints").exists()
+
+
+def test_auto_hyperparameters_are_reported(env):
+    client = env["client"]
+    training_file = client.files.create(file=open(env["chat"], "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, metadata={"team": "a"})
+    assert job.status == "queued" and job.metadata == {"team": "a"}
+    # 24 rows: ceil(100 / 24) = 5 epochs, batch ceil(0.2% of 24) = 1, multiplier 1.0
+    assert job.hyperparameters.model_dump() == {"n_epochs": 5, "batch_size": 1, "learning_rate_multiplier": 1.0}
+    assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == 5
+    listed = client.fine_tuning.jobs.list(metadata={"team": "a"})
+    assert [j.id for j in listed.data] == [job.id]
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+
+
+def _graders_merged() -> bool:
+    from tunelab.config import GRPOConfig
+
+    return importlib.util.find_spec("tunelab.graders") is not None and "graders" in GRPOConfig.model_fields
+
+
+@pytest.mark.xfail(not _graders_merged(), strict=False,
+                   reason="needs graders branch: tunelab.graders and the grpo.graders config key")
+def test_reinforcement_migration_with_a_string_check_grader(env):
+    items, _ = tasks.split_items(12, 0, seed=5)
+    rows = write_jsonl(env["root"] / "rft.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]}],
+                                                    "answer": i["answer"]} for i in items])
+    grader = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "operation": "eq"}
+    method = {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 1,
+                                                                                               "batch_size": 4}}}
+    job, events, checkpoints, reply = migration_script(env["client"], rows, "base", method, "rft")
+    assert job.status == "succeeded", job.error
+    assert job.method.reinforcement.hyperparameters.compute_multiplier == 1.0 and checkpoints.data
+    assert any(e.type == "metrics" for e in events.data) and isinstance(reply.choices[0].message.content, str)
+
+
+def test_reinforcement_grader_errors(env):
+    """Bad grader JSON and a python grader without --allow-code are refused at create (400, param the grader);
+    without the graders package the route says so (501)."""
+    url = env["server"].url
+    def upload(path):
+        with open(path, "rb") as f:
+            response = httpx.post(f"{url}/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"})
+        return response.json()["id"]
+
+    file_id = upload(env["chat"])
+    items, _ = tasks.split_items(12, 0, seed=5)
+    rows = write_jsonl(env["root"] / "rft-bad.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]}]}
+                                                       for i in items])
+    rft_id = upload(rows)
+    for grader in ({"type": "string_check", "operation": "eqq", "name": "x", "input": "a", "reference": "b"},
+                   {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}):
+        body = {"model": "base", "training_file": rft_id, "method": {"type": "reinforcement",
+                                                                     "reinforcement": {"grader": grader}}}
+        response = httpx.post(f"{url}/v1/fine_tuning/jobs", json=body, timeout=60)
+        if importlib.util.find_spec("tunelab.graders") is None:
+            assert_openai_error(response, 501, "method.reinforcement.grader", "tunelab.graders")
+            continue
+        error = assert_openai_error(response, 400, "method.reinforcement.grader")
+        assert ("operation" if grader["type"] == "string_check" else "--allow-code") in error["message"]
+    wrong = {"model": "base", "training_file": file_id, "method": {"type": "supervised", "supervised": {}}}
+    wrong["method"]["supervised"]["grader"] = {"type": "string_check"}
+    assert_openai_error(httpx.post(f"{url}/v1/fine_tuning/jobs", json=wrong), 400, "method.supervised.grader")
+
+
+def assert_openai_error(response, status, param, *words):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert "\n" not in error["message"] and all(w in error["message"] for w in words), error
+    return error
+
+
+def test_bad_requests_in_openai_error_shape(env):
+    url = env["server"].url
+    root = env["root"]
+
+    def upload(path, purpose="fine-tune"):
+        with open(path, "rb") as f:
+            return httpx.post(f"{url}/v1/files", files={"file": (path.name, f)}, data={"purpose": purpose})
+
+    good = upload(env["chat"]).json()["id"]
+    def create(**body):
+        return httpx.post(f"{url}/v1/fine_tuning/jobs", json={"model": "base", "training_file": good, **body},
+                          timeout=60)
+
+    assert_openai_error(create(model="gpt-4o-mini"), 404, "model", "gpt-4o-mini")
+    batch = upload(env["chat"], "batch").json()
+    assert batch["purpose"] == "batch"
+    assert_openai_error(create(training_file=batch["id"]), 400, "training_file", "purpose 'batch'")
+    assert_openai_error(create(method={"type": "dpo"}), 400, "training_file", "preference rows")
+    assert_openai_error(create(hyperparameters={"n_epochs": 0}), 400, "hyperparameters.n_epochs")
+    assert_openai_error(create(method={"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.2}}}),
+                        400, "method.supervised.hyperparameters.beta", "dpo jobs only")
+    assert_openai_error(create(suffix="no spaces please"), 400, "suffix")
+    few = write_jsonl(root / "few.jsonl", [json.loads(line) for line in env["chat"].read_text().splitlines()[:3]])
+    assert_openai_error(create(training_file=upload(few).json()["id"]), 400, "training_file", "3 examples")
+    rows = env["chat"].read_text().splitlines()
+    bad = root / "bad.jsonl"
+    bad.write_text("\n".join(rows[:2] + ['{"messages": [{"role": "robot", "content": "hi"}]}'] + rows[3:]) + "\n")
+    response = upload(bad)
+    assert response.status_code == 400 and "bad.jsonl:3" in response.json()["error"]["message"]
+    assert "robot" in response.json()["error"]["message"]
+    no_reply = root / "noreply.jsonl"
+    no_reply.write_text("\n".join(rows[:4] + ['{"messages": [{"role": "user", "content": "hi"}]}'] + rows[5:]) + "\n")
+    message = upload(no_reply).json()["error"]["message"]
+    assert "noreply.jsonl:5" in message and "assistant" in message
+    unknown = httpx.post(f"{url}/v1/fine_tuning/jobs/ftjob-nope/resume")
+    assert_openai_error(unknown, 404, "fine_tuning_job_id")
+    assert_openai_error(upload(env["chat"], "wrong"), 400, None, "purpose")
