@@ -56,7 +56,7 @@ def client(tmp_path, monkeypatch):
     from tunelab.serve.app import create_app
     from tunelab.serve.settings import ServeSettings
 
-    return TestClient(create_app(ServeSettings(home=tmp_path / "home")))  # no lifespan: no scheduler needed
+    return TestClient(create_app(ServeSettings(home=tmp_path / "home")), base_url="http://127.0.0.1:8321")  # no lifespan: no scheduler needed
 
 
 def test_run_and_validate_a_string_check_grader(client):

@@ -25,4 +25,4 @@ def test_a_version_1_database_is_migrated(tmp_path):
     store.delete_file("file-1")
     assert store.get_file("file-1") is None
     store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
