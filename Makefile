@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray bench bench-estimate bench-serve bench-peers clean
+.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray bench bench-estimate bench-serve bench-scheduler bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-estimate: $(STAMP)
 
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve.py
+
+# What `tunelab serve` adds per job on each backend against `tunelab train` directly (Slurm when installed, as root)
+bench-scheduler: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/scheduler.py
 
 # tunelab against LLaMA-Factory, axolotl, torchtune, litgpt, unsloth and TRL, each peer in its own venv under
 # ~/.cache/tunelab/bench-peers (created on first use: about 90 minutes of installs)

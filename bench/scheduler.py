@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main() -> None:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     summary = {"jobs": args.jobs, "steps": args.steps, "time": when, "load_average": os.getloadavg(), **table}
     (HERE / "results" / "scheduler.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import json, os, pathlib, signal, sys, time
 run = pathlib.Path.cwd()
 if (run / "stubborn").exists():  # a trainer that never answers SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-(run / "seen.json").write_text(json.dumps({"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": sys.argv[1:]}))
+(run / "seen.tmp").write_text(json.dumps({"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": sys.argv[1:]}))
+os.replace(run / "seen.tmp", run / "seen.json")  # whole or absent: the test may read it at any moment
 while not (run / "exit").exists():
     time.sleep(0.02)
 sys.exit(int((run / "exit").read_text()))
@@ -177,3 +178,19 @@ def test_a_cancelled_job_that_ignores_sigterm_is_killed_after_the_grace(world, t
     wait_state(store, sched, a, ("CANCELLED",))
     assert time.time() - t0 >= 5  # the settings' cancel_grace
     assert sched.backend.free_gpus() == ["0", "1", "2"]
+
+
+def test_gpus_are_discovered_without_torch(tmp_path, monkeypatch):
+    from tunelab.serve.backends.local import discover_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # the server's own share of the machine
+    assert discover_gpus() == ["2", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    fake = tmp_path / "bin" / "nvidia-smi"  # answers --query-gpu=index --format=csv,noheader like the real one
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    assert discover_gpus() == ["0", "1"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert discover_gpus() == []

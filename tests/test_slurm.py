@@ -195,3 +195,13 @@ def test_serve_refuses_to_start_when_a_job_cannot_reach_home(env):
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: --backend slurm: a job on partition nowhere cannot read --home"), error
     assert "invalid partition" in error and "storage the cluster's nodes share" in error
+
+
+def test_requests_beyond_the_cluster_are_refused_naming_the_limit(env):
+    def error(compute):
+        response = httpx.post(env["server"].url + "/v1/tuningJobs", json={"config": job_config(), "compute": compute})
+        assert response.status_code == 400, response.text
+        return response.json()["error"]["message"]
+
+    assert error({"gpus": 3}) == "compute.gpus 3: the default partition has 2 GPUs per node"  # the fake gres
+    assert error({"nodes": 2}) == "compute.nodes 2: the default partition has 1 node"
