@@ -37,6 +37,7 @@ from torch import nn
 
 from tunelab.config import Config, UserError
 from tunelab.objectives import losses as L
+from tunelab.objectives import policy_losses as PL
 from tunelab.objectives.base import Objective
 from tunelab.objectives.rewards import PromptItem, make_reward
 from tunelab.objectives.sft import decoder_and_head, load_sources, split_eval
@@ -393,7 +394,7 @@ class PPO(RLObjective):
         rewards[rows, last] += self.penalised_scores(roll)
         if self.rc.whiten_rewards:
             rewards = L.whiten(rewards, m, shift_mean=False)
-        adv, returns = L.gae(rewards, roll["values"], m, self.rc.gamma, self.rc.lam)
+        adv, returns = PL.gae(rewards, roll["values"], m, self.rc.gamma, self.rc.lam)
         return {"rewards": rewards, "advantages_raw": adv, "advantages": L.whiten(adv, m), "returns": returns}
 
     def update_kl_coef(self, roll: dict) -> None:
@@ -422,9 +423,9 @@ class PPO(RLObjective):
         m = batch["response_mask"]
         n = m.sum()
         out = self.forward(model, batch, values=True, entropy=True)
-        pg, clipfrac, approx_kl = L.ppo_policy_loss(out["logp"], batch["old_logp"], batch["advantages"], m,
+        pg, clipfrac, approx_kl = PL.ppo_policy_loss(out["logp"], batch["old_logp"], batch["advantages"], m,
                                                     self.rc.clip_range)
-        vf, vf_clipfrac = L.ppo_value_loss(out["values"], batch["old_values"], batch["returns"], m, self.rc.vf_clip)
+        vf, vf_clipfrac = PL.ppo_value_loss(out["values"], batch["old_values"], batch["returns"], m, self.rc.vf_clip)
         metrics = {"pg_loss": pg.detach() * n, "vf_loss": vf.detach() * n, "clipfrac": clipfrac * n,
                    "approx_kl": approx_kl * n, "vf_clipfrac": vf_clipfrac * n,
                    "entropy": out["entropy"].detach().sum()}
@@ -448,7 +449,7 @@ class GRPO(RLObjective):
         return result
 
     def plan(self, roll):
-        roll["advantages"] = L.group_advantages(self.penalised_scores(roll), self.rc.group_size)
+        roll["advantages"] = PL.group_advantages(self.penalised_scores(roll), self.rc.group_size)
         stats = self.rollout_stats(roll) if "logp" in roll else self._stats_without_logp(roll)
         if "logp" in roll:
             roll["old_logp"] = roll.pop("logp")
@@ -468,12 +469,12 @@ class GRPO(RLObjective):
         out = self.forward(model, batch, entropy=True)
         logp = out["logp"]
         old = batch["old_logp"] if "old_logp" in batch else logp.detach()
-        pg, clipfrac, approx_kl = L.ppo_policy_loss(logp, old, batch["advantages"], m, self.rc.clip_range)
+        pg, clipfrac, approx_kl = PL.ppo_policy_loss(logp, old, batch["advantages"], m, self.rc.clip_range)
         total = pg * n
         metrics = {"pg_loss": pg.detach() * n, "clipfrac": clipfrac * n, "approx_kl": approx_kl * n,
                    "entropy": out["entropy"].detach().sum()}
         if "ref_logp" in batch:
-            k3 = L.masked_sum(L.kl_penalty(logp, batch["ref_logp"], "k3"), m)
+            k3 = L.masked_sum(PL.kl_penalty(logp, batch["ref_logp"], "k3"), m)
             total = total + self.kl_coef * k3
             metrics["kl_k3"] = k3.detach()
             if "kl" not in batch["stats"]:
