@@ -86,17 +86,123 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     raise ValueError(f"unknown KL estimator {kind!r}: k1, k2, k3")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """GRPO advantages (Shao et al. 2024): (r - group mean) / (group std + eps), for N = groups * group_size
-    rewards laid out group after group.
-
-    Matches TRL GRPOTrainer (scale_rewards="group"): unbiased (Bessel-corrected) std, eps added to the
-    std, and std taken as 0 when group_size == 1. `scale=False` skips the division (Dr. GRPO,
-    Liu et al. 2025; TRL scale_rewards="none").
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     batch_std: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024): r - group mean, for N = groups * group_size rewards laid out group
+    after group, divided by (std + eps) where `scale` says which std:
+    - "group": the group's (GRPO); taken as 0 when group_size == 1;
+    - "batch": the whole batch's (PPO Lite, Liu et al. 2025, "Part I: Tricks or Traps?"); `batch_std` overrides
+      it when the batch spans several ranks;
+    - "none": no division (Dr. GRPO, Liu et al. 2025: the std divides easy and hard questions unequally).
+    Matches TRL GRPOTrainer's scale_rewards: unbiased (Bessel-corrected) std, eps added to the std.
     """
     r = rewards.view(-1, group_size)
-    adv = r - r.mean(dim=1, keepdim=True)
-    if scale:
-        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(adv)
-        adv = adv / (std + eps)
-    return adv.reshape(-1)
+    adv = (r - r.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale == "none":
+        return adv
+    if scale == "group":
+        std = r.std(dim=1, keepdim=True).expand_as(r).reshape(-1) if group_size > 1 else torch.zeros_like(adv)
+    elif scale == "batch":
+        std = batch_std if batch_std is not None else (rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()))
+    else:
+        raise ValueError(f"unknown scale_rewards {scale!r}: group, batch, none")
+    return adv / (std + eps)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups' rewards all agree [groups]: their advantages are 0, so they carry no learning signal
+    (DAPO's dynamic sampling drops them). Tested with isclose, as TRL's frac_reward_zero_std."""
+    r = rewards.view(-1, group_size)
+    return torch.isclose(r.std(dim=1), torch.zeros((), dtype=r.dtype, device=r.device)) if group_size > 1 else \
+        torch.ones(r.shape[0], dtype=torch.bool, device=r.device)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), added to the reward: 0 up to
+    max_length - buffer tokens, then falling linearly to -1 at max_length, and -1 beyond it."""
+    start = max_length - buffer
+    return ((start - lengths.float()) / buffer).clamp(min=-1.0, max=0.0)
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    level: str = "token",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """The GRPO family's policy loss on one batch: (loss summed over its units, units, statistics).
+
+    logp / old_logp / ref_logp [B, T] per response token (old_logp None: the sampling policy is this one, so
+    the ratio is 1 with the gradient of logp), advantages [B], mask [B, T] the tokens that carry loss.
+    The importance ratio rho is per token (`level` "token") or the exp of the sequence's mean token log-ratio,
+    one per sequence (`level` "sequence": GSPO, Zheng et al. 2025). Per token,
+    - clipped types: -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) (PPO's surrogate; clip_high > clip_low
+      is DAPO's clip-higher, Yu et al. 2025);
+    - "cispo" (MiniMax-M1, 2025): -sg(min(rho, 1 + clip_high)) A log pi: the ratio is clipped, not the update,
+      so clipped tokens keep their gradient;
+    plus beta * k3 KL to the reference (GRPO, Shao et al. 2024). The per-token losses are then averaged:
+    - "grpo": over each sequence's tokens, then over sequences (Shao et al. 2024; favours short right answers
+      and long wrong ones); units = sequences;
+    - "bnpo": over the tokens of this batch (TRL's bnpo: a micro-batch mean, then the mean over micro-batches);
+      units = 1 per batch;
+    - "dr_grpo": summed, divided by sequences x max_length (Dr. GRPO, Liu et al. 2025: a constant, no length
+      bias); units = sequences x max_length;
+    - "dapo" / "cispo": over all tokens of the update (DAPO's token-level loss); units = tokens.
+    loss_sum / units equals TRL GRPOTrainer's loss on the same tensors (tests/test_policy_losses.py).
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}: {', '.join(GRPO_LOSS_TYPES)}")
+    clip_high = clip_low if clip_high is None else clip_high
+    m = mask.to(logp.dtype)
+    adv = advantages.unsqueeze(-1)
+    log_ratio = logp - (logp.detach() if old_logp is None else old_logp)
+    if level == "sequence":
+        log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    elif level != "token":
+        raise ValueError(f"unknown importance_sampling_level {level!r}: token, sequence")
+    ratio = torch.exp(log_ratio)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1 + clip_high).detach() * adv * logp
+        clipped_high, clipped_low = (ratio > 1 + clip_high) & (adv > 0), torch.zeros_like(ratio, dtype=torch.bool)
+    else:
+        per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+        clipped_high, clipped_low = (ratio > 1 + clip_high) & (adv > 0), (ratio < 1 - clip_low) & (adv < 0)
+    stats = {}
+    if beta != 0.0:
+        q = ref_logp - logp
+        kl = torch.exp(q) - q - 1
+        per_token = per_token + beta * kl
+        stats["kl_k3"] = _mean_over(kl.detach(), m)
+    summed = (per_token * m).sum(-1)  # [B]
+    rows = logp.shape[0]
+    if loss_type == "grpo":
+        loss, units = (summed / m.sum(-1).clamp(min=1.0)).sum(), rows
+    elif loss_type == "bnpo":
+        loss, units = summed.sum() / m.sum().clamp(min=1.0), 1
+    elif loss_type == "dr_grpo":
+        if max_length is None:
+            raise ValueError("dr_grpo needs max_length (the generation limit, its constant normaliser)")
+        loss, units = summed.sum(), rows * max_length
+    else:
+        loss, units = summed.sum(), int(mask.sum())
+    stats["clip_low"] = _mean_over(clipped_low.to(m.dtype), m)
+    stats["clip_high"] = _mean_over(clipped_high.to(m.dtype), m)
+    return loss, units, stats
+
+
+def _mean_over(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # per-sequence values [B, 1] (sequence level) average over sequences, per-token ones over the mask, as TRL logs
+    if x.shape[-1] == 1:
+        return x.mean()
+    return (x * m).sum() / m.sum().clamp(min=1.0)
