@@ -186,3 +186,15 @@ def test_each_loss_type_raises_the_reward(base, prompts, tmp_path, loss_type, le
     run(cfg)
     rewards = [m["reward"] for m in metrics(tmp_path / "l")]
     assert reward_rose(rewards, k=3), rewards
+
+
+def test_service_refuses_code_rewards_without_allow_code(base, prompts, tmp_path):
+    from tunelab.serve.jobspec import code_keys
+
+    python = {"type": "python", "name": "p", "source": "def grade(sample, item): return 1.0"}
+    check = {"type": "string_check", "name": "s", "input": "a", "reference": "a", "operation": "eq"}
+    section = {"reward_function": None,
+               "rewards": [{"function": "rl_rewards:target_fraction"}, {"grader": check}, {"grader": python}],
+               "graders": [check, {"type": "multi", "graders": {"x": check, "y": python}, "calculate_output": "x"}]}
+    cfg = load_config(data=grpo(base, prompts, tmp_path / "s", section))
+    assert code_keys(cfg) == ["grpo.rewards[0].function", "grpo.rewards[2].grader", "grpo.graders[1]"]
