@@ -178,23 +178,16 @@ def test_config_errors(base, prompts, tmp_path):
 @pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "token"), ("bnpo", "token"),
                                              ("dr_grpo", "token"), ("cispo", "token"), ("grpo", "sequence")])
 def test_each_loss_type_raises_the_reward(base, prompts, tmp_path, loss_type, level):
-    """Reward = fraction of 'e' in the response (about 8 % at the start), full fine-tuning, fixed seed."""
+    """Reward = fraction of 'e' in the response (about 5 % at the start), full fine-tuning, fixed seed, 8 steps.
+    Two updates per rollout (steps_per_generation 2), so the second is off-policy: on-policy (ratio 1) cispo's
+    gradient is dapo's and the sequence-level ratio's is the token-level one's, and only the second update tells
+    them apart."""
     section = {"loss_type": loss_type, "importance_sampling_level": level, "kl_coef": 0.0, "group_size": 8,
-               "max_new_tokens": 8, **({"clip_range_high": 4.0} if loss_type == "cispo" else {})}
-    cfg = grpo(base, prompts, tmp_path / "l", section, micro_batch_size=4, max_steps=12, lr=5e-3,
-               scheduler="constant")
+               "max_new_tokens": 8, "steps_per_generation": 2,
+               **({"clip_range_high": 4.0} if loss_type == "cispo" else {})}
+    cfg = grpo(base, prompts, tmp_path / "l", section, micro_batch_size=2, max_steps=8, lr=1e-2, scheduler="constant")
     run(cfg)
-    rewards = [m["reward"] for m in metrics(tmp_path / "l")]
+    ms = metrics(tmp_path / "l")
+    rewards = [m["reward"] for m in ms]
     assert reward_rose(rewards, k=3), rewards
-
-
-def test_service_refuses_code_rewards_without_allow_code(base, prompts, tmp_path):
-    from tunelab.serve.jobspec import code_keys
-
-    python = {"type": "python", "name": "p", "source": "def grade(sample, item): return 1.0"}
-    check = {"type": "string_check", "name": "s", "input": "a", "reference": "a", "operation": "eq"}
-    section = {"reward_function": None,
-               "rewards": [{"function": "rl_rewards:target_fraction"}, {"grader": check}, {"grader": python}],
-               "graders": [check, {"type": "multi", "graders": {"x": check, "y": python}, "calculate_output": "x"}]}
-    cfg = load_config(data=grpo(base, prompts, tmp_path / "s", section))
-    assert code_keys(cfg) == ["grpo.rewards[0].function", "grpo.rewards[2].grader", "grpo.graders[1]"]
+    assert all(m["updates"] == 2 for m in ms)
