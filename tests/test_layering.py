@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A layer is a dict of sibling groups: module or package names directly under tunelab.
 LAYERS = [
     {"config": ["config"]},
-    {"data": ["data", "tasks", "graders"]},  # tasks: the demo's synthetic data and its reward, imports nothing of tunelab; graders: OpenAI grader JSON
+    {"data": ["data", "tasks", "graders", "environments"]},  # tasks: the demo's synthetic data and its reward, imports nothing of tunelab; graders: OpenAI grader JSON; environments: multi-turn GRPO tools
     # What a model is and how it runs: loading / building / saving (model, scratch), attention, number formats,
     # the CPU allocator, LoRA dropout's kept mask, generation (infer: serve and evaluation use it too), MoE experts /
     # routers / router loss (moe).

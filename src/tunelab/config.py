@@ -272,6 +272,8 @@ class GRPOConfig(RolloutConfig):
     rewards: list[RewardSpec] = []
     graders: list[dict[str, Any]] = []
     dynamic_sampling_rounds: int = Field(0, ge=0)
+    environment: str | None = None  # module:Class, multi-turn tool rollouts (objectives/multiturn.py)
+    max_turns: int = Field(4, gt=0)  # assistant turns per rollout with an environment
 
     @model_validator(mode="after")
     def _overlong(self):
@@ -379,9 +381,10 @@ class Config(Section):
                                  f"({init.max_position}): bert has a learned embedding per position")
         if self.method == "grpo":
             sources = [self.grpo.reward_model, self.grpo.reward_function, self.grpo.judge]
-            if not any(s is not None for s in sources) and not self.grpo.rewards and not self.grpo.graders:
+            if not any(s is not None for s in sources + [self.grpo.environment]) and not self.grpo.rewards \
+                    and not self.grpo.graders:
                 raise ValueError("method: grpo needs a reward: grpo.reward_function, grpo.reward_model, grpo.judge, "
-                                 "grpo.rewards or grpo.graders")
+                                 "grpo.rewards, grpo.graders or an environment with get_reward")
         if self.method == "ppo":
             section = self.ppo
             sources = [section.reward_model, section.reward_function, section.judge]

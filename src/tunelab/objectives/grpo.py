@@ -44,6 +44,14 @@ class GRPO(RLObjective):
                     validate(grader, allow_code=True)
                 except GraderError as e:
                     raise UserError(f"{key}: {e}") from None
+        self.sampler = None
+        if self.rc.environment is not None:
+            from tunelab.objectives.multiturn import MultiTurnSampler
+
+            self.sampler = MultiTurnSampler(self, self.rc.environment)
+            if not self.has_reward_source() and not hasattr(self.sampler.cls, "get_reward"):
+                raise UserError(f"grpo.environment: {self.rc.environment} has no get_reward() and no other reward "
+                                "is configured (grpo.reward_function, grpo.rewards, grpo.graders, ...)")
         self.pool: list = []  # the training prompts, which dynamic sampling draws from
         self._units_per_row = 1.0
 
@@ -59,6 +67,11 @@ class GRPO(RLObjective):
     def reward_source(self):
         return make_rewards(self.rc, self.key, self.device)
 
+    def has_reward_source(self) -> bool:
+        rc = self.rc
+        return any(x is not None for x in (rc.reward_function, rc.reward_model, rc.judge)) or bool(
+            rc.rewards or rc.graders)
+
     def needs_old_logp(self) -> bool:
         # with one update per rollout pi_old is the policy itself: its log-probs are those of the update
         return self.rc.ppo_epochs > 1 or self.rc.steps_per_generation > 1
@@ -68,7 +81,11 @@ class GRPO(RLObjective):
     def score(self, part: dict) -> torch.Tensor:
         """The weighted sum of the reward sources (plus DAPO's overlong penalty); each source's scores are
         kept in the rollout as `reward/NAME` for logging."""
-        parts, total = self.reward(part["items"], part["texts"])
+        parts, total = self.reward(part["items"], part["texts"]) if self.has_reward_source() else ({}, 0.0)
+        envs = part.get("environments")
+        if envs and hasattr(self.sampler.cls, "get_reward"):  # the environment owns a reward (TRL's get_reward)
+            parts[self.sampler.cls.__name__] = torch.tensor([float(env.get_reward()) for env in envs])
+            total = total + parts[self.sampler.cls.__name__]
         if self.rc.overlong_buffer is not None:
             lengths = part["response_mask"].sum(-1).cpu()
             parts["overlong"] = PL.overlong_penalty(lengths, self.rc.max_new_tokens, self.rc.overlong_buffer)
@@ -78,7 +95,10 @@ class GRPO(RLObjective):
         return total.to(self.device)
 
     def _sample(self, model, batch: dict) -> dict:
-        part = self.generate(model, batch, repeat=self.rc.group_size)
+        if self.sampler is not None:
+            part = self.sampler.generate(model, batch, repeat=self.rc.group_size)
+        else:
+            part = self.generate(model, batch, repeat=self.rc.group_size)
         part["scores"] = self.score(part)
         return part
 
@@ -175,6 +195,8 @@ class GRPO(RLObjective):
 
     def plan(self, roll):
         m = roll["response_mask"]
+        if "tool_mask" in roll:  # tool results are the environment's words, never the policy's
+            m = m * roll["tool_mask"]
         roll["loss_mask"] = m * roll["eos"][:, None] if self.rc.mask_truncated_completions else m.clone()
         scores = self.penalised_scores(roll)
         roll["advantages"] = PL.group_advantages(scores, self.rc.group_size, self.rc.scale_rewards,
@@ -193,6 +215,14 @@ class GRPO(RLObjective):
         if "ref_logp" in roll:
             stats["kl_coef"] = self.kl_coef  # the KL itself is measured in the update (kl, kl_k3)
         return stats
+
+    @torch.no_grad()
+    def evaluate_batch(self, model, batch: dict):
+        if self.sampler is None:
+            return super().evaluate_batch(model, batch)
+        part = self.sampler.generate(model, batch, greedy=True)
+        scores = self.score(part)
+        return -scores.sum(), {"reward": scores.sum(), "response_length": part["response_mask"].sum().float()}
 
     def units(self, batch: dict) -> int:
         if "response_mask" not in batch:

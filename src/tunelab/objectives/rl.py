@@ -173,11 +173,11 @@ class RLObjective(Objective):
 
     # -- sampling
 
-    def sampling_kwargs(self, greedy: bool = False) -> dict:
+    def sampling_kwargs(self, greedy: bool = False, max_new_tokens: int | None = None) -> dict:
         """Sample from softmax(logits / temperature) exactly (top_p aside): explicit neutral values for every
         other knob, since generate() fills unset ones from the model's generation_config (top_k, min_p,
         repetition_penalty, ...), which would make the sampling distribution differ from the policy's."""
-        kw = dict(max_new_tokens=self.rc.max_new_tokens, eos_token_id=self.stop_ids,
+        kw = dict(max_new_tokens=max_new_tokens or self.rc.max_new_tokens, eos_token_id=self.stop_ids,
                   pad_token_id=self.tokenizer.pad_token_id, use_cache=True, num_beams=1, min_length=0,
                   min_new_tokens=None, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
                   sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
@@ -188,7 +188,8 @@ class RLObjective(Objective):
                 "typical_p": 1.0, "min_p": None, "top_h": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, batch: dict, repeat: int = 1, greedy: bool = False) -> dict:
+    def generate(self, model: nn.Module, batch: dict, repeat: int = 1, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> dict:
         """Sample responses for a prompt batch: left-padded prompts [N, P] and right-padded responses
         [N, R], each ending at (and including) its first stop token; `eos` tells which responses stopped."""
         ids, mask = batch["prompt_ids"], batch["prompt_mask"]
@@ -198,7 +199,7 @@ class RLObjective(Objective):
         model.eval()
         try:
             with self._autocast():
-                out = model.generate(input_ids=ids, attention_mask=mask, **self.sampling_kwargs(greedy))
+                out = model.generate(input_ids=ids, attention_mask=mask, **self.sampling_kwargs(greedy, max_new_tokens))
         finally:
             model.train(was_training)
         response = out[:, ids.shape[1]:]

@@ -63,6 +63,8 @@ def code_keys(cfg: Config) -> list[str]:
         if spec.grader is not None and _runs_python(spec.grader):
             keys.append(f"grpo.rewards[{i}].grader")
     keys += [f"grpo.graders[{i}]" for i, g in enumerate(cfg.grpo.graders) if _runs_python(g)]
+    if cfg.grpo.environment is not None:
+        keys.append("grpo.environment")
     if ":" in cfg.eval.scorer:
         keys.append("eval.scorer")
     if cfg.log.wandb is not None:
