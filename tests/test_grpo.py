@@ -16,7 +16,6 @@ from tiny import make_base_model
 import rl_rewards
 from tunelab import tasks
 from tunelab.config import UserError, load_config
-from tunelab.objectives import policy_losses as PL
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A layer is a dict of sibling groups: module or package names directly under tunelab.
 LAYERS = [
     {"config": ["config"]},
-    {"data": ["data", "tasks", "graders", "environments"]},  # tasks: the demo's synthetic data and its reward, imports nothing of tunelab; graders: OpenAI grader JSON; environments: multi-turn GRPO tools
+    # tasks: the demo's synthetic data and its reward, imports nothing of tunelab; graders: OpenAI grader JSON;
+    # environments: tool environments for multi-turn GRPO (pure Python)
+    {"data": ["data", "tasks", "graders", "environments"]},
     # What a model is and how it runs: loading / building / saving (model, scratch), attention, number formats,
     # the CPU allocator, LoRA dropout's kept mask, generation (infer: serve and evaluation use it too), MoE experts /
     # routers / router loss (moe).

@@ -299,7 +299,7 @@ def _default_name(spec, i: int) -> str:
 
 
 class WeightedRewards:
-    """Several reward sources with weights: `(items, responses) -> (per-source scores {name: [N]}, weighted sum [N])`."""
+    """Several reward sources with weights: `(items, responses) -> ({name: scores [N]}, weighted sum [N])`."""
 
     def __init__(self, named: list[tuple[str, float, Callable]]):
         self.named = named
