@@ -239,9 +239,7 @@ class PPOConfig(RolloutConfig):
     whiten_rewards: bool = False
 
 
-class RewardSpec(Section):
-    """One of grpo.rewards: a source and its weight in the summed reward (`name` labels its logged mean / std)."""
-
+class RewardSpec(Section):  # one of grpo.rewards: a source, its weight in the summed reward, a name for its logs
     function: str | None = None  # module:function, as reward_function
     model: str | None = None  # a reward model dir, as reward_model
     judge: dict[str, Any] | None = None  # as judge
@@ -256,9 +254,7 @@ class RewardSpec(Section):
         return self
 
 
-class GRPOConfig(RolloutConfig):
-    """The keys and their papers are documented in README.md's GRPO section."""
-
+class GRPOConfig(RolloutConfig):  # the keys and their papers: README.md's GRPO section
     group_size: int = Field(4, gt=1)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
@@ -274,13 +270,6 @@ class GRPOConfig(RolloutConfig):
     dynamic_sampling_rounds: int = Field(0, ge=0)
     environment: str | None = None  # module:Class, multi-turn tool rollouts (objectives/multiturn.py)
     max_turns: int = Field(4, gt=0)  # assistant turns per rollout with an environment
-
-    @model_validator(mode="after")
-    def _overlong(self):
-        if self.overlong_buffer is not None and self.overlong_buffer > self.max_new_tokens:
-            raise ValueError(f"grpo.overlong_buffer ({self.overlong_buffer}) must not exceed grpo.max_new_tokens "
-                             f"({self.max_new_tokens}): it is the last stretch of the generation limit")
-        return self
 
 
 class TeacherConfig(Section):
@@ -379,12 +368,14 @@ class Config(Section):
             if init.architecture == "bert" and self.data.max_length > init.max_position:
                 raise ValueError(f"data.max_length ({self.data.max_length}) exceeds model.init.max_position "
                                  f"({init.max_position}): bert has a learned embedding per position")
-        if self.method == "grpo":
-            sources = [self.grpo.reward_model, self.grpo.reward_function, self.grpo.judge]
-            if not any(s is not None for s in sources + [self.grpo.environment]) and not self.grpo.rewards \
-                    and not self.grpo.graders:
-                raise ValueError("method: grpo needs a reward: grpo.reward_function, grpo.reward_model, grpo.judge, "
-                                 "grpo.rewards, grpo.graders or an environment with get_reward")
+        g = self.grpo
+        if self.method == "grpo" and not (g.rewards or g.graders or any(
+                x is not None for x in (g.reward_function, g.reward_model, g.judge, g.environment))):
+            raise ValueError("method: grpo needs a reward: grpo.reward_function, grpo.reward_model, grpo.judge, "
+                             "grpo.rewards, grpo.graders or an environment with get_reward")
+        if g.overlong_buffer is not None and g.overlong_buffer > g.max_new_tokens:
+            raise ValueError(f"grpo.overlong_buffer ({g.overlong_buffer}) must not exceed grpo.max_new_tokens "
+                             f"({g.max_new_tokens}): it is the last stretch of the generation limit")
         if self.method == "ppo":
             section = self.ppo
             sources = [section.reward_model, section.reward_function, section.judge]
