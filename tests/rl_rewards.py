@@ -18,3 +18,13 @@ def wrong_signature(text):
 
 def returns_text(prompt, response, answer=None):
     return "high"
+
+
+def response_chars(prompt, response, answer=None, **_):
+    """A second reward to weigh against the first: the response's length in tens of characters."""
+    return len(response) / 10
+
+
+def flat_for_odd_prompts(prompt, response, answer=None, **_):
+    """target_fraction for prompts of even length, 0 for the others: their groups carry no signal."""
+    return 0.0 if len(prompt) % 2 else target_fraction(prompt, response)

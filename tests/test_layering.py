@@ -18,6 +18,7 @@ LAYERS = [
     {
         "data": ["data", "tasks"],  # tasks: the demo's synthetic data and its reward, imports nothing of tunelab
         "graders": ["graders"],  # OpenAI's graders as rewards: pure Python, imports only config
+        "environments": ["environments"],  # tool environments for multi-turn GRPO (pure Python)
     },
     # What a model is and how it runs: loading / building / saving (model, scratch), attention, number formats,
     # the CPU allocator, LoRA dropout's kept mask, generation (infer: serve and evaluation use it too), MoE experts /

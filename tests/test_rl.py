@@ -1,4 +1,4 @@
-"""PPO and GRPO: rollouts against independent recomputation, GAE / group advantages against losses.py,
+"""PPO and GRPO: rollouts against independent recomputation, GAE / group advantages against policy_losses.py,
 reward sources (function, reward model, judge) against direct model calls, learning, resume."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import rl_rewards
 from tunelab import tasks
 from tunelab.config import UserError, load_config
 from tunelab.objectives import losses as L
+from tunelab.objectives import policy_losses as PL
 from tunelab.trainer import Trainer
 
 REWARD = "rl_rewards:target_fraction"
@@ -160,7 +161,7 @@ def test_ppo_rollout_and_advantages_match_an_independent_recomputation(base, pro
     rewards = -0.1 * (roll["logp"] - roll["ref_logp"]) * m
     for i in range(n):
         rewards[i, int(m[i].sum()) - 1] += float(roll["scores"][i]) - (0.0 if roll["eos"][i] else 0.5)
-    expected_adv, expected_ret = L.gae(rewards, roll["values"], m, gamma=0.9, lam=0.8)
+    expected_adv, expected_ret = PL.gae(rewards, roll["values"], m, gamma=0.9, lam=0.8)
     torch.testing.assert_close(adv["rewards"], rewards)
     torch.testing.assert_close(adv["advantages_raw"], expected_adv)
     torch.testing.assert_close(adv["returns"], expected_ret)

@@ -239,10 +239,37 @@ class PPOConfig(RolloutConfig):
     whiten_rewards: bool = False
 
 
-class GRPOConfig(RolloutConfig):
+class RewardSpec(Section):  # one of grpo.rewards: a source, its weight in the summed reward, a name for its logs
+    function: str | None = None  # module:function, as reward_function
+    model: str | None = None  # a reward model dir, as reward_model
+    judge: dict[str, Any] | None = None  # as judge
+    grader: dict[str, Any] | None = None  # an OpenAI grader (tunelab.graders)
+    weight: float = 1.0
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(x is not None for x in (self.function, self.model, self.judge, self.grader)) != 1:
+            raise ValueError("each grpo.rewards entry names exactly one of function, model, judge or grader")
+        return self
+
+
+class GRPOConfig(RolloutConfig):  # the keys and their papers: README.md's GRPO section
     group_size: int = Field(4, gt=1)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     clip_range: float = Field(0.2, gt=0)
+    clip_range_high: float | None = Field(None, gt=0)  # None: clip_range
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False
+    overlong_buffer: int | None = Field(None, gt=0)
     ppo_epochs: int = Field(1, gt=0)
+    steps_per_generation: int = Field(1, gt=0)
+    rewards: list[RewardSpec] = []
+    graders: list[dict[str, Any]] = []
+    dynamic_sampling_rounds: int = Field(0, ge=0)
+    environment: str | None = None  # module:Class, multi-turn tool rollouts (objectives/multiturn.py)
+    max_turns: int = Field(4, gt=0)  # assistant turns per rollout with an environment
 
 
 class TeacherConfig(Section):
@@ -341,8 +368,16 @@ class Config(Section):
             if init.architecture == "bert" and self.data.max_length > init.max_position:
                 raise ValueError(f"data.max_length ({self.data.max_length}) exceeds model.init.max_position "
                                  f"({init.max_position}): bert has a learned embedding per position")
-        if self.method in ("ppo", "grpo"):
-            section = self.ppo if self.method == "ppo" else self.grpo
+        g = self.grpo
+        if self.method == "grpo" and not (g.rewards or g.graders or any(
+                x is not None for x in (g.reward_function, g.reward_model, g.judge, g.environment))):
+            raise ValueError("method: grpo needs a reward: grpo.reward_function, grpo.reward_model, grpo.judge, "
+                             "grpo.rewards, grpo.graders or an environment with get_reward")
+        if g.overlong_buffer is not None and g.overlong_buffer > g.max_new_tokens:
+            raise ValueError(f"grpo.overlong_buffer ({g.overlong_buffer}) must not exceed grpo.max_new_tokens "
+                             f"({g.max_new_tokens}): it is the last stretch of the generation limit")
+        if self.method == "ppo":
+            section = self.ppo
             sources = [section.reward_model, section.reward_function, section.judge]
             if sum(s is not None for s in sources) != 1:
                 raise ValueError(

@@ -18,7 +18,7 @@ REGISTRY = {
     "kto": "tunelab.objectives.kto:KTO",
     "reward": "tunelab.objectives.reward:Reward",
     "ppo": "tunelab.objectives.rl:PPO",
-    "grpo": "tunelab.objectives.rl:GRPO",
+    "grpo": "tunelab.objectives.grpo:GRPO",
 }
 
 

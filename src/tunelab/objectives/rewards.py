@@ -25,10 +25,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -44,6 +45,7 @@ class PromptItem:
     messages: list[dict]
     answer: Any | None
     where: str = ""
+    row: dict = field(default_factory=dict)  # the data row as read: graders' {{item.*}} templates look into it
 
     @property
     def prompt(self):
@@ -232,6 +234,41 @@ class JudgeReward:
         return torch.cat(out)
 
 
+# ---------------------------------------------------------------- grader
+
+def grader_sample(response: str) -> dict:
+    """OpenAI's grader sample for a response: its text, the JSON it parses as (None if it does not), its tool calls."""
+    from tunelab.data.tools import parse_tool_calls
+
+    try:
+        output_json = json.loads(response)
+    except ValueError:
+        output_json = None
+    return {"output_text": response, "output_json": output_json, "output_tools": parse_tool_calls(response)[1]}
+
+
+class GraderReward:
+    """An OpenAI grader as a reward. Python graders run here unchecked: the training process is the operator's,
+    and the service refuses them in jobs unless started with --allow-code (serve/jobspec.code_keys)."""
+
+    def __init__(self, grader: dict, key: str):
+        from tunelab.graders import GraderError, build
+
+        self.key = key
+        try:
+            self.grader = build(grader, allow_code=True)
+        except GraderError as e:
+            raise UserError(f"{key}: {e}") from None
+
+    def __call__(self, items: list[PromptItem], responses: list[str]) -> torch.Tensor:
+        scores = []
+        for item, response in zip(items, responses):
+            scores.append(float(self.grader(grader_sample(response), item.row)))
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- choosing and combining sources
+
 def make_reward(section, key: str, device: torch.device):
     """The configured source of `section` (a PPOConfig / GRPOConfig); `key` is its config path (ppo, grpo)."""
     if section.reward_function is not None:
@@ -239,3 +276,57 @@ def make_reward(section, key: str, device: torch.device):
     if section.reward_model is not None:
         return ModelReward(section.reward_model, f"{key}.reward_model", device)
     return JudgeReward(dict(section.judge), f"{key}.judge", device)
+
+
+def _source(spec, key: str, device: torch.device, grader_key: str | None = None):
+    if spec.function is not None:
+        return FunctionReward(spec.function, f"{key}.function")
+    if spec.model is not None:
+        return ModelReward(spec.model, f"{key}.model", device)
+    if spec.judge is not None:
+        return JudgeReward(dict(spec.judge), f"{key}.judge", device)
+    return GraderReward(dict(spec.grader), grader_key or f"{key}.grader")
+
+
+def _default_name(spec, i: int) -> str:
+    if spec.name:
+        return spec.name
+    if spec.function is not None:
+        return spec.function.rpartition(":")[2]
+    if spec.grader is not None and isinstance(spec.grader.get("name"), str) and spec.grader["name"]:
+        return spec.grader["name"]
+    return f"{'model' if spec.model is not None else 'judge' if spec.judge is not None else 'grader'}{i}"
+
+
+class WeightedRewards:
+    """Several reward sources with weights: `(items, responses) -> ({name: scores [N]}, weighted sum [N])`."""
+
+    def __init__(self, named: list[tuple[str, float, Callable]]):
+        self.named = named
+
+    def __call__(self, items: list[PromptItem], responses: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        parts = {name: fn(items, responses).float() for name, _, fn in self.named}
+        total = sum(weight * parts[name] for name, weight, _ in self.named)
+        return parts, total
+
+
+def make_rewards(section, key: str, device: torch.device) -> WeightedRewards:
+    """GRPO's reward sources: the single-source keys (weight 1), grpo.rewards and grpo.graders (weight 1 each)."""
+    from tunelab.config import RewardSpec
+
+    named: list[tuple[str, float, Callable]] = []
+    if any(getattr(section, k) is not None for k in ("reward_function", "reward_model", "judge")):
+        source = make_reward(section, key, device)
+        spec = section.reward_function or ("reward_model" if section.reward_model is not None else "judge")
+        named.append((spec.rpartition(":")[2], 1.0, source))
+    for i, spec in enumerate(section.rewards):
+        named.append((_default_name(spec, i), spec.weight, _source(spec, f"{key}.rewards[{i}]", device)))
+    for i, grader in enumerate(section.graders):
+        spec = RewardSpec(grader=grader)
+        named.append((_default_name(spec, i), 1.0, _source(spec, "", device, f"{key}.graders[{i}]")))
+    seen: dict[str, int] = {}
+    for j, (name, weight, fn) in enumerate(named):  # two sources of one name are logged apart
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            named[j] = (f"{name}_{seen[name]}", weight, fn)
+    return WeightedRewards(named)

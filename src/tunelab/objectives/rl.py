@@ -1,4 +1,4 @@
-"""On-policy RL from prompts: PPO (RLHF as in InstructGPT) and GRPO.
+"""On-policy RL from prompts: what PPO and GRPO share, and PPO (RLHF as in InstructGPT); GRPO is in grpo.py.
 
 How they fit the one loop. The loop hands an objective the prompt micro-batches of one window
 (`micro_batch_size x grad_accum` prompts per rank) and asks `updates()` for the optimizer updates to make
@@ -37,6 +37,7 @@ from torch import nn
 
 from tunelab.config import Config, UserError
 from tunelab.objectives import losses as L
+from tunelab.objectives import policy_losses as PL
 from tunelab.objectives.base import Objective
 from tunelab.objectives.rewards import PromptItem, make_reward
 from tunelab.objectives.sft import decoder_and_head, load_sources, split_eval
@@ -91,7 +92,7 @@ class RLObjective(Objective):
             if len(ids) > limit:
                 too_long += 1  # a cut prompt is another question: leave it out and count it
                 continue
-            items.append(PromptItem(ids, p.messages, p.answer, row.where))
+            items.append(PromptItem(ids, p.messages, p.answer, row.where, row.data))
         return items, too_long
 
     def datasets(self):
@@ -157,7 +158,10 @@ class RLObjective(Objective):
         self.lora = hasattr(model, "disable_adapter")
         if not self.lora and self.needs_reference():
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.reward = make_reward(self.rc, self.key, self.device)
+        self.reward = self.reward_source()
+
+    def reward_source(self):
+        return make_reward(self.rc, self.key, self.device)
 
     def needs_reference(self) -> bool:
         return self.kl_coef > 0 or bool(getattr(self.rc, "adaptive_kl", False))
@@ -169,11 +173,11 @@ class RLObjective(Objective):
 
     # -- sampling
 
-    def sampling_kwargs(self, greedy: bool = False) -> dict:
+    def sampling_kwargs(self, greedy: bool = False, max_new_tokens: int | None = None) -> dict:
         """Sample from softmax(logits / temperature) exactly (top_p aside): explicit neutral values for every
         other knob, since generate() fills unset ones from the model's generation_config (top_k, min_p,
         repetition_penalty, ...), which would make the sampling distribution differ from the policy's."""
-        kw = dict(max_new_tokens=self.rc.max_new_tokens, eos_token_id=self.stop_ids,
+        kw = dict(max_new_tokens=max_new_tokens or self.rc.max_new_tokens, eos_token_id=self.stop_ids,
                   pad_token_id=self.tokenizer.pad_token_id, use_cache=True, num_beams=1, min_length=0,
                   min_new_tokens=None, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
                   sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
@@ -184,7 +188,8 @@ class RLObjective(Objective):
                 "typical_p": 1.0, "min_p": None, "top_h": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, batch: dict, repeat: int = 1, greedy: bool = False) -> dict:
+    def generate(self, model: nn.Module, batch: dict, repeat: int = 1, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> dict:
         """Sample responses for a prompt batch: left-padded prompts [N, P] and right-padded responses
         [N, R], each ending at (and including) its first stop token; `eos` tells which responses stopped."""
         ids, mask = batch["prompt_ids"], batch["prompt_mask"]
@@ -194,7 +199,7 @@ class RLObjective(Objective):
         model.eval()
         try:
             with self._autocast():
-                out = model.generate(input_ids=ids, attention_mask=mask, **self.sampling_kwargs(greedy))
+                out = model.generate(input_ids=ids, attention_mask=mask, **self.sampling_kwargs(greedy, max_new_tokens))
         finally:
             model.train(was_training)
         response = out[:, ids.shape[1]:]
@@ -393,7 +398,7 @@ class PPO(RLObjective):
         rewards[rows, last] += self.penalised_scores(roll)
         if self.rc.whiten_rewards:
             rewards = L.whiten(rewards, m, shift_mean=False)
-        adv, returns = L.gae(rewards, roll["values"], m, self.rc.gamma, self.rc.lam)
+        adv, returns = PL.gae(rewards, roll["values"], m, self.rc.gamma, self.rc.lam)
         return {"rewards": rewards, "advantages_raw": adv, "advantages": L.whiten(adv, m), "returns": returns}
 
     def update_kl_coef(self, roll: dict) -> None:
@@ -422,63 +427,10 @@ class PPO(RLObjective):
         m = batch["response_mask"]
         n = m.sum()
         out = self.forward(model, batch, values=True, entropy=True)
-        pg, clipfrac, approx_kl = L.ppo_policy_loss(out["logp"], batch["old_logp"], batch["advantages"], m,
+        pg, clipfrac, approx_kl = PL.ppo_policy_loss(out["logp"], batch["old_logp"], batch["advantages"], m,
                                                     self.rc.clip_range)
-        vf, vf_clipfrac = L.ppo_value_loss(out["values"], batch["old_values"], batch["returns"], m, self.rc.vf_clip)
+        vf, vf_clipfrac = PL.ppo_value_loss(out["values"], batch["old_values"], batch["returns"], m, self.rc.vf_clip)
         metrics = {"pg_loss": pg.detach() * n, "vf_loss": vf.detach() * n, "clipfrac": clipfrac * n,
                    "approx_kl": approx_kl * n, "vf_clipfrac": vf_clipfrac * n,
                    "entropy": out["entropy"].detach().sum()}
         return (pg + self.rc.vf_coef * vf) * n, self.with_stats(metrics, batch, n)
-
-
-class GRPO(RLObjective):
-    """GRPO (Shao et al. 2024): `group_size` samples per prompt, each sample's advantage its group-normalised
-    score on every token, no value model, k3 KL to the reference in the loss (weight kl_coef)."""
-
-    @property
-    def samples_per_prompt(self):
-        return self.rc.group_size
-
-    def rollout_forward(self, model, part):
-        result = {}
-        if self.rc.ppo_epochs > 1:  # with one pass, pi_old = pi: its log-probs are those of the update itself
-            result["logp"] = self.forward(model, part)["logp"]
-        if self.needs_reference():
-            result["ref_logp"] = self.reference_logp(model, part)
-        return result
-
-    def plan(self, roll):
-        roll["advantages"] = L.group_advantages(self.penalised_scores(roll), self.rc.group_size)
-        stats = self.rollout_stats(roll) if "logp" in roll else self._stats_without_logp(roll)
-        if "logp" in roll:
-            roll["old_logp"] = roll.pop("logp")
-        yield from self.split(roll, 1, self.rc.ppo_epochs, stats)
-
-    def _stats_without_logp(self, roll):
-        stats = self.rollout_stats({k: v for k, v in roll.items() if k != "ref_logp"})
-        if "ref_logp" in roll:
-            stats["kl_coef"] = self.kl_coef  # the KL itself is measured in the update (kl, kl_k3)
-        return stats
-
-    def loss(self, model, batch):
-        if "response_mask" not in batch:
-            return self.evaluate_batch(model, batch)
-        m = batch["response_mask"]
-        n = m.sum()
-        out = self.forward(model, batch, entropy=True)
-        logp = out["logp"]
-        old = batch["old_logp"] if "old_logp" in batch else logp.detach()
-        pg, clipfrac, approx_kl = L.ppo_policy_loss(logp, old, batch["advantages"], m, self.rc.clip_range)
-        total = pg * n
-        metrics = {"pg_loss": pg.detach() * n, "clipfrac": clipfrac * n, "approx_kl": approx_kl * n,
-                   "entropy": out["entropy"].detach().sum()}
-        if "ref_logp" in batch:
-            k3 = L.masked_sum(L.kl_penalty(logp, batch["ref_logp"], "k3"), m)
-            total = total + self.kl_coef * k3
-            metrics["kl_k3"] = k3.detach()
-            if "kl" not in batch["stats"]:
-                # sequence-level KL (sum of k1 over a response, mean over responses) as PPO logs it: the one
-                # update spans the whole rollout, so k1 summed x mean length / its tokens = k1 summed / responses
-                k1 = L.masked_sum(logp.detach() - batch["ref_logp"], m)
-                metrics["kl"] = k1 * batch["stats"]["response_length"]
-        return total, self.with_stats(metrics, batch, n)

@@ -59,6 +59,14 @@ def code_keys(cfg: Config) -> list[str]:
     for section in ("ppo", "grpo"):
         if getattr(cfg, section).reward_function is not None:
             keys.append(f"{section}.reward_function")
+    for i, spec in enumerate(cfg.grpo.rewards):
+        if spec.function is not None:
+            keys.append(f"grpo.rewards[{i}].function")
+        if spec.grader is not None and _runs_python(spec.grader):
+            keys.append(f"grpo.rewards[{i}].grader")
+    keys += [f"grpo.graders[{i}]" for i, g in enumerate(cfg.grpo.graders) if _runs_python(g)]
+    if cfg.grpo.environment is not None:
+        keys.append("grpo.environment")
     if ":" in cfg.eval.scorer:
         keys.append("eval.scorer")
     if cfg.log.wandb is not None:
@@ -66,6 +74,16 @@ def code_keys(cfg: Config) -> list[str]:
     if cfg.log.mlflow is not None:
         keys.append("log.mlflow")
     return keys
+
+
+def _runs_python(grader) -> bool:
+    """Whether an OpenAI grader is, or contains (multi), a python grader: code from the request."""
+    if not isinstance(grader, dict):
+        return False
+    if grader.get("type") == "python":
+        return True
+    subs = grader.get("graders")
+    return isinstance(subs, dict) and any(_runs_python(g) for g in subs.values())
 
 
 def detect_format(row: dict) -> str:
