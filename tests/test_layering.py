@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A layer is a dict of sibling groups: module or package names directly under tunelab.
 LAYERS = [
-    {"config": ["config"]},
+    {"config": ["config", "run_files"]},  # run_files: the run dir's names, exit codes, log prefixes (imports nothing)
     {"data": ["data", "tasks"]},  # tasks: the demo's synthetic data and its reward, imports nothing of tunelab
     # What a model is and how it runs: loading / building / saving (model, scratch), attention, number formats,
     # the CPU allocator, LoRA dropout's kept mask, generation (infer: serve and evaluation use it too), MoE experts /

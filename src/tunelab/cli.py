@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from tunelab import run_files
 from tunelab.config import UserError
 
 
@@ -300,19 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"{run_files.ERROR_PREFIX} {e}", file=sys.stderr)
+        return run_files.EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return run_files.EXIT_INTERRUPTED
     except Exception as e:  # training-time conditions with their own message
         from tunelab.checkpoint import CheckpointWriteError
         from tunelab.trainer import Interrupted, TooManyBadSteps
 
         if isinstance(e, (Interrupted, TooManyBadSteps, CheckpointWriteError)):
             if os.environ.get("RANK", "0") == "0":  # every rank stops together with the same message: say it once
-                print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
-            return 130 if isinstance(e, Interrupted) else 3
+                prefix = run_files.STOPPED_PREFIX if isinstance(e, Interrupted) else run_files.ERROR_PREFIX
+                print(f"{prefix} {e}", file=sys.stderr)
+            return run_files.EXIT_INTERRUPTED if isinstance(e, Interrupted) else run_files.EXIT_TRAINING_ERROR
         raise
 
 

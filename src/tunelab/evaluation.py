@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from tunelab import run_files
 from tunelab.config import Config, UserError
 
 IGNORE = -100
@@ -339,9 +340,9 @@ def _model_path(cfg: Config, model_path: str | None) -> str:
     if model_path:
         return model_path
     run = cfg.run_dir
-    if (run / "final").is_dir():
+    if (run / run_files.FINAL).is_dir():
         return str(run)
-    raise UserError(f"no trained model in output_dir {run} (no {run / 'final'}): train first, or name the model "
+    raise UserError(f"no trained model in output_dir {run} (no {run / run_files.FINAL}): train first, or name the model "
                     "to evaluate with --model DIR (a run dir, an adapter dir or a model dir)")
 
 
@@ -360,7 +361,7 @@ def run_eval(cfg: Config, model_path: str | None = None, out: str | None = None,
     params = sum(p.numel() for p in model.parameters())
     report = {"model": path, "params": params, "template": cfg.data.template, "rows": len(rows),
               "seconds": round(time.time() - started, 2), **result}
-    out_path = Path(out) if out else Path(path) / "eval.json"
+    out_path = Path(out) if out else Path(path) / run_files.EVAL_REPORT
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")
     say(format_table(report))

@@ -6,6 +6,8 @@ process, so a rank that fails with a clear message gives a clean exit code here 
 
 from __future__ import annotations
 
+from tunelab import run_files
+
 
 def _without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
@@ -40,5 +42,5 @@ def launch(nproc: int, argv: list[str]) -> int:
         code = failure.exitcode
         return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signal number
     except SignalException:  # SIGTERM/SIGINT here: the agent passed it on to the ranks, which saved and stopped
-        return 130  # as a single process reports a stop on request
+        return run_files.EXIT_INTERRUPTED  # as a single process reports a stop on request
     return 0

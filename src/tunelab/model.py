@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab import run_files
 from tunelab.config import AdapterConfig, Config, ModelConfig, UserError
 
 log = logging.getLogger("tunelab")
@@ -373,8 +374,8 @@ def resolve_model_dir(path: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError(f"model path not found: {path}")
-    if (p / "final").is_dir():
-        p = p / "final"
+    if (p / run_files.FINAL).is_dir():
+        p = p / run_files.FINAL
     if not (is_adapter_dir(p) or (p / "config.json").is_file()):
         raise UserError(f"{path}: neither a run dir, an adapter dir nor a model dir")
     return p

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab import checkpoint
+from tunelab import checkpoint, run_files
 from tunelab.config import Config, UserError, dump_config
 from tunelab.distributed import Dist
 
@@ -228,15 +228,15 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer, cfg: Config, group: D
     CheckpointWriteError on every rank; the checkpoints are untouched."""
     from tunelab.model import save_model
 
-    final = run_dir / "final"
+    final = run_dir / run_files.FINAL
     error = None
     if group.main:
-        tmp, old = run_dir / ".final-tmp", run_dir / ".final-old"
+        tmp, old = run_dir / run_files.FINAL_TMP, run_dir / run_files.FINAL_OLD
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)
             save_model(model, tokenizer, tmp, state_dict=state_dict)
-            (tmp / "config.yaml").write_text(dump_config(cfg))
+            (tmp / run_files.CONFIG).write_text(dump_config(cfg))
             if final.exists():
                 os.rename(final, old)
             os.rename(tmp, final)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab import checkpoint
+from tunelab import checkpoint, run_files
 from tunelab.config import Config, dump_config
 from tunelab.data.order import Batches, item_length
 from tunelab.distributed import Dist, full_state_dict, grad_sync, wrap
@@ -65,7 +65,7 @@ class Trainer:
         self.say = say
         self.dist = Dist.from_env(single_rank_group=cfg.train.distributed == "fsdp")
         self.run_dir = cfg.run_dir
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / run_files.CHECKPOINTS
         self._stop_signal: int | None = None
         # Everything that can be checked without loading anything heavy, once (rank 0), before the data and model.
         try:
@@ -230,7 +230,7 @@ class Trainer:
         self.setup()
         cfg, tc, state = self.cfg, self.cfg.train, self.state
         if self.dist.main:
-            _write_atomic(self.run_dir / "config.yaml", dump_config(cfg))
+            _write_atomic(self.run_dir / run_files.CONFIG, dump_config(cfg))
         tracker = Tracker(cfg, self.run_dir, resume_step=state.step) if self.dist.main else None
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         lengths = [item_length(item) for item in self.train_items] if tc.group_by_length else None
@@ -298,9 +298,9 @@ class Trainer:
         final = self._finish()
         elapsed = time.time() - started
         if self.dist.main:
-            plot = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.svg") if cfg.log.plot else None
+            plot = plot_loss(self.run_dir / run_files.METRICS, self.run_dir / run_files.LOSS_PLOT) if cfg.log.plot else None
             self.say(summary(state, self.total_steps, elapsed, state.step - step_at_start, state.tokens - tokens_at_start,
-                             final, self.run_dir / "metrics.jsonl", plot))
+                             final, self.run_dir / run_files.METRICS, plot))
         return final
 
     def _early_stopping(self, metrics: dict) -> bool:
@@ -332,7 +332,7 @@ class Trainer:
         where = checkpoint.step_dir(self.ckpt_root, self.state.step)
         raise Interrupted(
             f"stopped at step {self.state.step}/{self.total_steps}; checkpoint saved: {where}. Continue with: "
-            f"tunelab train CONFIG --resume (the same config; a copy is in {self.run_dir / 'config.yaml'})")
+            f"tunelab train CONFIG --resume (the same config; a copy is in {self.run_dir / run_files.CONFIG})")
 
     def _bad_steps_message(self) -> str:
         tc, steps = self.cfg.train, checkpoint.list_steps(self.ckpt_root)

@@ -25,13 +25,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab import run_files
+
 from .store import Store
 from .settings import ServeSettings
 from .views import job_json
 
 log = logging.getLogger("tunelab.serve")
 PR_SET_PDEATHSIG = 1
-LOG_NAME, CONFIG_NAME = "train.log", "job.yaml"
 
 
 def _prctl():
@@ -105,7 +106,7 @@ class Scheduler:
         place: the queue is ordered by submission) and resume from their checkpoint, CANCELLING ones end CANCELLED."""
         for job in self.store.list_jobs(states=["RUNNING", "CANCELLING"], oldest_first=True):
             if job["pid"]:
-                stop_orphan(job["pid"], Path(job["run_dir"]) / CONFIG_NAME)
+                stop_orphan(job["pid"], Path(job["run_dir"]) / run_files.JOB_CONFIG)
             if job["state"] == "CANCELLING":
                 self._set(job, "CANCELLED", end_time=time.time(), pid=None)
             else:
@@ -152,23 +153,23 @@ class Scheduler:
 
     def _launch(self, job: dict) -> None:
         run_dir = Path(job["run_dir"])
-        config = run_dir / CONFIG_NAME
+        config = run_dir / run_files.JOB_CONFIG
         if job["phase"] == "eval":
-            cmd = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / "eval.json")]
+            cmd = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / run_files.EVAL_REPORT)]
         else:
-            resume = any((run_dir / "checkpoints").glob("step-*"))
+            resume = any((run_dir / run_files.CHECKPOINTS).glob(f"{run_files.STEP_PREFIX}*"))
             cmd = ["train", str(config), *(["--resume"] if resume else [])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(run_dir / LOG_NAME, "ab") as out:
+        with open(run_dir / run_files.TRAIN_LOG, "ab") as out:
             out.write(f"$ tunelab {' '.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen([sys.executable, "-m", "tunelab", *cmd], cwd=run_dir, env=env, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=_die_with_server(os.getpid()))
         child = Child(job["id"], job["phase"], proc, run_dir, last_step=job["progress"].get("step", 0))
-        metrics = run_dir / "metrics.jsonl"
+        metrics = run_dir / run_files.METRICS
         child.metrics_offset = metrics.stat().st_size if metrics.exists() else 0
-        child.log_offset = (run_dir / LOG_NAME).stat().st_size
+        child.log_offset = (run_dir / run_files.TRAIN_LOG).stat().st_size
         self.children[job["id"]] = child
         attempt = job["attempt"] + (job["phase"] == "train")
         self._set(job, "RUNNING", pid=proc.pid, attempt=attempt, start_time=job["start_time"] or time.time())
@@ -195,7 +196,7 @@ class Scheduler:
         self.store.update_job(child.job_id, progress=progress, latest_metrics=latest)
 
     def _new_metrics(self, child: Child) -> list[dict]:
-        path = child.run_dir / "metrics.jsonl"
+        path = child.run_dir / run_files.METRICS
         if not path.exists():
             return []
         if path.stat().st_size < child.metrics_offset:  # a resumed trainer cut the log back to its checkpoint
@@ -217,7 +218,7 @@ class Scheduler:
         return rows
 
     def _new_log_lines(self, child: Child) -> list[str]:
-        path = child.run_dir / LOG_NAME
+        path = child.run_dir / run_files.TRAIN_LOG
         with open(path, "rb") as f:
             f.seek(child.log_offset)
             data = f.read()
@@ -242,7 +243,7 @@ class Scheduler:
         message = _error_line(child.log_tail, code)
         if child.phase == "eval":  # the model is trained and whole: keep it, say what the evaluation hit
             return self._succeeded(job, eval_error=message)
-        retryable = code != 2  # exit 2 is a UserError: the same input fails the same way again
+        retryable = code != run_files.EXIT_USER_ERROR  # the same input fails the same way again
         if retryable and job["attempt"] <= self.settings.max_retries:
             self.store.add_event(job["id"], "log", f"attempt {job['attempt']} failed ({message}); retrying from the "
                                                    "last checkpoint")
@@ -251,12 +252,12 @@ class Scheduler:
 
     def _succeeded(self, job: dict, eval_error: str | None) -> dict:
         run_dir = Path(job["run_dir"])
-        final = run_dir / "final"
-        rows = read_metrics(run_dir / "metrics.jsonl")
+        final = run_dir / run_files.FINAL
+        rows = read_metrics(run_dir / run_files.METRICS)
         evals = [r for r in rows if "eval_loss" in r]
         best = min(evals, key=lambda r: r["eval_loss"]) if evals else {}
         final_metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_") or k == "step"}
-        report = run_dir / "eval.json"
+        report = run_dir / run_files.EVAL_REPORT
         if report.is_file():
             final_metrics.update(_eval_summary(json.loads(report.read_text())))
         if eval_error:
@@ -326,7 +327,7 @@ def _has_eval_data(config: dict) -> bool:
 
 def _error_line(tail: list[str], code: int) -> str:
     for line in reversed(tail):
-        if line.startswith(("error:", "stopped:")):
+        if line.startswith((run_files.ERROR_PREFIX, run_files.STOPPED_PREFIX)):
             return line
     last = tail[-1] if tail else "no output"
     return f"the training process exited with code {code}: {last}" if code > 0 else \
