@@ -7,9 +7,9 @@ from __future__ import annotations
 def ce_checkpoint():
     """The SFT loss's previous head path: each chunk of logits recomputed under activation checkpointing,
     instead of losses.chunked_cross_entropy's gradients-in-forward."""
-    from tunelab.objectives import sft
+    from tunelab.objectives import forward
 
-    sft.plain_linear = lambda head: None
+    forward.plain_linear = lambda head: None
 
 
 def _optimizer(fused: bool):

@@ -131,7 +131,8 @@ def test_training_loss_is_the_models_loss(family, data, tmp_path_factory):
     from tunelab.attention import unsupported_reason, use_padding_free_attention
     from tunelab.data import collate, collate_padding_free
     from tunelab.model import load_tokenizer
-    from tunelab.objectives.sft import SFT, causal_lm_loss
+    from tunelab.objectives.forward import causal_lm_loss
+    from tunelab.objectives.sft import SFT
 
     base = model_dir(family, data, tmp_path_factory)
     tokenizer = load_tokenizer(str(base))
@@ -193,7 +194,8 @@ def test_router_aux_loss_is_added_per_unit(data, tmp_path_factory):
 
     from tunelab.data import collate
     from tunelab.model import load_tokenizer
-    from tunelab.objectives.sft import SFT, causal_lm_loss
+    from tunelab.objectives.forward import causal_lm_loss
+    from tunelab.objectives.sft import SFT
 
     base = model_dir("mixtral", data, tmp_path_factory)
     tokenizer = load_tokenizer(str(base))

@@ -96,7 +96,7 @@ def test_alpha_zero_is_sft_and_the_mix_matches_full_logits(setup, tmp_path, monk
     assert metrics["kl"] > 1.0  # a real divergence, weighted 0
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
     # alpha = 0.3, reverse KL at temperature 2, several chunks: equals the full-logits formula, gradients too
-    monkeypatch.setattr(D, "CHUNK", 7)
+    monkeypatch.setattr(D, "head_chunk_rows", lambda vocab, heads=1: 7)
     objective.dc = objective.dc.model_copy(update={"alpha": 0.3, "loss": "reverse_kl", "temperature": 2.0})
     student.zero_grad()
     ours, _ = objective.loss(student, batch)
@@ -158,7 +158,7 @@ def test_distilling_into_a_smaller_new_student_lowers_the_kl(setup, tmp_path):
 
 
 def test_on_policy_rollouts_grade_the_students_samples(setup, tmp_path):
-    from tunelab.objectives.sft import causal_lm_loss
+    from tunelab.objectives.forward import causal_lm_loss
 
     student = _load(setup["other"]).train()
     cfg = _cfg(setup, tmp_path, setup["other"], distill={"on_policy": True, "max_new_tokens": 6, "alpha": 0.5})

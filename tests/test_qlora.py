@@ -79,7 +79,7 @@ def peft_prepared_fp32(path):
 
 
 def lora_grads(model, batch, autocast):
-    from tunelab.objectives.sft import causal_lm_loss
+    from tunelab.objectives.forward import causal_lm_loss
 
     with autocast():
         total, n = causal_lm_loss(model, batch)
@@ -119,7 +119,7 @@ def test_estimate_of_a_bf16_qlora_step_matches_the_allocator(base):
     from transformers import LlamaConfig
 
     from tunelab.estimate import estimate
-    from tunelab.objectives.sft import causal_lm_loss
+    from tunelab.objectives.forward import causal_lm_loss
     from tunelab.precision import precision_context
 
     hf = LlamaConfig(**HF)

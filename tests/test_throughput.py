@@ -140,7 +140,7 @@ def _grads(model, loss):
 
 @pytest.mark.parametrize("mode", ["full", "full-tied", "lora", "lora-save-head"])
 def test_fused_sft_loss_matches_plain_cross_entropy(mode, monkeypatch):
-    from tunelab.objectives import losses, sft
+    from tunelab.objectives import forward, losses
 
     model = _tiny_llama(tie=mode == "full-tied")
     if mode.startswith("lora"):
@@ -153,20 +153,20 @@ def test_fused_sft_loss_matches_plain_cross_entropy(mode, monkeypatch):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
-    _, head = sft.decoder_and_head(model)
-    linear = sft.plain_linear(head)
+    _, head = forward.decoder_and_head(model)
+    linear = forward.plain_linear(head)
     assert linear is not None
     if mode == "lora-save-head":
         assert linear is head.modules_to_save["default"] and linear.weight.requires_grad
     calls = []
-    monkeypatch.setattr(sft, "chunked_cross_entropy",
+    monkeypatch.setattr(forward, "chunked_cross_entropy",
                         lambda *a, **k: calls.append(1) or losses.chunked_cross_entropy(*a, **k))
-    monkeypatch.setattr(sft, "CE_CHUNK", 16)  # several chunks
+    monkeypatch.setattr(forward, "head_chunk_rows", lambda vocab, heads=1: 16)  # several chunks
     batch = _batch()
     model.train()  # dropout is 0 in this config: train and eval forwards agree
     ref = _reference_loss(model, batch)
     ref_grads = _grads(model, ref)
-    fused, count = sft.causal_lm_loss(model, batch)
+    fused, count = forward.causal_lm_loss(model, batch)
     fused_grads = _grads(model, fused)
     assert calls, "the fused path was not taken"
     assert int(count) == int((batch["labels"][:, 1:] != -100).sum())
@@ -182,14 +182,14 @@ def test_fused_sft_loss_matches_plain_cross_entropy(mode, monkeypatch):
 def test_adapted_head_falls_back_to_checkpointed_chunks():
     from peft import LoraConfig, get_peft_model
 
-    from tunelab.objectives import sft
+    from tunelab.objectives import forward
 
     model = get_peft_model(_tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
-    _, head = sft.decoder_and_head(model)
-    assert sft.plain_linear(head) is None
+    _, head = forward.decoder_and_head(model)
+    assert forward.plain_linear(head) is None
     batch = _batch()
     ref = _reference_loss(model, batch)
-    got, _ = sft.causal_lm_loss(model, batch)
+    got, _ = forward.causal_lm_loss(model, batch)
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -295,7 +295,7 @@ def test_padding_free_batch_equals_the_padded_batch(batch_waste, monkeypatch):
 
     monkeypatch.setattr(attention, "BATCH_WASTE", batch_waste)
     from tunelab.data import Example, collate, collate_padding_free
-    from tunelab.objectives import sft
+    from tunelab.objectives import forward
 
     torch.manual_seed(3)
     lengths = [7, 19, 3, 12]
@@ -317,7 +317,7 @@ def test_padding_free_batch_equals_the_padded_batch(batch_waste, monkeypatch):
             assert batch["input_ids"].shape == (1, sum(lengths)) and batch["doc_bounds"] == [0, 7, 26, 29, 41]
         else:
             batch = collate(examples, pad_id=0)
-        loss, count = sft.causal_lm_loss(model, batch)
+        loss, count = forward.causal_lm_loss(model, batch)
         assert int(count) == int(batch["num_loss_tokens"])
         return loss, _grads(model, loss), int(count)
 
@@ -366,11 +366,11 @@ def test_padding_free_refuses_a_model_that_drops_the_bounds():
     """Bounds that never reach the attention would mean attention across documents: an error, not a silent run."""
     from tunelab.config import UserError
     from tunelab.data import Example, collate_padding_free
-    from tunelab.objectives import sft
+    from tunelab.objectives import forward
 
     batch = collate_padding_free([Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [-100, 9])])
     with pytest.raises(UserError, match="padding_free"):
-        sft.causal_lm_loss(_tiny_llama(tie=False), batch)  # never switched to padding-free attention
+        forward.causal_lm_loss(_tiny_llama(tie=False), batch)  # never switched to padding-free attention
 
 
 def _auto_config(method="sft", **data):
@@ -395,18 +395,18 @@ def test_padding_free_auto_falls_back_to_padded_batches_with_a_notice():
     """A model whose layers drop the document bounds would attend across documents: auto keeps padded batches, says
     so in one line, and leaves the model's attention as it was (its padded batches still give the same loss)."""
     from tunelab.attention import BOUNDS_KWARG, choose
-    from tunelab.objectives import sft
+    from tunelab.objectives import forward
 
     model = _tiny_llama(tie=False)
     batch = _batch()
     reference = _reference_loss(model, batch)
     for layer in model.model.layers:
-        forward = layer.self_attn.forward
-        layer.self_attn.forward = lambda *a, _f=forward, **k: _f(*a, **{n: v for n, v in k.items() if n != BOUNDS_KWARG})
+        attend = layer.self_attn.forward
+        layer.self_attn.forward = lambda *a, _f=attend, **k: _f(*a, **{n: v for n, v in k.items() if n != BOUNDS_KWARG})
     on, line = choose(_auto_config(), model)
     assert not on and "auto -> padded batches" in line and "does not pass attention arguments" in line
     assert "\n" not in line and model.config._attn_implementation == "sdpa"
-    assert float(sft.causal_lm_loss(model, batch)[0]) == pytest.approx(float(reference), rel=1e-5)
+    assert float(forward.causal_lm_loss(model, batch)[0]) == pytest.approx(float(reference), rel=1e-5)
 
 
 def test_padding_free_training_saves_a_model_that_loads_anywhere(tmp_path, capsys):

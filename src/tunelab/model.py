@@ -225,20 +225,23 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
-def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = None):
+def build(cfg: Config, kind: str = "causal_lm", device: torch.device | None = None, text_only: bool = False):
     """Tokenizer + trainable model as `cfg` describes: base, quantized, adapted, checkpointed."""
-    tokenizer, added = build_tokenizer(cfg, kind)
+    tokenizer, added = build_tokenizer(cfg, kind, text_only)
     return build_model(cfg, kind, device, tokenizer, added), tokenizer
 
 
-def build_tokenizer(cfg: Config, kind: str = "causal_lm", say=None):
+def build_tokenizer(cfg: Config, kind: str = "causal_lm", text_only: bool = False, say=None):
     """(the run's tokenizer readied for its chat template, ids of the tokens that added). Split from build_model
-    so the trainer can read and check the data before it loads any weights. `say` gets one line naming the
-    template picked and why."""
+    so the trainer can read and check the data before it loads any weights. `kind` and `text_only` are the
+    objective's traits (Objective.model_kind, Objective.text_only): a method that reads raw text uses no template
+    and adds no tokens, whatever its sources' format says. (Other methods on completion/text rows get template none
+    from choose_template, so a distillation student keeps the teacher's vocabulary.) `say` gets one line naming
+    the template picked and why."""
     from tunelab.data import prepare_tokenizer
 
-    tokenizer = load_run_tokenizer(cfg)
-    if kind == "masked_lm" or not uses_chat_template(cfg):
+    tokenizer = load_run_tokenizer(cfg, text_only)
+    if kind == "masked_lm" or text_only:
         return tokenizer, []
     formats = [s.format for s in cfg.data.train + cfg.data.eval]
     added, note = prepare_tokenizer(cfg.data.template, tokenizer, formats)
@@ -301,14 +304,7 @@ def add_embedding_rows(model, vocab_size: int, token_ids: list[int]) -> None:
         weight[rows] = weight[:old].float().mean(0).to(weight.dtype)
 
 
-def uses_chat_template(cfg: Config) -> bool:
-    """Pretraining reads raw text whatever its sources' format says: no template, no tokens added. (Other methods
-    on completion/text rows get template none from choose_template, so a distillation student keeps the
-    teacher's vocabulary.)"""
-    return cfg.method not in ("pretrain", "mlm")
-
-
-def load_run_tokenizer(cfg: Config):
+def load_run_tokenizer(cfg: Config, text_only: bool = False):
     """tokenizer.path if set; else the model's, or for a model built by model.init one trained on the data
     (tokenizer.train) or, for distillation, the teacher's (the student must share its vocabulary)."""
     if cfg.tokenizer.path:
@@ -318,8 +314,8 @@ def load_run_tokenizer(cfg: Config):
     if cfg.tokenizer.train:
         from tunelab.scratch import train_tokenizer
 
-        return train_tokenizer(cfg)
-    if cfg.method == "distill" and cfg.teacher is not None:
+        return train_tokenizer(cfg, text_only)
+    if cfg.teacher is not None:
         return teacher_tokenizer(cfg.teacher.path)
     raise UserError("model.init builds a model without a tokenizer: set tokenizer.train: true "
                     "(train one on the data) or tokenizer.path (use an existing one)")

@@ -79,7 +79,7 @@ class Trainer:
     def setup(self) -> None:
         """Tokenizer and data first (cheap, and where most mistakes are), then the model, then the wrapping."""
         from tunelab.model import build_model, build_tokenizer, pick_device, quiet_imports
-        from tunelab.objectives import make_objective, model_kind
+        from tunelab.objectives import make_objective, objective_class
 
         cfg, tc = self.cfg, self.cfg.train
         quiet_imports()
@@ -92,17 +92,17 @@ class Trainer:
         self.autocast, self.scaler = precision_context(tc.precision, self.device)
         if self.device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
             make_optimizer(tc, nn.Linear(1, 1), self.device)  # raises the clear error before loading
-        kind = model_kind(cfg.method)
+        traits = objective_class(cfg.method)
         # Rank 0 first: it trains and saves a tokenizer (model.init) and writes the tokenized-data cache; the other
         # ranks then read both instead of racing it. A data mistake stops every rank with rank 0's message.
         with self.dist.main_first():
-            self.tokenizer, added = build_tokenizer(cfg, kind, say=self.say)
+            self.tokenizer, added = build_tokenizer(cfg, traits.model_kind, traits.text_only, say=self.say)
             self.objective = make_objective(cfg, self.tokenizer)
             self.train_items, self.eval_items = self.objective.datasets()
         report_data(self.objective, self.train_items, self.eval_items, self.dist.main, self.say)
         check_sharding(cfg, self.objective)
         self.sharded = tc.distributed == "fsdp"
-        self.model = build_model(cfg, kind, self.device, self.tokenizer, added)
+        self.model = build_model(cfg, traits.model_kind, self.device, self.tokenizer, added)
         from tunelab.attention import choose
 
         self.objective.padding_free, line = choose(cfg, self.model)  # before setup: DPO's reference copy attends alike
@@ -206,8 +206,9 @@ class Trainer:
         units = self.dist.sum(units, self.device)
         out = {f"eval_{k}": self.dist.sum(v, self.device) / max(units, 1) for k, v in metric_sums.items()}
         out["eval_loss"] = self.dist.sum(loss_sum, self.device) / max(units, 1)
-        if self.objective.perplexity:
-            out["eval_perplexity"] = math.exp(min(out.get("eval_ce", out["eval_loss"]), 50.0))  # distill: CE part
+        ce = self.objective.eval_cross_entropy(out)
+        if ce is not None:
+            out["eval_perplexity"] = math.exp(min(ce, 50.0))
         return out
 
     # -- the loop

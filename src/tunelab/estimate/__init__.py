@@ -30,7 +30,7 @@ from the data tokenized, or a rough count from the files' bytes), planner (the p
 the switches that make it fit), report (the printout).
 """
 
-from .counting import CE_CHUNK, NF4_BITS, NF4_DQ_BITS, flops_per_token, lora_params, lora_targets, memory_breakdown
+from .counting import NF4_BITS, NF4_DQ_BITS, flops_per_token, lora_params, lora_targets, memory_breakdown
 from .devices import CPU_BASELINE, DEVICES, GIB, Device, get_device
 from .planner import Estimate, estimate, switches
 from .report import format_estimate
@@ -38,7 +38,7 @@ from .shapes import KNOWN_SHAPES, ModelShape, model_shape, shape_from_hf_config
 from .tokens import Batches, count_tokens, run_batches
 
 __all__ = [
-    "CE_CHUNK", "CPU_BASELINE", "DEVICES", "GIB", "KNOWN_SHAPES", "NF4_BITS", "NF4_DQ_BITS", "Batches", "Device",
+    "CPU_BASELINE", "DEVICES", "GIB", "KNOWN_SHAPES", "NF4_BITS", "NF4_DQ_BITS", "Batches", "Device",
     "Estimate", "ModelShape",
     "count_tokens", "estimate", "flops_per_token", "format_estimate", "get_device", "lora_params", "lora_targets",
     "memory_breakdown", "model_shape", "run_batches", "shape_from_hf_config", "switches",

@@ -19,8 +19,15 @@ class Objective:
     Metrics are sums over the same units and are averaged the same way.
     """
 
+    # Traits: what the model builder, the tokenizer trainer and the estimator need to know of a method, read from
+    # the class (objectives.objective_class) so that none of them switches on the method's name.
     model_kind = "causal_lm"  # which transformers Auto class loads the model
-    perplexity = False  # evaluation also reports exp(eval CE): the loss is a next-token cross-entropy
+    text_only = False  # reads its sources as raw text: no chat template, no tokens added (pretrain, mlm)
+    sequences_per_item = 1  # sequences one item puts through the model (DPO, ORPO: chosen and rejected together)
+    fused_head_loss = False  # the loss is losses.chunked_cross_entropy, gradients formed in its forward
+    heads_per_chunk = 1  # LM heads run on each chunk of rows (distillation: the student's and the teacher's)
+    masked_batches = True  # batches carry an attention mask (fixed-length pretraining blocks need none)
+    extra_models = False  # runs models besides the trained one (a reference, a value model, a teacher)
 
     def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg
@@ -72,6 +79,11 @@ class Objective:
         from tunelab.data import preview
 
         return preview(items, self.tokenizer, n)
+
+    def eval_cross_entropy(self, averaged: dict[str, float]) -> float | None:
+        """The next-token cross-entropy per unit of an evaluation, whose exp the loop reports as eval_perplexity;
+        `averaged`: eval_loss and eval_<metric> averaged over the eval units. None: the objective has none."""
+        return None
 
     def log_stats(self) -> dict[str, float]:
         """Data statistics worth a line in the run summary."""

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.config import Config, UserError
+from tunelab.objectives.chunks import head_chunk_rows
+from tunelab.objectives.forward import causal_lm_loss, decoder_and_head, decoder_hidden, head_chunks, head_rows
 from tunelab.objectives.losses import IGNORE_INDEX, distill_loss
-from tunelab.objectives.sft import SFT, attention_mask_for, causal_lm_loss, decoder_and_head
-
-CHUNK = 1024  # loss rows whose student and teacher logits exist at once
-
+from tunelab.objectives.sft import SFT
 
 def check_same_vocabulary(student, teacher, teacher_path: str) -> None:
     """UserError unless both tokenizers map the same tokens to the same ids."""
@@ -64,7 +62,7 @@ def check_same_vocabulary(student, teacher, teacher_path: str) -> None:
         "the teacher's tokenizer)")
 
 
-def _chunk_terms(head, teacher_head, h, th, y, vocab: int | None, kind: str, temperature: float, beta: float):
+def _chunk_terms(h, th, y, head, teacher_head, vocab: int | None, kind: str, temperature: float, beta: float):
     """(divergence sum, CE sum) for a chunk of loss rows: student hidden h, teacher hidden th, targets y."""
     s = head(h)
     with torch.no_grad():
@@ -77,7 +75,9 @@ def _chunk_terms(head, teacher_head, h, th, y, vocab: int | None, kind: str, tem
 
 
 class Distill(SFT):
-    model_kind = "causal_lm"
+    fused_head_loss = False
+    heads_per_chunk = 2
+    extra_models = True
 
     def __init__(self, cfg: Config, tokenizer):
         from tunelab.model import teacher_tokenizer
@@ -122,9 +122,7 @@ class Distill(SFT):
     def terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(divergence sum, CE sum, loss tokens) of a batch."""
         decoder, head = decoder_and_head(model)
-        mask, pos = batch.get("attention_mask"), batch.get("position_ids")
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=attention_mask_for(decoder, mask),
-                         position_ids=pos, use_cache=False).last_hidden_state
+        hidden = decoder_hidden(decoder, batch)
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
         h, y = hidden[:, :-1][keep], labels[keep]
@@ -133,16 +131,11 @@ class Distill(SFT):
             raise RuntimeError("Distill.setup(model) loads the teacher; call it before computing losses")
         with torch.no_grad():
             t_decoder, t_head = decoder_and_head(self.teacher)
-            th = t_decoder(input_ids=batch["input_ids"], attention_mask=attention_mask_for(t_decoder, mask),
-                           position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
+            th = decoder_hidden(t_decoder, batch)[:, :-1][keep]
         div, ce = zero, zero
-        args = (self.vocab, self.dc.loss, self.dc.temperature, self.dc.beta)
-        for s in range(0, len(y), CHUNK):
-            part = (head, t_head, h[s:s + CHUNK], th[s:s + CHUNK], y[s:s + CHUNK], *args)
-            if torch.is_grad_enabled():
-                d, c = checkpoint(_chunk_terms, *part, use_reentrant=False)
-            else:
-                d, c = _chunk_terms(*part)
+        rows = head_chunk_rows(head_rows(model, head), heads=2)  # student and teacher logits exist at once
+        args = (head, t_head, self.vocab, self.dc.loss, self.dc.temperature, self.dc.beta)
+        for d, c in head_chunks(_chunk_terms, rows, (h, th, y), *args):
             div, ce = div + d, ce + c
         return div, ce, keep.sum()
 
@@ -162,6 +155,9 @@ class Distill(SFT):
             metrics["ce"] = (batch["ce_scale"] * ce_ref).detach()
         metrics["loss"] = total.detach()
         return total, metrics
+
+    def eval_cross_entropy(self, averaged):
+        return averaged.get("eval_ce", averaged["eval_loss"])  # on-policy with alpha 1 trains no CE term
 
     # -- on-policy
 

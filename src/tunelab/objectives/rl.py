@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from tunelab.config import Config, UserError
+from tunelab.data import run_rows
 from tunelab.objectives import losses as L
 from tunelab.objectives.base import Objective
+from tunelab.objectives.forward import decoder_and_head
 from tunelab.objectives.rewards import PromptItem, make_reward
-from tunelab.objectives.sft import decoder_and_head, load_sources, split_eval
 
 
 def _pad_left(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
@@ -52,6 +53,8 @@ def _pad_right(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
 
 class RLObjective(Objective):
     """Shared by PPO and GRPO: prompt data, sampling, reward, reference, the rollout forward pass."""
+
+    extra_models = True
 
     samples_per_prompt = 1
 
@@ -99,19 +102,16 @@ class RLObjective(Objective):
         if data.max_length <= self.rc.max_new_tokens:
             raise UserError(f"data.max_length ({data.max_length}) must exceed {self.key}.max_new_tokens "
                             f"({self.rc.max_new_tokens}): prompt and response share it")
-        train_rows = load_sources(data.train, data.skip_bad_rows)
-        eval_rows = load_sources(data.eval, data.skip_bad_rows) if data.eval else []
-        skipped = getattr(train_rows, "skipped", 0) + getattr(eval_rows, "skipped", 0)
-        train_rows, eval_rows = split_eval(self.cfg, list(train_rows), list(eval_rows))
-        train, long_train = self._items(train_rows)
-        evals, long_eval = self._items(eval_rows)
+        rows = run_rows(self.cfg)
+        train, long_train = self._items(rows.train)
+        evals, long_eval = self._items(rows.eval)
         lengths = sorted(len(i.input_ids) for i in train) or [0]
         self.stats = {"prompts": len(train), "eval_prompts": len(evals), "prompt_length_max": lengths[-1],
                       "prompt_length_p50": lengths[len(lengths) // 2]}
         if long_train or long_eval:
             self.stats["dropped_too_long"] = long_train + long_eval
-        if skipped:
-            self.stats["skipped_bad_rows"] = skipped
+        if rows.skipped:
+            self.stats["skipped_bad_rows"] = rows.skipped
         return train, evals
 
     def collate(self, items: list[PromptItem]) -> dict:
