@@ -14,7 +14,7 @@ Every step is a `tunelab` command a user would type; each is printed before it r
   4. distill    a student with under a quarter of the parameters learns the tuned teacher  -> work/runs/distill
   5. eval       `tunelab eval` on held-out prompts for every model: exact match per task family, preference
                 accuracy, perplexity; one table -> work/demo/results.{json,md}
-  6. serve      `tunelab serve`, one short LoRA SFT job submitted through the Python client (tunelab.tuning.sft),
+  6. serve      `tunelab serve`, one short LoRA SFT job submitted through the Python client (tunelab.client.tuning.sft),
                 and the tuned endpoint called through the official `openai` client  -> work/service
 Everything is written under work/ (git-ignored). A stage whose training method is not available in this
 checkout is kept in the table as "pending", never faked.
@@ -300,7 +300,7 @@ def service_stage(root: Path, work: Path, smoke: bool) -> dict:
     import openai
 
     import tunelab
-    from tunelab.tuning import sft
+    from tunelab.client.tuning import sft
 
     rows = (work / "data/tasks-train.jsonl").read_text().splitlines()[:8 if smoke else 64]
     (work / "data/service-train.jsonl").write_text("\n".join(rows) + "\n")
@@ -322,7 +322,7 @@ def service_stage(root: Path, work: Path, smoke: bool) -> dict:
         held_out = json.loads((work / "data/tasks-test.jsonl").read_text().splitlines()[0])
         print(f"""(up after {up:.1f}s)
 >>> import tunelab, openai
->>> from tunelab.tuning import sft
+>>> from tunelab.client.tuning import sft
 >>> tunelab.init(url="{url}")
 >>> job = sft.train(source_model="tiny-sft", train_dataset="work/data/service-train.jsonl",
 ...                 tuned_model_display_name="tiny-tasks", epochs=1, batch_size=8)

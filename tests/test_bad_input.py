@@ -19,7 +19,7 @@ import yaml
 from test_cli import CASES as CONFIG_CASES  # the config mistakes `validate` catches: `train` must catch them too
 from tiny import config_dict, make_base_model, run_cli
 
-from tunelab import checkpoint
+from tunelab.training import checkpoint
 from tunelab.cli import main as cli_main
 
 ALPACA = [{"instruction": f"Say {w}.", "output": f"{w}!"} for w in ("red", "green", "blue", "black")]
@@ -77,7 +77,7 @@ def _make_bare_tokenizer(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     from tunelab.config import load_config
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     root = tmp_path_factory.mktemp("shared")
     base = make_base_model(root, warm_steps=0)

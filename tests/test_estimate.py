@@ -207,13 +207,13 @@ def live_bytes(model, optimizer) -> int:
 
 
 def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
-    """The model as tunelab.model.build makes it (4-bit linears, the rest in the load dtype; peft LoRA; gated MLPs
+    """The model as tunelab.modeling.build.build makes it (4-bit linears, the rest in the load dtype; peft LoRA; gated MLPs
     that recompute act(gate); checkpointing)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    from tunelab.gated_mlp import keep_less_in_gated_mlps
-    from tunelab.lora_dropout import fuse_lora_dropout
+    from tunelab.modeling.gated_mlp import keep_less_in_gated_mlps
+    from tunelab.modeling.lora_dropout import fuse_lora_dropout
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
@@ -350,8 +350,8 @@ def test_estimate_of_a_run_matches_the_run(padding_free, tiny_tokenizer, tmp_pat
     compared). The default config takes padding-free batches; `false` pads, and SDPA keeps its float mask."""
     from tunelab.config import InitConfig, load_config
     from tunelab.estimate import Device
-    from tunelab.scratch import save_tiny_model
-    from tunelab.trainer import Trainer
+    from tunelab.modeling.scratch import save_tiny_model
+    from tunelab.training.loop import Trainer
 
     torch.manual_seed(0)
     shape = InitConfig(hidden_size=128, layers=2, heads=4, intermediate_size=352, max_position=512)

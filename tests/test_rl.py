@@ -14,7 +14,7 @@ import rl_rewards
 from tunelab import tasks
 from tunelab.config import UserError, load_config
 from tunelab.objectives import losses as L
-from tunelab.trainer import Trainer
+from tunelab.training.loop import Trainer
 
 REWARD = "rl_rewards:target_fraction"
 
@@ -51,7 +51,7 @@ def run(cfg: dict, resume: bool = False) -> Trainer:
 
 
 def metrics(run_dir):
-    from tunelab.tracking import read_metrics
+    from tunelab.training.tracking import read_metrics
 
     return [m for m in read_metrics(run_dir / "metrics.jsonl") if "reward" in m]
 
@@ -229,7 +229,7 @@ def test_reward_function_loading_errors(base, prompts, tmp_path):
 
 
 def _tokenizer(path):
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.load import load_tokenizer
 
     return load_tokenizer(str(path))
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.order import Batches, epoch_order, item_length
-from tunelab.run_state import TrainState
+from tunelab.training.run_state import TrainState
 
 # ---------------------------------------------------------------- length-grouped order
 
@@ -79,7 +79,7 @@ def test_group_by_length_trains_and_resumes_exactly(tmp_path):
     from tiny import config_dict, make_base_model, write_task_data
 
     from tunelab.config import load_config
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     base = make_base_model(tmp_path / "base", warm_steps=0)
     data = write_task_data(tmp_path / "train.jsonl", n=24)
@@ -290,8 +290,8 @@ def test_padding_free_batch_equals_the_padded_batch(batch_waste, monkeypatch):
     attention runs one SDPA call per document or one batched call over the documents padded inside it."""
     from peft import LoraConfig, get_peft_model
 
-    from tunelab import attention
-    from tunelab.attention import use_padding_free_attention
+    from tunelab.modeling import attention
+    from tunelab.modeling.attention import use_padding_free_attention
 
     monkeypatch.setattr(attention, "BATCH_WASTE", batch_waste)
     from tunelab.data import Example, collate, collate_padding_free
@@ -331,7 +331,7 @@ def test_padding_free_batch_equals_the_padded_batch(batch_waste, monkeypatch):
 
 def test_padding_free_attention_keeps_padded_batches_working():
     """A model switched to padding-free attention still masks padding in ordinary (padded) batches."""
-    from tunelab.attention import use_padding_free_attention
+    from tunelab.modeling.attention import use_padding_free_attention
 
     model = _tiny_llama(tie=False).eval()
     batch = _batch()
@@ -381,7 +381,7 @@ def _auto_config(method="sft", **data):
 
 
 def test_padding_free_auto_switches_a_model_that_keeps_documents_apart():
-    from tunelab.attention import NAME, choose
+    from tunelab.modeling.attention import NAME, choose
 
     model = _tiny_llama(tie=False)
     on, line = choose(_auto_config(), model)
@@ -394,7 +394,7 @@ def test_padding_free_auto_switches_a_model_that_keeps_documents_apart():
 def test_padding_free_auto_falls_back_to_padded_batches_with_a_notice():
     """A model whose layers drop the document bounds would attend across documents: auto keeps padded batches, says
     so in one line, and leaves the model's attention as it was (its padded batches still give the same loss)."""
-    from tunelab.attention import BOUNDS_KWARG, choose
+    from tunelab.modeling.attention import BOUNDS_KWARG, choose
     from tunelab.objectives import forward
 
     model = _tiny_llama(tie=False)
@@ -451,8 +451,8 @@ def test_lora_dropout_keeps_a_mask_and_gives_the_dropped_out_matmul(monkeypatch)
     the backward pass than PEFT's dropout + linear, and fuse_lora_dropout switches a PEFT model's plain adapters."""
     from peft import LoraConfig, get_peft_model
 
-    from tunelab import lora_dropout
-    from tunelab.lora_dropout import DroppedInputLinear, fuse_lora_dropout, rounded_p
+    from tunelab.modeling import lora_dropout
+    from tunelab.modeling.lora_dropout import DroppedInputLinear, fuse_lora_dropout, rounded_p
 
     p = 0.25
     x = torch.randn(3, 11, 32, requires_grad=True)
@@ -495,7 +495,7 @@ def test_lora_dropout_mask_drops_each_element_independently_with_p(p):
     """keep_mask draws 16 random bits per element, four elements from each 64-bit draw: every one of the four lanes
     must drop at rate p (a generator that leaves the sign bit 0 would never drop one lane), neighbours must be
     uncorrelated, and two draws must differ. Bounds are 6 standard deviations of the binomial."""
-    from tunelab.lora_dropout import keep_mask, rounded_p
+    from tunelab.modeling.lora_dropout import keep_mask, rounded_p
 
     assert abs(rounded_p(p) - p) <= 0.5 / 65536
     n = 1 << 20
@@ -520,7 +520,7 @@ def test_gated_mlp_keeps_no_activated_gate_and_gives_the_same_gradients(lora):
     from peft import LoraConfig, get_peft_model
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from tunelab.gated_mlp import keep_less_in_gated_mlps
+    from tunelab.modeling.gated_mlp import keep_less_in_gated_mlps
 
     def build():
         model = _tiny_llama(tie=False)

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tunelab.tracking import plot_loss
+from tunelab.training.tracking import plot_loss
 
 SVG = "{http://www.w3.org/2000/svg}"
 

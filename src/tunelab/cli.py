@@ -24,7 +24,7 @@ def cmd_train(args) -> int:
         from tunelab.launch import launch
 
         return launch(nproc, getattr(args, "argv", None) or sys.argv[1:])
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     train(cfg, resume=args.resume)
     return 0
@@ -50,9 +50,9 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_modules(args) -> int:
-    from tunelab.model import linear_module_names, load_pretrained
+    from tunelab.modeling.load import linear_module_names, load_pretrained
 
-    from tunelab.moe import all_linear_targets, expert_parameters, leaf, router_modules
+    from tunelab.modeling.moe import all_linear_targets, expert_parameters, leaf, router_modules
 
     model, _ = load_pretrained(args.model)
     names = linear_module_names(model)
@@ -75,7 +75,7 @@ def cmd_modules(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from tunelab.merging import merge
+    from tunelab.modeling.merging import merge
 
     out = merge(args.run, args.out, dtype=args.dtype)
     print(f"merged model written to {out}")
@@ -83,8 +83,8 @@ def cmd_merge(args) -> int:
 
 
 def _inference(args):
-    from tunelab.infer import Sampling, run_template
-    from tunelab.model import load_pretrained, resolve_model_dir
+    from tunelab.modeling.infer import Sampling, run_template
+    from tunelab.modeling.load import load_pretrained, resolve_model_dir
 
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype)
     template = args.template or run_template(resolve_model_dir(args.model))
@@ -101,7 +101,7 @@ def _reply(args):
             raise UserError("--template, --dtype and --tools apply to local models; a server uses each run's own template")
         return remote_reply(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"))
-    from tunelab.infer import local_reply
+    from tunelab.modeling.infer import local_reply
 
     tools = _load_tools(args.tools)  # before the model loads: a bad file fails fast
     return local_reply(*_inference(args), tools=tools)
@@ -136,7 +136,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tunelab.infer import chat
+    from tunelab.modeling.infer import chat
 
     chat(_reply(args), system=args.system)
     return 0
@@ -178,7 +178,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from tunelab.jobs_cli import run
+    from tunelab.client.jobs_cli import run
 
     return run(args)
 
@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return run_files.EXIT_INTERRUPTED
     except Exception as e:  # training-time conditions with their own message
-        from tunelab.checkpoint import CheckpointWriteError
-        from tunelab.trainer import Interrupted, TooManyBadSteps
+        from tunelab.training.checkpoint import CheckpointWriteError
+        from tunelab.training.loop import Interrupted, TooManyBadSteps
 
         if isinstance(e, (Interrupted, TooManyBadSteps, CheckpointWriteError)):
             if os.environ.get("RANK", "0") == "0":  # every rank stops together with the same message: say it once

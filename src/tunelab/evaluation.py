@@ -84,7 +84,7 @@ def _family(row) -> str | None:
 
 def build_items(rows, tokenizer, cfg: Config, metrics: set[str]) -> Items:
     from tunelab.data import render, to_messages, to_preference, to_prompt, tokenize_example
-    from tunelab.infer import prompt_ids
+    from tunelab.modeling.infer import prompt_ids
 
     template, max_length = cfg.data.template, cfg.data.max_length
     items = Items()
@@ -337,7 +337,7 @@ def _model_path(cfg: Config, model_path: str | None) -> str:
 
 def run_eval(cfg: Config, model_path: str | None = None, out: str | None = None, say=print) -> dict:
     """`tunelab eval`: load the model, evaluate, write eval.json (default: in the model/run dir), print a table."""
-    from tunelab.model import load_pretrained
+    from tunelab.modeling.load import load_pretrained
 
     started = time.time()
     path = _model_path(cfg, model_path)

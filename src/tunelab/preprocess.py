@@ -10,7 +10,7 @@ from tunelab.config import Config
 def preprocess(cfg: Config, show: int = 3, as_json: bool = False) -> str:
     """The template picked, `show` examples with their loss-carrying tokens marked, and data statistics; or, with
     as_json, one JSON line per shown example: input_ids, labels (-100: no loss) and the text the ids decode to."""
-    from tunelab.model import build_tokenizer
+    from tunelab.modeling.build import build_tokenizer
     from tunelab.objectives import make_objective, objective_class
 
     lines = []

@@ -81,7 +81,7 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
     n += 2 * (4 * h + (2 * a * h if full else 0))
     # Attention: sdpa keeps q, k, v and its output (which is also o_proj's input).
     n += a * (2 * q + 2 * kv)
-    # MLP: SwiGLU keeps gate and up (tunelab.gated_mlp recomputes act(gate)); down_proj's input (their product)
+    # MLP: SwiGLU keeps gate and up (tunelab.modeling.gated_mlp recomputes act(gate)); down_proj's input (their product)
     # only if it trains. A plain MLP keeps up and, if down trains, act(up).
     mlp_kept = 2 if s.gated_mlp else 1
     n += x * i * (mlp_kept + (1 if full else 0))
@@ -103,7 +103,7 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
         else:
             dropped, copies, kept = 4, False, 4
         if p.dropout:
-            n += width  # tunelab.lora_dropout: a bool mask; the input itself is kept as without dropout
+            n += width  # tunelab.modeling.lora_dropout: a bool mask; the input itself is kept as without dropout
         if copies:
             n += width * kept
         else:
@@ -144,7 +144,7 @@ def heap_retained(cfg: Config, dev: Device, activations: float) -> float:
     fragment it further: the heap grows by about the activations once more. Measured on the benchmark model (LoRA,
     RSS - baseline - tensor peak over the estimate's activations): one step of 8 rows 1.06x padding-free, 1.14x
     padded; an epoch of 64 rows: see bench/README.md. None on GPUs, or with checkpointing (the trainer then fixes
-    a 64 KiB threshold, so freed blocks go back to the system: tunelab.memory)."""
+    a 64 KiB threshold, so freed blocks go back to the system: tunelab.modeling.memory)."""
     if dev.cuda or cfg.train.gradient_checkpointing:
         return 0
     return activations

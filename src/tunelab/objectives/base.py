@@ -33,7 +33,7 @@ class Objective:
         self.cfg = cfg
         self.tokenizer = tokenizer
         # Whether `collate` lays a micro-batch's sequences end to end in one row (data.padding_free; `auto` is
-        # decided by the trainer once the model exists, tunelab.attention.choose).
+        # decided by the trainer once the model exists, tunelab.modeling.attention.choose).
         self.padding_free = cfg.data.padding_free is True
 
     def datasets(self) -> tuple[list, list]:

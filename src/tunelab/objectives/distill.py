@@ -80,7 +80,7 @@ class Distill(SFT):
     extra_models = True
 
     def __init__(self, cfg: Config, tokenizer):
-        from tunelab.model import teacher_tokenizer
+        from tunelab.modeling.load import teacher_tokenizer
 
         super().__init__(cfg, tokenizer)
         self.dc = cfg.distill
@@ -99,7 +99,7 @@ class Distill(SFT):
     # -- the teacher
 
     def setup(self, model):
-        from tunelab.model import load_pretrained, unwrap
+        from tunelab.modeling.load import load_pretrained, unwrap
 
         self.device = next(model.parameters()).device
         try:
@@ -182,7 +182,7 @@ class Distill(SFT):
         """The batch's prompts with replies sampled from the student: input_ids, labels (the sampled tokens, each
         reply up to and including its first stop token), attention_mask, num_loss_tokens."""
         from tunelab.data import stop_token_ids
-        from tunelab.precision import precision_context
+        from tunelab.modeling.precision import precision_context
 
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         pad = self.tokenizer.pad_token_id
@@ -228,6 +228,6 @@ class Distill(SFT):
 
 
 def _head_rows(model) -> int:
-    from tunelab.model import unwrap
+    from tunelab.modeling.load import unwrap
 
     return unwrap(model).get_output_embeddings().weight.shape[0]

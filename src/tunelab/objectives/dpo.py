@@ -62,7 +62,7 @@ class DPO(PreferenceObjective):
             return response_logprobs(model, batch)[0]
 
     def _precompute(self, model):
-        from tunelab.precision import precision_context
+        from tunelab.modeling.precision import precision_context
 
         device = next(model.parameters()).device
         autocast, _ = precision_context(self.cfg.train.precision, device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tunelab.model import unwrap
+from tunelab.modeling.load import unwrap
 from tunelab.objectives.chunks import head_chunk_rows
 from tunelab.objectives.losses import IGNORE_INDEX, chunked_cross_entropy
 
@@ -72,10 +72,10 @@ def attention_mask_for(model, mask):
 
 def decoder_hidden(decoder, batch: dict) -> torch.Tensor:
     """The decoder's last hidden states for a padded batch, or for a padding-free one (data.padding_free: one row
-    of documents end to end, attention per document; the bounds must reach the attention, tunelab.attention)."""
+    of documents end to end, attention per document; the bounds must reach the attention, tunelab.modeling.attention)."""
     extra, calls_before = {}, None
     if "doc_bounds" in batch:
-        from tunelab import attention
+        from tunelab.modeling import attention
 
         extra[attention.BOUNDS_KWARG] = batch["doc_bounds"]
         calls_before = attention.bounded_calls
@@ -181,7 +181,7 @@ def eval_mode(model):
 
 def router_loss(model, coef: float):
     """MoE: a RouterLoss recording the routers' choices in a forward (moe.RouterLoss), or None for a dense model."""
-    from tunelab.moe import RouterLoss
+    from tunelab.modeling.moe import RouterLoss
 
     return RouterLoss.for_model(unwrap(model), coef)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import Config, UserError
-from tunelab.model import unwrap
+from tunelab.modeling.load import unwrap
 from tunelab.objectives.chunks import head_chunk_rows
 from tunelab.objectives.forward import attention_mask_for, chunk_ce, head_chunks, summed
 from tunelab.objectives.losses import IGNORE_INDEX, mlm_mask

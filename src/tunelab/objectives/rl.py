@@ -147,7 +147,7 @@ class RLObjective(Objective):
 
     def setup(self, model: nn.Module) -> None:
         self.device = next(model.parameters()).device
-        from tunelab.lora_dropout import DroppedInputLinear
+        from tunelab.modeling.lora_dropout import DroppedInputLinear
 
         for module in model.modules():
             if isinstance(module, nn.Dropout):
@@ -163,7 +163,7 @@ class RLObjective(Objective):
         return self.kl_coef > 0 or bool(getattr(self.rc, "adaptive_kl", False))
 
     def _autocast(self):
-        from tunelab.precision import precision_context
+        from tunelab.modeling.precision import precision_context
 
         return precision_context(self.cfg.train.precision, self.device)[0]()
 
@@ -366,7 +366,7 @@ class PPO(RLObjective):
 
     def setup(self, model):
         super().setup(model)
-        from tunelab.model import unwrap
+        from tunelab.modeling.load import unwrap
 
         hidden = unwrap(model).config.hidden_size
         self.value_head = nn.Linear(hidden, 1).to(self.device, torch.float32)

@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab import checkpoint, run_files
+from tunelab import run_files
+from tunelab.training import checkpoint
 from tunelab.config import Config, dump_config
 from tunelab.data.order import Batches, item_length
-from tunelab.distributed import Dist, full_state_dict, grad_sync, wrap
+from tunelab.training.distributed import Dist, full_state_dict, grad_sync, wrap
 from tunelab.objectives.base import Objective, move_to, real_tokens
-from tunelab.optim import lr_lambda, make_optimizer
-from tunelab.precision import precision_context
-from tunelab.preflight import check_disk_space, check_run, check_sharding, report_data
-from tunelab.run_state import RunCheckpoints, TrainState, save_final, seed_everything
+from tunelab.training.optim import lr_lambda, make_optimizer
+from tunelab.modeling.precision import precision_context
+from tunelab.training.preflight import check_disk_space, check_run, check_sharding, report_data
+from tunelab.training.run_state import RunCheckpoints, TrainState, save_final, seed_everything
 
 
 class Interrupted(Exception):
@@ -78,7 +79,8 @@ class Trainer:
 
     def setup(self) -> None:
         """Tokenizer and data first (cheap, and where most mistakes are), then the model, then the wrapping."""
-        from tunelab.model import build_model, build_tokenizer, pick_device, quiet_imports
+        from tunelab.modeling.build import build_model, build_tokenizer
+        from tunelab.modeling.load import pick_device, quiet_imports
         from tunelab.objectives import make_objective, objective_class
 
         cfg, tc = self.cfg, self.cfg.train
@@ -86,9 +88,9 @@ class Trainer:
         seed_everything(tc.seed)
         self.device = pick_device()
         if self.device.type == "cpu" and tc.gradient_checkpointing:
-            from tunelab.memory import return_freed_memory
+            from tunelab.modeling.memory import return_freed_memory
 
-            return_freed_memory()  # the memory-saving mode: also hand freed activations back (tunelab/memory.py)
+            return_freed_memory()  # the memory-saving mode: also hand freed activations back (tunelab/modeling/memory.py)
         self.autocast, self.scaler = precision_context(tc.precision, self.device)
         if self.device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
             make_optimizer(tc, nn.Linear(1, 1), self.device)  # raises the clear error before loading
@@ -103,7 +105,7 @@ class Trainer:
         check_sharding(cfg, self.objective)
         self.sharded = tc.distributed == "fsdp"
         self.model = build_model(cfg, traits.model_kind, self.device, self.tokenizer, added)
-        from tunelab.attention import choose
+        from tunelab.modeling.attention import choose
 
         self.objective.padding_free, line = choose(cfg, self.model)  # before setup: DPO's reference copy attends alike
         if line and self.dist.main:
@@ -226,7 +228,7 @@ class Trainer:
             self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint ...")
 
     def run(self) -> Path:
-        from tunelab.tracking import Tracker, plot_loss, progress_bar, summary
+        from tunelab.training.tracking import Tracker, plot_loss, progress_bar, summary
 
         self.setup()
         cfg, tc, state = self.cfg, self.cfg.train, self.state

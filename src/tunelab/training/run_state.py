@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab import checkpoint, run_files
+from tunelab import run_files
+from tunelab.training import checkpoint
 from tunelab.config import Config, UserError, dump_config
-from tunelab.distributed import Dist
+from tunelab.training.distributed import Dist
 
 
 @dataclass
@@ -226,7 +227,7 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer, cfg: Config, group: D
     """Rank 0 writes `run_dir/final` (an adapter dir or a full model dir, with the run's config.yaml) beside the
     old one, then swaps it in: a crash leaves the previous final/ or the new one, whole. A failed write raises
     CheckpointWriteError on every rank; the checkpoints are untouched."""
-    from tunelab.model import save_model
+    from tunelab.modeling.build import save_model
 
     final = run_dir / run_files.FINAL
     error = None

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from tunelab import checkpoint, run_files
+from tunelab import run_files
+from tunelab.training import checkpoint
 from tunelab.config import Config, UserError, load_config
 from tunelab.objectives.base import Objective
 
@@ -77,7 +78,7 @@ def check_run(cfg: Config, resume: bool, world: int, say=print) -> Path | None:
     for leftover in (run_dir / run_files.FINAL_TMP, old):
         shutil.rmtree(leftover, ignore_errors=True)
     if cfg.model.path and cfg.model.init is None:
-        from tunelab.model import check_model_dir
+        from tunelab.modeling.load import check_model_dir
 
         check_model_dir(cfg.model.path, cfg.model.allow_pickle)
     if not resume:
