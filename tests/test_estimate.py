@@ -207,7 +207,7 @@ def live_bytes(model, optimizer) -> int:
 
 
 def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
-    """The model as tunelab.modeling.build.build makes it (4-bit linears, the rest in the load dtype; peft LoRA; gated MLPs
+    """The model as modeling/build.py makes it (4-bit linears, the rest in the load dtype; peft LoRA; gated MLPs
     that recompute act(gate); checkpointing)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM

@@ -110,7 +110,7 @@ class DataConfig(Section):
     skip_bad_rows: bool = False
     packing: bool = False
     # SFT and DPO: each micro-batch as one row of its sequences end to end, attention per document
-    # (tunelab.modeling.attention): no padding and no cross-document L x L mask, the same rows per step as padded batches.
+    # (modeling/attention.py): no padding and no cross-document L x L mask, the same rows per step as padded batches.
     # auto: on for sft and dpo when the model keeps documents apart (checked at start, else a notice and padded
     # batches), off for other methods and with data.packing; true / false force it.
     padding_free: Union[bool, Literal["auto"]] = "auto"

@@ -331,8 +331,8 @@ def _model_path(cfg: Config, model_path: str | None) -> str:
     run = cfg.run_dir
     if (run / run_files.FINAL).is_dir():
         return str(run)
-    raise UserError(f"no trained model in output_dir {run} (no {run / run_files.FINAL}): train first, or name the model "
-                    "to evaluate with --model DIR (a run dir, an adapter dir or a model dir)")
+    raise UserError(f"no trained model in output_dir {run} (no {run / run_files.FINAL}): train first, or name the "
+                    "model to evaluate with --model DIR (a run dir, an adapter dir or a model dir)")
 
 
 def run_eval(cfg: Config, model_path: str | None = None, out: str | None = None, say=print) -> dict:

@@ -111,7 +111,7 @@ def attach_adapter(model, ac: AdapterConfig, *, kind: str = "causal_lm", new_tok
 
 def adapter_targets(model, ac: AdapterConfig) -> tuple:
     """(target_modules, target_parameters, lora_dropout) for PEFT. On a MoE model `all-linear` means every linear layer
-    but the output head and the routers, plus the fused expert weights (tunelab.modeling.moe); elsewhere PEFT resolves it.
+    but the output head and the routers, plus the fused expert weights (modeling/moe.py); elsewhere PEFT resolves it.
     LoRA on expert weights cannot take dropout, so the adapter is created with 0 and the rest gets it back."""
     from tunelab.modeling.moe import all_linear_targets, is_moe
 

@@ -9,7 +9,8 @@ import torch
 
 from tunelab.config import UserError
 from tunelab.modeling.build import save_model
-from tunelab.modeling.load import _from_pretrained, _run_config, _set_pad_id, adapter_kind, grow_to_tokenizer, is_adapter_dir, load_tokenizer, quiet_imports, resolve_dtype, resolve_model_dir
+from tunelab.modeling.load import (_from_pretrained, _run_config, _set_pad_id, adapter_kind, grow_to_tokenizer,
+                                   is_adapter_dir, load_tokenizer, quiet_imports, resolve_dtype, resolve_model_dir)
 
 
 def merge(path: str, out: str, dtype: str = "auto") -> Path:

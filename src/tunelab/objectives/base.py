@@ -33,8 +33,9 @@ class Objective:
         self.cfg = cfg
         self.tokenizer = tokenizer
         # Whether `collate` lays a micro-batch's sequences end to end in one row (data.padding_free; `auto` is
-        # decided by the trainer once the model exists, tunelab.modeling.attention.choose).
+        # decided by the loop once the model exists, modeling/attention.choose, and given to `setup`).
         self.padding_free = cfg.data.padding_free is True
+        self.dist = None  # the loop's process group (training/distributed.Dist), given to `setup`; None: one process
 
     def datasets(self) -> tuple[list, list]:
         """(train items, eval items): whatever `collate` accepts."""
@@ -49,8 +50,18 @@ class Objective:
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def setup(self, model: nn.Module) -> None:
-        """Called once the trainable model exists (e.g. to precompute reference log-probs)."""
+    def setup(self, model: nn.Module, dist=None, padding_free: bool | None = None) -> None:
+        """Called once the trainable model exists, before any batch. `dist`: the loop's process group (a
+        training.distributed.Dist): an objective reduces across ranks through it (`reduce_sum`), never through
+        torch.distributed. `padding_free`: the batch layout the loop chose for this model. An objective that needs
+        more (a reference model, a teacher, precomputed log-probs) extends this and calls it first."""
+        self.dist = dist
+        if padding_free is not None:
+            self.padding_free = padding_free
+
+    def reduce_sum(self, value: float) -> float:
+        """`value` summed over the ranks of the run."""
+        return float(value) if self.dist is None else self.dist.sum(value)
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """Trainable modules the objective owns besides the model (e.g. a value head)."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import Config, UserError
+from tunelab.objectives.base import Objective
 from tunelab.objectives.chunks import head_chunk_rows
 from tunelab.objectives.forward import causal_lm_loss, decoder_and_head, decoder_hidden, head_chunks, head_rows
 from tunelab.objectives.losses import IGNORE_INDEX, distill_loss
@@ -98,8 +99,10 @@ class Distill(SFT):
 
     # -- the teacher
 
-    def setup(self, model):
+    def setup(self, model, dist=None, padding_free=None):
         from tunelab.modeling.load import load_pretrained, unwrap
+
+        Objective.setup(self, model, dist, padding_free)  # not SFT's: the distillation loss records no router loss
 
         self.device = next(model.parameters()).device
         try:
@@ -166,12 +169,7 @@ class Distill(SFT):
         rolled = [self.rollout(model, b) for b in batches]
         n_gen = sum(int(r["num_loss_tokens"]) for r in rolled)
         n_ref = sum(int(b["num_loss_tokens"]) for b in batches)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = torch.tensor([n_gen, n_ref], dtype=torch.float64, device=self.device)
-            dist.all_reduce(counts)
-            n_gen, n_ref = counts.tolist()
+        n_gen, n_ref = self.reduce_sum(n_gen), self.reduce_sum(n_ref)
         scale = n_gen / max(n_ref, 1)
         for r, b in zip(rolled, batches):
             r["reference"], r["ce_scale"] = b, scale

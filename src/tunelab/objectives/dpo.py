@@ -41,7 +41,8 @@ class DPO(PreferenceObjective):
     def needs_reference(self) -> bool:
         return self.dc.loss != "simpo"
 
-    def setup(self, model):
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)  # first: the reference pass below collates as training will
         self.router = router_loss(model, self.cfg.train.router_aux_loss_coef)
         if not self.needs_reference:
             return

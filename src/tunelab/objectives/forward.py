@@ -67,12 +67,13 @@ def attention_mask_for(model, mask):
     the eager path adds the mask to the scores, so it needs 0 / -inf floats instead."""
     if mask is None or mask.dim() != 4 or model.config._attn_implementation != "eager":
         return mask
-    return torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+    blocked = torch.finfo(model.dtype).min
+    return torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, blocked)
 
 
 def decoder_hidden(decoder, batch: dict) -> torch.Tensor:
     """The decoder's last hidden states for a padded batch, or for a padding-free one (data.padding_free: one row
-    of documents end to end, attention per document; the bounds must reach the attention, tunelab.modeling.attention)."""
+    of documents end to end, attention per document; the bounds must reach the attention, modeling/attention.py)."""
     extra, calls_before = {}, None
     if "doc_bounds" in batch:
         from tunelab.modeling import attention

@@ -131,7 +131,8 @@ class KTO(Objective):
         self.train_items, self.eval_items = train, evals
         return train, evals
 
-    def setup(self, model):
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)
         if self.cfg.adapter is None:
             self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
 

@@ -58,7 +58,8 @@ class MLM(TextBlocks):
         sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         return ([cls] if cls is not None else []), ([sep] if sep is not None else [])
 
-    def setup(self, model):
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)
         hf = unwrap(model)
         base = hf.base_model
         self.takes_positions = "position_ids" in inspect.signature(base.forward).parameters

@@ -145,7 +145,8 @@ class RLObjective(Objective):
 
     # -- setup
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, dist=None, padding_free=None) -> None:
+        super().setup(model, dist, padding_free)
         self.device = next(model.parameters()).device
         from tunelab.modeling.lora_dropout import DroppedInputLinear
 
@@ -364,8 +365,8 @@ class PPO(RLObjective):
     the value head is a linear layer on the policy's final hidden states (a shared trunk, as TRL's
     AutoModelForCausalLMWithValueHead: one forward gives log-probs and values, at no extra model copy)."""
 
-    def setup(self, model):
-        super().setup(model)
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)
         from tunelab.modeling.load import unwrap
 
         hidden = unwrap(model).config.hidden_size
@@ -401,10 +402,8 @@ class PPO(RLObjective):
         if not self.rc.adaptive_kl or "ref_logp" not in roll:
             return
         kl = L.masked_sum(roll["logp"] - roll["ref_logp"], roll["response_mask"], -1)
-        stats = torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]).double()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
-        mean_kl, n = float(stats[0] / stats[1]), float(stats[1])
+        total, n = self.reduce_sum(float(kl.sum())), self.reduce_sum(len(kl))
+        mean_kl = total / n
         error = min(max(mean_kl / self.rc.kl_target - 1, -0.2), 0.2)
         self.kl_coef *= 1 + error * n / self.rc.kl_horizon
 

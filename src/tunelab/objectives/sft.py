@@ -70,7 +70,8 @@ class SFT(Objective):
             return collate_padding_free(items)
         return collate(items, self.tokenizer.pad_token_id)
 
-    def setup(self, model):
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)
         self.router = router_loss(model, self.cfg.train.router_aux_loss_coef)
 
     def loss(self, model, batch):

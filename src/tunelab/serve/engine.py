@@ -263,7 +263,7 @@ class Engine:
         base.model.eval()
 
     def _rebuild(self, base: _Base, adapter: Path, name: str, grow_to) -> None:
-        """Take the adapters off, give the base rows for every token of `grow_to` (tunelab.modeling.load.grow_to_tokenizer)
+        """Take the adapters off, give the base rows for every token of `grow_to` (modeling/load.py: grow_to_tokenizer)
         if given, and put them back with the new one, those without trainable token rows first."""
         from tunelab.modeling.load import grow_to_tokenizer
 

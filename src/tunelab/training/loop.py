@@ -90,7 +90,7 @@ class Trainer:
         if self.device.type == "cpu" and tc.gradient_checkpointing:
             from tunelab.modeling.memory import return_freed_memory
 
-            return_freed_memory()  # the memory-saving mode: also hand freed activations back (tunelab/modeling/memory.py)
+            return_freed_memory()  # the memory-saving mode: also hand freed activations back (modeling/memory.py)
         self.autocast, self.scaler = precision_context(tc.precision, self.device)
         if self.device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
             make_optimizer(tc, nn.Linear(1, 1), self.device)  # raises the clear error before loading
@@ -107,10 +107,10 @@ class Trainer:
         self.model = build_model(cfg, traits.model_kind, self.device, self.tokenizer, added)
         from tunelab.modeling.attention import choose
 
-        self.objective.padding_free, line = choose(cfg, self.model)  # before setup: DPO's reference copy attends alike
+        padding_free, line = choose(cfg, self.model)
         if line and self.dist.main:
             self.say(line)
-        self.objective.setup(self.model)
+        self.objective.setup(self.model, self.dist, padding_free)
         self.module = ObjectiveModule(self.model, self.objective).to(self.device)
         self.dist.agree(lambda: check_disk_space(cfg, self.module))
         self.wrapped, self._tied_names = wrap(self.module, self.device, self.dist, self.sharded)
@@ -301,7 +301,9 @@ class Trainer:
         final = self._finish()
         elapsed = time.time() - started
         if self.dist.main:
-            plot = plot_loss(self.run_dir / run_files.METRICS, self.run_dir / run_files.LOSS_PLOT) if cfg.log.plot else None
+            plot = None
+            if cfg.log.plot:
+                plot = plot_loss(self.run_dir / run_files.METRICS, self.run_dir / run_files.LOSS_PLOT)
             self.say(summary(state, self.total_steps, elapsed, state.step - step_at_start, state.tokens - tokens_at_start,
                              final, self.run_dir / run_files.METRICS, plot))
         return final
@@ -329,9 +331,7 @@ class Trainer:
         return save_final(self.run_dir, self.module.model, self.tokenizer, self.cfg, self.dist, full_state)
 
     def _interrupt(self, force_save: bool = False) -> None:
-        if force_save:
-            self.checkpoints.saved_step = None
-        self.checkpoints.save(self.state)  # on a stop request always, whatever train.save_every says
+        self.checkpoints.save(self.state, force=force_save)  # on a stop request always, whatever train.save_every says
         where = checkpoint.step_dir(self.ckpt_root, self.state.step)
         raise Interrupted(
             f"stopped at step {self.state.step}/{self.total_steps}; checkpoint saved: {where}. Continue with: "

@@ -82,12 +82,13 @@ class RunCheckpoints:
         self.cfg, self.dist, self.root = cfg, group, root
         self.module, self.optimizer, self.scheduler, self.scaler = module, optimizer, scheduler, scaler
         self.objective, self.sharded = objective, sharded
-        self.saved_step: int | None = None  # a step is saved at most once (set to None to force a save)
+        self.saved_step: int | None = None  # a step is saved at most once, unless forced
 
-    def save(self, train_state: TrainState) -> Path | None:
-        """Checkpoint the current step (at most once per step). Rank 0 writes alone, except with FSDP, where every rank
-        writes its shards into the same temporary dir. A failed write raises CheckpointWriteError on every rank."""
-        if self.saved_step == train_state.step:
+    def save(self, train_state: TrainState, force: bool = False) -> Path | None:
+        """Checkpoint the current step (at most once per step, unless `force`). Rank 0 writes alone, except with FSDP,
+        where every rank writes its shards into the same temporary dir. A failed write raises CheckpointWriteError on
+        every rank."""
+        if self.saved_step == train_state.step and not force:
             return None
         tc = self.cfg.train
         train_state.rng = rng_state()
