@@ -1,5 +1,6 @@
-"""A tiny Llama with a spread-out head, a batch with a prompt and padding, and the plain full-logits cross-entropy:
-the reference that the fused loss, padding-free batches, LoRA dropout and the gated MLP are checked against."""
+"""A tiny Llama with a spread-out head, a batch with a prompt and padding, the plain full-logits cross-entropy and
+the bytes autograd keeps: the references that the fused loss, padding-free batches, LoRA dropout and the gated MLP
+are checked against."""
 
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def grads_of(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def saved_bytes(forward):
+    """(forward(), bytes autograd keeps for the backward pass while it runs: each storage once)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, sum(kept.values())

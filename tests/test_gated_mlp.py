@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lm_reference import tiny_llama
+from lm_reference import saved_bytes, tiny_llama
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -30,7 +30,7 @@ def test_gated_mlp_keeps_no_activated_gate_and_gives_the_same_gradients(lora):
     ids = torch.randint(0, 97, (2, 24))
 
     def loss_grads_kept(m):
-        loss, kept = _saved_bytes(lambda: m(input_ids=ids, labels=ids).loss)
+        loss, kept = saved_bytes(lambda: m(input_ids=ids, labels=ids).loss)
         loss.backward()
         return loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}, kept
 

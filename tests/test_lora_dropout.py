@@ -6,20 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_reference import tiny_llama
-
-
-def _saved_bytes(forward):
-    """(forward(), bytes autograd keeps for the backward pass while it runs: each storage once)."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    return out, sum(kept.values())
+from lm_reference import saved_bytes, tiny_llama
 
 
 def test_lora_dropout_keeps_a_mask_and_gives_the_dropped_out_matmul(monkeypatch):
@@ -51,7 +38,7 @@ def test_lora_dropout_keeps_a_mask_and_gives_the_dropped_out_matmul(monkeypatch)
     assert torch.equal(layer(x), F.linear(x, layer.weight))  # no dropout outside training
 
     def kept_bytes(model):
-        return _saved_bytes(lambda: model(input_ids=torch.randint(0, 97, (2, 24))))[1]
+        return saved_bytes(lambda: model(input_ids=torch.randint(0, 97, (2, 24))))[1]
 
     def lora(fused):
         torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lm_reference import tiny_llama, lm_batch, full_logits_loss, grads_of
+from lm_reference import full_logits_loss, grads_of, lm_batch, tiny_llama
 
 
 @pytest.mark.parametrize("batch_waste", [0.0, 1e9], ids=["per-document", "batched"])
