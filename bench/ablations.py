@@ -7,15 +7,15 @@ from __future__ import annotations
 def ce_checkpoint():
     """The SFT loss's previous head path: each chunk of logits recomputed under activation checkpointing,
     instead of losses.chunked_cross_entropy's gradients-in-forward."""
-    from tunelab.objectives import sft
+    from tunelab.objectives import forward
 
-    sft.plain_linear = lambda head: None
+    forward.plain_linear = lambda head: None
 
 
 def _optimizer(fused: bool):
     import torch
 
-    from tunelab import trainer
+    from tunelab.training import loop as trainer
 
     original = trainer.make_optimizer
 
@@ -43,13 +43,13 @@ def compile_layers():
     warm-up step; its cost is reported separately as the child's warm-up time."""
     import torch
 
-    from tunelab import trainer
+    from tunelab.training import loop as trainer
 
     setup = trainer.Trainer.setup
 
     def patched(self):
         setup(self)
-        from tunelab.model import unwrap
+        from tunelab.modeling.load import unwrap
 
         layers = unwrap(self.model).model.layers
         for i, layer in enumerate(layers):
@@ -60,7 +60,7 @@ def compile_layers():
 
 def no_lora_dropout():
     """LoRA dropout 0 (a hyper-parameter change, measured only to size what dropout costs)."""
-    from tunelab import model
+    from tunelab.modeling import build as model
 
     attach = model.attach_adapter
 
@@ -71,15 +71,15 @@ def no_lora_dropout():
 
 
 def malloc_fixed():
-    """glibc's mmap threshold fixed at 64 KiB (tunelab.memory.return_freed_memory) from the start of the run."""
-    from tunelab.memory import return_freed_memory
+    """glibc's mmap threshold fixed at 64 KiB (tunelab.modeling.memory.return_freed_memory) from the start of the run."""
+    from tunelab.modeling.memory import return_freed_memory
 
     assert return_freed_memory()
 
 
 def malloc_default():
-    """glibc's default, dynamic mmap threshold: skip tunelab.memory.return_freed_memory."""
-    from tunelab import memory
+    """glibc's default, dynamic mmap threshold: skip tunelab.modeling.memory.return_freed_memory."""
+    from tunelab.modeling import memory
 
     memory.return_freed_memory = lambda: False
 
@@ -88,7 +88,7 @@ def malloc_trim_steps():
     """Return the heap's free pages to the OS after every optimizer step (glibc malloc_trim), default threshold."""
     import ctypes
 
-    from tunelab import trainer
+    from tunelab.training import loop as trainer
 
     trim = ctypes.CDLL("libc.so.6").malloc_trim
     step = trainer.Trainer._step

@@ -1,6 +1,6 @@
 """The benchmark's model, tokenizer and rows: built locally from fixed seeds, cached under bench/results/assets.
 
-- Tokenizer: byte-level BPE (vocab 8192) trained by tunelab.scratch on synthetic text.
+- Tokenizer: byte-level BPE (vocab 8192) trained by tunelab.modeling.scratch on synthetic text.
 - Model: a 34M-parameter Llama built from a config (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 8192,
   untied head), seeded, saved once, so every system loads exactly the same weights.
 - Rows: alpaca instruction rows whose rendered token lengths follow a log-normal (median 180, sigma 0.75, capped at
@@ -67,7 +67,7 @@ def lognormal_lengths(n: int) -> list[int]:
 
 def _tokenizer(root: Path):
     from tunelab.config import load_config
-    from tunelab.scratch import train_tokenizer
+    from tunelab.modeling.scratch import train_tokenizer
 
     text = Text(seed=1)
     corpus = root / "tokenizer-corpus.jsonl"

@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     import systems
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     spec = {"workload": args.workload, "rows": args.rows, "micro_batch": 8, "device": "cpu",
             "overrides": args.overrides}

@@ -39,7 +39,7 @@ NOMINAL_ROWS = 10_000  # "time per epoch" is for a dataset of this many rows lik
 SYSTEMS = {
     # tunelab's defaults: nothing set (data.padding_free: auto takes padding-free batches on these workloads)
     "tunelab": ("tunelab", {}),
-    # the memory-saving mode: + gradient checkpointing (which on CPU also hands freed memory back, tunelab/memory.py)
+    # the memory-saving mode: + gradient checkpointing (which on CPU also hands freed memory back, tunelab/modeling/memory.py)
     "tunelab-ckpt": ("tunelab", {"overrides": ["train.gradient_checkpointing=true"]}),
     "tunelab-grouped": ("tunelab", {"overrides": ["data.padding_free=false", "train.group_by_length=true"]}),
     "tunelab-grouped-ckpt": ("tunelab", {"overrides": ["data.padding_free=false", "train.group_by_length=true",

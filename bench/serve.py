@@ -49,8 +49,8 @@ class Plain:
         from transformers import AutoModelForCausalLM
 
         from tunelab.data import stop_token_ids
-        from tunelab.infer import prompt_ids
-        from tunelab.model import load_tokenizer
+        from tunelab.modeling.infer import prompt_ids
+        from tunelab.modeling.load import load_tokenizer
 
         self.tokenizer = load_tokenizer(str(model_dir))
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

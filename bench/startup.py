@@ -48,9 +48,9 @@ def stamp_after(module, name, key):
     def wrapped(*a, **k):
         out = fn(*a, **k); stamps[key] = time.time(); return out
     setattr(module, name, wrapped)
-import tunelab.trainer as trainer
+import tunelab.training.loop as trainer
 stamps["trainer_imported"] = time.time()
-import tunelab.model as model
+import tunelab.modeling.build as model
 stamp_after(model, "build_tokenizer", "tokenizer")
 stamp_after(model, "build_model", "model")
 import tunelab.objectives as objectives

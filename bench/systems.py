@@ -99,7 +99,7 @@ def run_tunelab(spec: dict) -> dict:
     import torch
 
     from tunelab.objectives.base import real_tokens
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     for patch in spec.get("patches", []):
         import ablations
@@ -194,7 +194,7 @@ def run_trl(spec: dict) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from tunelab.model import quiet_imports
+    from tunelab.modeling.load import quiet_imports
 
     quiet_imports()
     tok = assets.tokenizer()

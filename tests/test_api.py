@@ -3,6 +3,7 @@ notebook, user errors as tunelab.UserError carrying the CLI's one line, and a li
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -60,12 +61,13 @@ def test_train_evaluate_merge_generate(setup, tmp_path):
     run = tunelab.train(cfg, quiet=True)
     assert run == cfg.run_dir and (run / "final" / "adapter_config.json").is_file()
     report = tunelab.evaluate(cfg, out=tmp_path / "eval.json", quiet=True)
-    assert (tmp_path / "eval.json").is_file() and report["rows"] > 0
+    assert json.loads((tmp_path / "eval.json").read_text()) == report
+    assert report["rows"] == cfg.eval.max_rows < 8  # eval.max_rows of the 8 rows in eval.data
     merged = tunelab.merge(run, tmp_path / "merged")
     assert (merged / "model.safetensors").is_file()
-    replies = tunelab.generate(run, ["Reverse the word: apple", "What is 2 + 3?"], max_new_tokens=6)
-    assert isinstance(replies, list) and len(replies) == 2
-    assert tunelab.generate(run, "Reverse the word: apple", max_new_tokens=6) == replies[0]
+    prompts = ["Reverse the word: apple", "What is 2 + 3?"]
+    replies = tunelab.generate(run, prompts, max_new_tokens=6)  # one batched call: each reply as if alone
+    assert replies == [tunelab.generate(run, prompt, max_new_tokens=6) for prompt in prompts]
     cli = run_cli("generate", str(run), "--prompt", "Reverse the word: apple", "--max-new-tokens", "6")
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.rstrip("\n") == replies[0]

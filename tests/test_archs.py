@@ -58,7 +58,7 @@ def arch_config(base, data_path, out, **sections) -> dict:
 
 
 def train_quietly(cfg: dict):
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     return train(load_config(data=cfg), say=lambda *a, **k: None)
 
@@ -107,7 +107,7 @@ def test_lora_sft_then_merge_reloads_same_logits(family, data, tmp_path, tmp_pat
 def assert_routers_frozen_and_experts_adapted(base, merged):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.moe import expert_parameters, router_modules
+    from tunelab.modeling.moe import expert_parameters, router_modules
 
     before = dict(AutoModelForCausalLM.from_pretrained(base).named_parameters())
     after_model = AutoModelForCausalLM.from_pretrained(merged)
@@ -128,10 +128,11 @@ def test_training_loss_is_the_models_loss(family, data, tmp_path_factory):
     windows included), or padding-free is refused with the reason."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.attention import unsupported_reason, use_padding_free_attention
+    from tunelab.modeling.attention import unsupported_reason, use_padding_free_attention
     from tunelab.data import collate, collate_padding_free
-    from tunelab.model import load_tokenizer
-    from tunelab.objectives.sft import SFT, causal_lm_loss
+    from tunelab.modeling.load import load_tokenizer
+    from tunelab.objectives.forward import causal_lm_loss
+    from tunelab.objectives.sft import SFT
 
     base = model_dir(family, data, tmp_path_factory)
     tokenizer = load_tokenizer(str(base))
@@ -172,7 +173,7 @@ def test_encoder_mlm_with_lora(family, data, tmp_path, tmp_path_factory):
 def test_load_balancing_loss_matches_transformers():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from tunelab.moe import load_balancing_loss
+    from tunelab.modeling.moe import load_balancing_loss
 
     g = torch.Generator().manual_seed(0)
     layers = tuple(torch.randn(2 * 7, 6, generator=g) for _ in range(3))
@@ -192,8 +193,9 @@ def test_router_aux_loss_is_added_per_unit(data, tmp_path_factory):
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     from tunelab.data import collate
-    from tunelab.model import load_tokenizer
-    from tunelab.objectives.sft import SFT, causal_lm_loss
+    from tunelab.modeling.load import load_tokenizer
+    from tunelab.objectives.forward import causal_lm_loss
+    from tunelab.objectives.sft import SFT
 
     base = model_dir("mixtral", data, tmp_path_factory)
     tokenizer = load_tokenizer(str(base))
@@ -267,8 +269,8 @@ def test_generate_matches_plain_transformers(family, data, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from tunelab import generate
-    from tunelab.infer import prompt_ids
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.infer import prompt_ids
+    from tunelab.modeling.load import load_tokenizer
 
     base = model_dir(family, data, tmp_path_factory)
     prompt = "Reverse the word: apple"

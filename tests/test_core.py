@@ -9,7 +9,7 @@ import torch
 from tiny import config_dict, make_base_model, write_task_data
 
 from tunelab.config import load_config
-from tunelab.trainer import Trainer
+from tunelab.training.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_saved_lora_loads_in_peft_with_identical_logits_and_merges(base, data, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.merging import merge
+    from tunelab.modeling.merging import merge
 
     trainer = run(config_dict(base, data, tmp_path / "run", adapter=LORA, train={"lr": 5e-3}))
     ours = trainer.module.model.eval()
@@ -78,7 +78,7 @@ def test_loss_falls_on_memorisation(base, tmp_path, mode):
 
 
 def _metrics(run_dir):
-    from tunelab.tracking import read_metrics
+    from tunelab.training.tracking import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -146,7 +146,7 @@ def test_qlora_merge_reproduces_the_trained_quantized_model(base, data, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.merging import merge
+    from tunelab.modeling.merging import merge
 
     qlora = {"path": str(base), "quantize": "nf4", "double_quant": True}
     trainer = run(config_dict(base, data, tmp_path / "q", model=qlora, adapter=LORA, train={"lr": 5e-3}))

@@ -17,7 +17,7 @@ STUDENT = {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, 
 
 
 def _tokenizer(root, rows, vocab_size=300):
-    from tunelab.scratch import train_tokenizer
+    from tunelab.modeling.scratch import train_tokenizer
 
     cfg = load_config(data={"model": {"init": TEACHER.model_dump()}, "tokenizer": {"train": True, "vocab_size": vocab_size},
                             "data": {"train": [{"path": str(rows), "format": "alpaca"}]}, "output_dir": str(root)})
@@ -26,7 +26,7 @@ def _tokenizer(root, rows, vocab_size=300):
 
 def _teacher(out, tokenizer, seed: int):
     """A random tiny Llama with sharpened output (an untied head scaled up: a confident teacher, logits well beyond init's ±0.3)."""
-    from tunelab.scratch import build_model
+    from tunelab.modeling.scratch import build_model
 
     torch.manual_seed(seed)
     model = build_model(TEACHER, tokenizer)
@@ -63,7 +63,7 @@ def _cfg(s, out, student=None, **sections) -> dict:
 
 
 def _objective(cfg_dict, student_model):
-    from tunelab.model import load_run_tokenizer
+    from tunelab.modeling.build import load_run_tokenizer
     from tunelab.objectives import make_objective
 
     cfg = load_config(data=cfg_dict)
@@ -96,7 +96,7 @@ def test_alpha_zero_is_sft_and_the_mix_matches_full_logits(setup, tmp_path, monk
     assert metrics["kl"] > 1.0  # a real divergence, weighted 0
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
     # alpha = 0.3, reverse KL at temperature 2, several chunks: equals the full-logits formula, gradients too
-    monkeypatch.setattr(D, "CHUNK", 7)
+    monkeypatch.setattr(D, "head_chunk_rows", lambda vocab, heads=1: 7)
     objective.dc = objective.dc.model_copy(update={"alpha": 0.3, "loss": "reverse_kl", "temperature": 2.0})
     student.zero_grad()
     ours, _ = objective.loss(student, batch)
@@ -133,10 +133,10 @@ def test_teacher_as_student_gives_zero_divergence(setup, tmp_path, kind):
 def test_distilling_into_a_smaller_new_student_lowers_the_kl(setup, tmp_path):
     """model.init with no tokenizer settings: the student takes the teacher's tokenizer. The teacher stays
     frozen, in eval mode and out of the trainable module and the checkpoint."""
-    from tunelab import checkpoint
-    from tunelab.run_state import trainable_state
-    from tunelab.trainer import Trainer
-    from tunelab.tracking import read_metrics
+    from tunelab.training import checkpoint
+    from tunelab.training.run_state import trainable_state
+    from tunelab.training.loop import Trainer
+    from tunelab.training.tracking import read_metrics
 
     cfg = _cfg(setup, tmp_path / "run", distill={"alpha": 0.8}, data={"eval_fraction": 0.2},
                train={"max_steps": 12, "save_every": 12})
@@ -158,7 +158,7 @@ def test_distilling_into_a_smaller_new_student_lowers_the_kl(setup, tmp_path):
 
 
 def test_on_policy_rollouts_grade_the_students_samples(setup, tmp_path):
-    from tunelab.objectives.sft import causal_lm_loss
+    from tunelab.objectives.forward import causal_lm_loss
 
     student = _load(setup["other"]).train()
     cfg = _cfg(setup, tmp_path, setup["other"], distill={"on_policy": True, "max_new_tokens": 6, "alpha": 0.5})
@@ -188,7 +188,7 @@ def test_on_policy_rollouts_grade_the_students_samples(setup, tmp_path):
     total = sum(p[0] for p in parts) / n_gen
     torch.testing.assert_close(total, 0.5 * kl + 0.5 * ce, rtol=1e-5, atol=1e-5)
     # and it trains in the loop
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     train(load_config(data=_cfg(setup, tmp_path / "run", setup["other"],
                                 distill={"on_policy": True, "max_new_tokens": 6}, train={"max_steps": 2})),
@@ -197,7 +197,7 @@ def test_on_policy_rollouts_grade_the_students_samples(setup, tmp_path):
 
 
 def test_vocabulary_mismatch_is_a_clear_error_through_the_cli(setup, tmp_path):
-    from tunelab.scratch import save_tiny_model
+    from tunelab.modeling.scratch import save_tiny_model
 
     other_tok = _tokenizer(tmp_path / "tok2", setup["data"], vocab_size=280)
     student = save_tiny_model(tmp_path / "student", other_tok, TEACHER)

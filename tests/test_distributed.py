@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import load_file
 from tiny import TINY_SHAPE, config_dict, make_base_model, run_cli, write_task_data
 
-from tunelab import checkpoint
+from tunelab.training import checkpoint
 from tunelab.cli import main as cli_main
-from tunelab.tracking import read_metrics
+from tunelab.training.tracking import read_metrics
 
 STEPS = 3
 COMMON = {"max_steps": STEPS, "micro_batch_size": 2, "lr": 3e-3, "max_grad_norm": 1.0, "save_every": 1,

@@ -58,7 +58,7 @@ def dpo_config(base, train_path, out, eval_path=None, **sections):
 
 def build_objective(cfg_dict):
     """(objective with its datasets loaded, model) as the trainer builds them, without the loop."""
-    from tunelab.model import build
+    from tunelab.modeling.build import build
     from tunelab.objectives import make_objective
 
     cfg = load_config(data=cfg_dict)
@@ -218,7 +218,7 @@ def tensor_storage_bytes(*roots) -> int:
 def test_lora_dpo_holds_one_copy_of_the_base_weights(base, small, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     sizes, adapter_bytes = {}, 0
     for name, sections in {"lora": {"adapter": LORA}, "full": {}}.items():
@@ -244,7 +244,7 @@ def test_dpo_lifts_heldout_preference_accuracy(base, split, prefs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.trainer import Trainer, train
+    from tunelab.training.loop import Trainer, train
 
     train_items, _ = split
     sft_data = tasks.write_jsonl([tasks.to_alpaca(i) for i in train_items], tmp_path / "sft.jsonl")
@@ -328,7 +328,7 @@ def test_pairs_that_cannot_teach_are_dropped_and_reported(base, tmp_path, caplog
     assert stats["dropped_identical"] == 2 and stats["dropped_no_response"] == 1 and stats["pairs"] == 3
 
     # nothing usable left: the run stops before loading the model, with the same report
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     bad = tasks.write_jsonl([rows[1], rows[3]], tmp_path / "bad.jsonl")
     with pytest.raises(UserError, match=r"no usable preference pairs: train data: dropped 2 of 2 preference pairs: "
@@ -355,7 +355,7 @@ def test_malformed_rows_and_wrong_settings_are_user_errors(base, small, tmp_path
 
 
 def test_example_config_runs(base, small, tmp_path):
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     example = Path(__file__).resolve().parents[1] / "examples" / "dpo-lora.yaml"
     cfg = load_config(example, [f"model.path={base}", f"data.train=[{{path: {small[0]}, format: preference}}]",

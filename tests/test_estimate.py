@@ -21,7 +21,6 @@ import torch
 
 from tunelab.config import Config
 from tunelab.estimate import (
-    CE_CHUNK,
     GIB,
     NF4_BITS,
     NF4_DQ_BITS,
@@ -36,7 +35,8 @@ from tunelab.estimate import (
     lora_targets,
     model_shape,
 )
-from tunelab.estimate.counting import ce_chunk_rows
+from tunelab.estimate.counting import memory_breakdown
+from tunelab.estimate.devices import get_device
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -72,9 +72,16 @@ def run_config(mode="full", mb=2, seq=256, accum=1, gc=False, bf16=False, dropou
 
 # ---------------------------------------------------------------- pure maths
 
-def test_nf4_bits_per_param():
-    assert NF4_BITS == 4.5
-    assert abs(NF4_DQ_BITS - 4.127) < 0.001
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_bits_per_param_are_what_bitsandbytes_stores(double_quant):
+    """The 4-bit codes, the absmax per block of 64 and (double quantization) the absmax of those per 256 blocks, as
+    bitsandbytes lays them out; the code table and offset are per tensor, not per parameter."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(256, 1024)
+    packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    stored = [packed, state.absmax] + ([state.state2.absmax] if double_quant else [])
+    bits = sum(t.numel() * t.element_size() for t in stored) * 8 / w.numel()
+    assert bits == pytest.approx(NF4_DQ_BITS if double_quant else NF4_BITS)
 
 
 @pytest.mark.parametrize("targets,dora", [("all-linear", False), (["q_proj", "v_proj"], False), ("all-linear", True)])
@@ -111,11 +118,27 @@ def test_shape_from_model_dir_and_init(tmp_path):
     assert (s.hidden, s.layers, s.intermediate, s.vocab, s.tied) == (512, 8, 1408, 8192, True)
 
 
-def test_ce_chunk_mirrors_the_sft_loss():
-    sft = pytest.importorskip("tunelab.objectives.sft")
-    assert sft.CE_CHUNK == CE_CHUNK
-    for vocab in (8192, 32000, 128256, 262144):
-        assert sft.ce_chunk_rows(vocab) == ce_chunk_rows(vocab)
+@pytest.mark.parametrize("method,vocab", [("sft", 300), ("sft", 70000), ("dpo", 70000)])
+def test_logits_term_counts_the_rows_the_loss_runs_at_once(method, vocab):
+    """The estimator's chunk of logits is the largest number of rows the objective's loss puts through the head in
+    one call (recorded by a hook on the head), for a vocabulary under and over the 32k where chunks shrink."""
+    from tunelab.objectives import forward
+
+    from transformers import LlamaForCausalLM
+
+    hf = tiny_llama(h=32, layers=1, heads=2, kv=2, inter=64, vocab=vocab, tied=False)
+    model = LlamaForCausalLM(hf)
+    ids = torch.randint(0, vocab, (4, 600), generator=torch.Generator().manual_seed(0))  # 2396 labelled positions
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    if method == "sft":  # a hooked head is not a plain linear: the loss takes the checkpointed-chunks path
+        forward.causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+    else:
+        forward.response_logprobs(model, {"input_ids": ids, "labels": ids})
+    cfg = Config.model_validate({"model": {"path": "x"}, "method": method, "data": {"train": [{"path": "x"}],
+                                 "max_length": 600}, "train": {"micro_batch_size": 4 // (2 if method == "dpo" else 1)}})
+    memory = memory_breakdown(cfg, shape_of(hf), get_device("h100"))
+    assert memory.labels["logits"] == f"chunked CE: {max(rows)} positions at a time"
 
 
 def test_tokens_from_data_files(tmp_path):
@@ -220,14 +243,14 @@ def live_bytes(model, optimizer) -> int:
 
 
 def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
-    """The model as tunelab.model.build makes it (4-bit linears, the rest in the load dtype; peft LoRA; gated MLPs
+    """The model as modeling/build.py makes it (4-bit linears, the rest in the load dtype; peft LoRA; gated MLPs
     that recompute act(gate); checkpointing)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    from tunelab.gated_mlp import keep_less_in_gated_mlps
-    from tunelab.lora_dropout import fuse_lora_dropout
-    from tunelab.model import keep_4bit_layout
+    from tunelab.modeling.gated_mlp import keep_less_in_gated_mlps
+    from tunelab.modeling.lora_dropout import fuse_lora_dropout
+    from tunelab.modeling.load import keep_4bit_layout
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
@@ -326,14 +349,15 @@ def test_predicted_peak_matches_measured(name, tmp_path):
 
 def test_chunked_loss_of_the_sft_objective(tmp_path):
     """The chunked-CE prediction against tunelab's own SFT loss: 2 x 1280 tokens, logits in 2 chunks."""
-    sft = pytest.importorskip("tunelab.objectives.sft")
+    from tunelab.objectives.forward import causal_lm_loss
+
     hf = tiny_llama(layers=2)
     model = build_model(hf, "lora", False, False, 0.05, 16, tmp_path)
     optimizer = adamw(model)
     ids = torch.randint(0, hf.vocab_size, (2, 1280), generator=torch.Generator().manual_seed(0))
 
     def step(batch=ids):
-        total, n = sft.causal_lm_loss(model, {"input_ids": batch, "labels": batch})
+        total, n = causal_lm_loss(model, {"input_ids": batch, "labels": batch})
         (total / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -364,8 +388,8 @@ def test_estimate_of_a_run_matches_the_run(padding_free, tiny_tokenizer, tmp_pat
     compared). The default config takes padding-free batches; `false` pads, and SDPA keeps its float mask."""
     from tunelab.config import InitConfig, load_config
     from tunelab.estimate import Device
-    from tunelab.scratch import save_tiny_model
-    from tunelab.trainer import Trainer
+    from tunelab.modeling.scratch import save_tiny_model
+    from tunelab.training.loop import Trainer
 
     torch.manual_seed(0)
     shape = InitConfig(hidden_size=128, layers=2, heads=4, intermediate_size=352, max_position=512)

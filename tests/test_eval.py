@@ -13,7 +13,7 @@ from tiny import TINY_SHAPE, run_cli
 
 from tunelab import tasks
 from tunelab.config import UserError, load_config
-from tunelab.infer import Sampling, generate
+from tunelab.modeling.infer import Sampling, generate
 
 MAX_NEW = 6
 
@@ -22,7 +22,7 @@ MAX_NEW = 6
 def models(tmp_path_factory):
     """Two random tiny Llamas with untied heads (a tied random model only echoes its last input token) sharing one
     tokenizer trained on task text."""
-    from tunelab.scratch import save_tiny_model, train_tokenizer
+    from tunelab.modeling.scratch import save_tiny_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("eval-models")
     data = tasks.write_jsonl([tasks.to_alpaca(i) for i in tasks.make_items(100, 3)], root / "tok.jsonl")
@@ -38,7 +38,7 @@ def models(tmp_path_factory):
 
 
 def _load(path):
-    from tunelab.model import load_pretrained
+    from tunelab.modeling.load import load_pretrained
 
     return load_pretrained(str(path))
 

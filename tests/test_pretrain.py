@@ -55,7 +55,7 @@ def _cfg(corpus, out, method="pretrain", arch="llama", **sections) -> dict:
 @pytest.fixture(scope="module")
 def tokenizers(corpus, tmp_path_factory):
     """The trained tokenizers of a llama (decoder) run and a bert (encoder) run."""
-    from tunelab.scratch import train_tokenizer
+    from tunelab.modeling.scratch import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     return {arch: train_tokenizer(load_config(data=_cfg(corpus, out / arch, "pretrain" if arch == "llama" else "mlm", arch)))
@@ -63,7 +63,7 @@ def tokenizers(corpus, tmp_path_factory):
 
 
 def _train(cfg: dict, resume: bool = False):
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     trainer = Trainer(load_config(data=cfg), resume=resume, say=lambda *a: None)
     trainer.run()
@@ -71,7 +71,7 @@ def _train(cfg: dict, resume: bool = False):
 
 
 def _metrics(run_dir):
-    from tunelab.tracking import read_metrics
+    from tunelab.training.tracking import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -109,7 +109,7 @@ def test_trained_tokenizer_round_trips_text_and_has_the_special_tokens(tokenizer
 
 
 def test_tokenizer_is_reused_until_its_data_or_settings_change(corpus, tmp_path):
-    from tunelab.scratch import STAMP, train_tokenizer
+    from tunelab.modeling.scratch import STAMP, train_tokenizer
 
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
@@ -208,7 +208,7 @@ def test_packed_documents_do_not_see_each_other(tokenizers, corpus, tmp_path, me
     bit-identical; without the document mask the same change does move it (so the test can fail)."""
     import numpy as np
 
-    from tunelab.scratch import build_model
+    from tunelab.modeling.scratch import build_model
     from tunelab.objectives import make_objective
     from tunelab.objectives.pretrain import BlockList, Blocks, tokenize_corpus
 

@@ -38,7 +38,7 @@ def qlora_config(path, dtype="bfloat16", gc=True) -> Config:
 
 
 def tunelab_qlora(path, dtype="bfloat16", gc=True):
-    from tunelab.model import build_model
+    from tunelab.modeling.build import build_model
 
     return build_model(qlora_config(path, dtype, gc), "causal_lm", torch.device("cpu"), tokenizer=None).train()
 
@@ -79,7 +79,7 @@ def peft_prepared_fp32(path):
 
 
 def lora_grads(model, batch, autocast):
-    from tunelab.objectives.sft import causal_lm_loss
+    from tunelab.objectives.forward import causal_lm_loss
 
     with autocast():
         total, n = causal_lm_loss(model, batch)
@@ -90,7 +90,7 @@ def lora_grads(model, batch, autocast):
 
 
 def test_bf16_step_matches_the_fp32_reference(base):
-    from tunelab.precision import precision_context
+    from tunelab.modeling.precision import precision_context
 
     model = tunelab_qlora(base)
     reference = peft_prepared_fp32(base)
@@ -114,13 +114,13 @@ def test_bf16_step_matches_the_fp32_reference(base):
 
 def test_estimate_of_a_bf16_qlora_step_matches_the_allocator(base):
     """The estimator's peak for a bf16 QLoRA step (checkpointing, tunelab's chunked SFT loss, bf16 autocast) against
-    torch's CPU allocator accounting of the same step on the model tunelab.model builds."""
+    torch's CPU allocator accounting of the same step on the model tunelab.modeling.build builds."""
     from test_estimate import adamw, profiled_peak, run_config, shape_of
     from transformers import LlamaConfig
 
     from tunelab.estimate import estimate
-    from tunelab.objectives.sft import causal_lm_loss
-    from tunelab.precision import precision_context
+    from tunelab.objectives.forward import causal_lm_loss
+    from tunelab.modeling.precision import precision_context
 
     hf = LlamaConfig(**HF)
     model = tunelab_qlora(base)

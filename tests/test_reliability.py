@@ -21,9 +21,9 @@ import yaml
 from safetensors.torch import load_file
 from tiny import config_dict, make_base_model, write_task_data
 
-from tunelab import checkpoint
+from tunelab.training import checkpoint
 from tunelab.cli import main as cli_main
-from tunelab.tracking import read_metrics
+from tunelab.training.tracking import read_metrics
 
 STEPS = 8
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1}  # dropout: the RNG state must be restored too
@@ -34,7 +34,8 @@ TRAIN = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 3e-3,
 # mid-run) or made to SIGKILL itself in the middle of writing checkpoint N (weights written, state and manifest not).
 RUNNER = r"""
 import os, signal, sys, time
-from tunelab import checkpoint, trainer
+from tunelab.training import checkpoint
+from tunelab.training import loop as trainer
 delay, die_in = float(os.environ.get("T_DELAY", "0")), os.environ.get("T_DIE_IN_CHECKPOINT")
 if delay:
     updates = trainer.Trainer._updates
@@ -77,7 +78,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 def straight(base, data, tmp_path_factory):
     """The uninterrupted reference run (in-process, same config)."""
     from tunelab.config import load_config
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     root = tmp_path_factory.mktemp("straight")
     cfg = write_config(root / "cfg.yaml", base, data, root / "run")
@@ -207,7 +208,7 @@ def test_keep_checkpoints_prunes_to_the_newest(straight):
 
 
 def test_best_eval_checkpoint_is_kept_and_restored_with_early_stopping(base, data, tmp_path, capsys, monkeypatch):
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     script = iter([5.0, 3.0, 4.0, 4.5, 4.7, 4.9])  # best at step 2, then two evaluations without improvement
     monkeypatch.setattr(Trainer, "evaluate", lambda self: {"eval_loss": next(script)})
@@ -226,10 +227,10 @@ def test_best_eval_checkpoint_is_kept_and_restored_with_early_stopping(base, dat
 
 
 def test_not_enough_disk_space_is_refused_before_training(base, data, tmp_path, capsys, monkeypatch):
-    import tunelab.preflight
+    import tunelab.training.preflight
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(tunelab.preflight.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    monkeypatch.setattr(tunelab.training.preflight.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
     run = tmp_path / "run"
     code, out, err = cli(capsys, "train", write_config(tmp_path / "cfg.yaml", base, data, run))
     assert code == 2
@@ -298,7 +299,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(base, data, tmp_p
 
 def test_pickle_weights_are_refused_unless_allowed(tmp_path, capsys):
     from tunelab.config import ModelConfig, UserError
-    from tunelab.model import check_model_dir
+    from tunelab.modeling.load import check_model_dir
 
     defaults = ModelConfig(path="m")
     assert defaults.allow_pickle is False and defaults.trust_remote_code is False  # both are opt-in

@@ -47,7 +47,7 @@ def scalar(model, ids: list[int]) -> float:
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_objective_loss_equals_bradley_terry_of_plain_forward(base, tmp_path, mode):
-    from tunelab.model import build
+    from tunelab.modeling.build import build
     from tunelab.objectives import make_objective
 
     rows = separable_rows(6, seed=3)
@@ -86,9 +86,9 @@ def test_reward_model_separates_heldout_pairs_and_reloads_for_ppo(base, tmp_path
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.merging import merge
+    from tunelab.modeling.merging import merge
     from tunelab.objectives.reward import load_reward_model, score
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     train_path = tasks.write_jsonl(separable_rows(96, seed=1), tmp_path / "train.jsonl")
     test_rows = separable_rows(40, seed=101)
@@ -136,7 +136,7 @@ def test_reward_model_separates_heldout_pairs_and_reloads_for_ppo(base, tmp_path
 
 
 def test_example_config_runs(base, tmp_path):
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     train_path = tasks.write_jsonl(separable_rows(16, seed=1), tmp_path / "train.jsonl")
     example = Path(__file__).resolve().parents[1] / "examples" / "reward.yaml"

@@ -15,7 +15,7 @@ from tunelab import tasks
 from tunelab.config import UserError, load_config
 from tunelab.objectives import losses as L
 from tunelab.objectives import policy_losses as PL
-from tunelab.trainer import Trainer
+from tunelab.training.loop import Trainer
 
 REWARD = "rl_rewards:target_fraction"
 
@@ -52,7 +52,7 @@ def run(cfg: dict, resume: bool = False) -> Trainer:
 
 
 def metrics(run_dir):
-    from tunelab.tracking import read_metrics
+    from tunelab.training.tracking import read_metrics
 
     return [m for m in read_metrics(run_dir / "metrics.jsonl") if "reward" in m]
 
@@ -230,7 +230,7 @@ def test_reward_function_loading_errors(base, prompts, tmp_path):
 
 
 def _tokenizer(path):
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.load import load_tokenizer
 
     return load_tokenizer(str(path))
 

@@ -41,7 +41,7 @@ def make_token_adapter(base: Path, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.model import _token_layers
+    from tunelab.modeling.build import _token_layers
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -117,8 +117,8 @@ def client(server):
 
 def local_reference(path: Path, messages: list[dict], template: str | None = None, max_new_tokens: int = 24):
     """(prompt ids, generated ids incl. the stop token) as `tunelab generate` computes them, in this process."""
-    from tunelab.infer import Sampling, generate_ids, prompt_ids, run_template
-    from tunelab.model import load_pretrained, resolve_model_dir
+    from tunelab.modeling.infer import Sampling, generate_ids, prompt_ids, run_template
+    from tunelab.modeling.load import load_pretrained, resolve_model_dir
 
     model, tokenizer = load_pretrained(str(path))
     template = template or run_template(resolve_model_dir(str(path)))
@@ -158,8 +158,8 @@ def test_chat_equals_tunelab_generate(models, client):
     usage = chat(client, "a2", PROMPTS[0]).usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), len(new),
                                                                                    len(ids) + len(new))
-    from tunelab.infer import prompt_ids
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.infer import prompt_ids
+    from tunelab.modeling.load import load_tokenizer
 
     chatml = prompt_ids(load_tokenizer(str(models["a2"] / "final")), [{"role": "user", "content": PROMPTS[0]}], "auto")
     assert len(ids) != len(chatml)  # the alpaca run template really differs from the tokenizer's own
@@ -168,7 +168,7 @@ def test_chat_equals_tunelab_generate(models, client):
 def test_completions_and_stop_strings(models, client):
     """Completions feed the raw prompt (`tunelab generate --template none`); streamed == non-streamed; a stop string
     cuts the text before it with finish_reason stop; the same seed samples the same text."""
-    from tunelab.model import load_pretrained
+    from tunelab.modeling.load import load_pretrained
 
     prompt = "The answer is"
     ids, new = local_reference(models["base"], [{"role": "user", "content": prompt}], template="none")
@@ -221,7 +221,7 @@ def test_adapter_with_added_tokens_shares_the_base(models, server, client):
     ids, new = local_reference(models["a3"], [{"role": "user", "content": PROMPTS[0]}])
     answer = chat(client, "a3", PROMPTS[0])
     assert answer.usage.completion_tokens == len(new)
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(models["a3"]))
     stop = set(tokenizer.convert_tokens_to_ids(["<|im_end|>"])) | {tokenizer.eos_token_id}
@@ -233,8 +233,8 @@ def test_adapter_with_added_tokens_shares_the_base(models, server, client):
 
 def test_lru_one_resident_model(models, tmp_path):
     """--max-loaded 1: alternating two bases answers as each alone, with only one resident (each reloaded)."""
-    from tunelab.scratch import save_tiny_model
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.scratch import save_tiny_model
+    from tunelab.modeling.load import load_tokenizer
     from tunelab.serve.engine import Engine, Request, target_of
 
     torch.manual_seed(3)
@@ -305,8 +305,8 @@ def test_remote_generate_and_chat(models, server, capsys, monkeypatch):
     import io
 
     from tunelab.cli import main
-    from tunelab.infer import Sampling, chat as local_chat, local_reply, run_template
-    from tunelab.model import load_pretrained, resolve_model_dir
+    from tunelab.modeling.infer import Sampling, chat as local_chat, local_reply, run_template
+    from tunelab.modeling.load import load_pretrained, resolve_model_dir
 
     url = f"{server.url}/a2"
     monkeypatch.setenv("TUNELAB_API_KEY", KEY)

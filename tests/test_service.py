@@ -45,7 +45,7 @@ def assert_error(response, status, *words):
 
 def test_client_workflow_and_bad_requests(env):
     import tunelab
-    from tunelab.tuning import sft
+    from tunelab.client.tuning import sft
 
     tunelab.init(url=env["server"].url, api_key=None)
     job = sft.train(source_model="models/tiny", train_dataset="tasks-train.jsonl", validation_dataset="tasks-val.jsonl",

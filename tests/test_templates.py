@@ -36,7 +36,7 @@ def plain_base(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tunelab.scratch import save_tiny_model
+    from tunelab.modeling.scratch import save_tiny_model
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -103,7 +103,7 @@ def test_chat_rows_on_a_base_model_add_chatml_and_train_only_its_new_rows(plain_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.data.templates import JINJA
-    from tunelab.model import grow_to_tokenizer
+    from tunelab.modeling.load import grow_to_tokenizer
 
     cfg = _config(tmp_path, plain_base, "chat", CHAT, train={"max_steps": 2, "lr": 3e-2},
                   data={"padding_free": False})
@@ -186,7 +186,7 @@ def test_padding_is_eos_and_never_carries_loss(plain_base):
     """A tokenizer without a pad token pads with EOS; padding is masked by position, so the EOS that ends a reply
     still carries loss next to it."""
     from tunelab.data import collate, render, tokenize_example
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(plain_base))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id

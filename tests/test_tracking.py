@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tunelab.tracking import plot_loss
+from tunelab.training.tracking import plot_loss
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -25,16 +25,22 @@ def test_loss_svg_puts_each_point_on_its_step_and_loss(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = plot_loss(metrics, tmp_path / "loss.svg")
     root = ET.parse(out).getroot()  # well-formed XML
-    width, height = float(root.get("width")), float(root.get("height"))
+    # The plot area is where the drawn axes are, and their labels say which steps and losses its edges stand for.
+    lines = list(root.iter(f"{SVG}line"))
+    x_axis = next(a for a in lines if a.get("y1") == a.get("y2"))
+    y_axis = next(a for a in lines if a.get("x1") == a.get("x2"))
+    left, right = float(x_axis.get("x1")), float(x_axis.get("x2"))
+    top, bottom = float(y_axis.get("y1")), float(y_axis.get("y2"))
+    assert float(x_axis.get("y1")) == bottom and float(y_axis.get("x1")) == left  # the axes meet at the origin
+    assert [t.text for t in root.iter(f"{SVG}text")][:4] == ["4", "1", "1", "5"]  # loss top, bottom; step left, right
     pts = _points(root, "train")
     assert len(pts) == 4  # the NaN step is left out
-    left, right, top, bottom = 56, 12, 12, 36
     for (step, loss), (x, y) in zip([p for p in train if p[1] == p[1]], pts):
-        assert x == pytest.approx(left + (step - 1) / 4 * (width - left - right), abs=0.06)
-        assert y == pytest.approx(top + (4.0 - loss) / 3.0 * (height - top - bottom), abs=0.06)
+        assert x == pytest.approx(left + (step - 1) / 4 * (right - left), abs=0.06)
+        assert y == pytest.approx(top + (4.0 - loss) / 3.0 * (bottom - top), abs=0.06)
     (ex, ey), = _points(root, "eval")
-    assert ex == pytest.approx(width - right, abs=0.06)
-    assert ey == pytest.approx(top + (4.0 - 2.5) / 3.0 * (height - top - bottom), abs=0.06)
+    assert ex == pytest.approx(right, abs=0.06)
+    assert ey == pytest.approx(top + (4.0 - 2.5) / 3.0 * (bottom - top), abs=0.06)
     assert len(list(root.iter(f"{SVG}circle"))) == 1  # eval points are marked
 
 

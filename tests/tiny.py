@@ -36,8 +36,8 @@ def _build_base_model(root: Path, warm_steps: int) -> Path:
     The random model is first trained briefly (full fine-tuning on other task rows): a frozen random
     embedding/head with init std 0.02 caps the logits near ±1.3, so no adapter could lower the loss
     much, whereas a real base model has grown its embeddings."""
-    from tunelab.scratch import save_tiny_model, train_tokenizer
-    from tunelab.trainer import train
+    from tunelab.modeling.scratch import save_tiny_model, train_tokenizer
+    from tunelab.training.loop import train
 
     data = write_task_data(root / "tok-data.jsonl", n=200)
     cfg = load_config(data={

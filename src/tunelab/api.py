@@ -46,7 +46,7 @@ def train(config: str | Path | dict | Config, overrides: list[str] | dict[str, A
           resume: bool = False, quiet: bool = False) -> Path:
     """`tunelab train` in this process (one process; use the CLI's `--nproc` for several). Returns the run dir:
     `config.yaml`, `metrics.jsonl`, `final/` (see the README's run directory)."""
-    from tunelab.trainer import train as run
+    from tunelab.training.loop import train as run
 
     cfg = load_config(config, overrides)
     run(cfg, resume=resume, say=(lambda *a, **k: None) if quiet else print)
@@ -66,7 +66,7 @@ def evaluate(config: str | Path | dict | Config, overrides: list[str] | dict[str
 
 def merge(run: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     """`tunelab merge`: fold a run's LoRA/QLoRA adapter into its base; returns the standalone model dir."""
-    from tunelab.merging import merge as fold
+    from tunelab.modeling.merging import merge as fold
 
     return fold(str(run), str(out), dtype=dtype)
 
@@ -76,9 +76,9 @@ def generate(model: str | Path, prompts: str | list[str], *, max_new_tokens: int
              dtype: str = "auto") -> str | list[str]:
     """`tunelab generate`: replies to one prompt (a str) or several (a list), from a run dir, adapter dir or model
     dir, rendered with the run's template unless `template` is given. Greedy unless `temperature` > 0."""
-    from tunelab.infer import Sampling, run_template
-    from tunelab.infer import generate as reply
-    from tunelab.model import load_pretrained, resolve_model_dir
+    from tunelab.modeling.infer import Sampling, run_template
+    from tunelab.modeling.infer import generate as reply
+    from tunelab.modeling.load import load_pretrained, resolve_model_dir
 
     loaded, tokenizer = load_pretrained(str(model), dtype=dtype)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

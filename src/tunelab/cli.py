@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from tunelab import run_files
 from tunelab.config import UserError
 
 
@@ -26,7 +27,7 @@ def cmd_train(args) -> int:
     nproc = args.nproc or 1
     if (nproc > 1 or nodes.count > 1) and "WORLD_SIZE" not in os.environ:  # not already a rank of a launcher
         return launch(nproc, getattr(args, "argv", None) or sys.argv[1:], nodes)
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     train(cfg, resume=args.resume)
     return 0
@@ -52,9 +53,9 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_modules(args) -> int:
-    from tunelab.model import linear_module_names, load_pretrained
+    from tunelab.modeling.load import linear_module_names, load_pretrained
 
-    from tunelab.moe import all_linear_targets, expert_parameters, leaf, router_modules
+    from tunelab.modeling.moe import all_linear_targets, expert_parameters, leaf, router_modules
 
     model, _ = load_pretrained(args.model)
     names = linear_module_names(model)
@@ -77,7 +78,7 @@ def cmd_modules(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from tunelab.merging import merge
+    from tunelab.modeling.merging import merge
 
     out = merge(args.run, args.out, dtype=args.dtype)
     print(f"merged model written to {out}")
@@ -85,8 +86,8 @@ def cmd_merge(args) -> int:
 
 
 def _inference(args):
-    from tunelab.infer import Sampling, run_template
-    from tunelab.model import load_pretrained, resolve_model_dir
+    from tunelab.modeling.infer import Sampling, run_template
+    from tunelab.modeling.load import load_pretrained, resolve_model_dir
 
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype)
     template = args.template or run_template(resolve_model_dir(args.model))
@@ -103,7 +104,7 @@ def _reply(args):
             raise UserError("--template, --dtype and --tools apply to local models; a server uses each run's own template")
         return remote_reply(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, api_key=args.api_key or os.environ.get("TUNELAB_API_KEY"))
-    from tunelab.infer import local_reply
+    from tunelab.modeling.infer import local_reply
 
     tools = _load_tools(args.tools)  # before the model loads: a bad file fails fast
     return local_reply(*_inference(args), tools=tools)
@@ -138,7 +139,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tunelab.infer import chat
+    from tunelab.modeling.infer import chat
 
     chat(_reply(args), system=args.system)
     return 0
@@ -193,7 +194,7 @@ def _gpu_list(text: str | None) -> list[str] | None:
 
 
 def cmd_jobs(args) -> int:
-    from tunelab.jobs_cli import run
+    from tunelab.client.jobs_cli import run
 
     return run(args)
 
@@ -345,19 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"{run_files.ERROR_PREFIX} {e}", file=sys.stderr)
+        return run_files.EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return run_files.EXIT_INTERRUPTED
     except Exception as e:  # training-time conditions with their own message
-        from tunelab.checkpoint import CheckpointWriteError
-        from tunelab.trainer import Interrupted, TooManyBadSteps
+        from tunelab.training.checkpoint import CheckpointWriteError
+        from tunelab.training.loop import Interrupted, TooManyBadSteps
 
         if isinstance(e, (Interrupted, TooManyBadSteps, CheckpointWriteError)):
             if os.environ.get("RANK", "0") == "0":  # every rank stops together with the same message: say it once
-                print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
-            return 130 if isinstance(e, Interrupted) else 3
+                prefix = run_files.STOPPED_PREFIX if isinstance(e, Interrupted) else run_files.ERROR_PREFIX
+                print(f"{prefix} {e}", file=sys.stderr)
+            return run_files.EXIT_INTERRUPTED if isinstance(e, Interrupted) else run_files.EXIT_TRAINING_ERROR
         raise
 
 

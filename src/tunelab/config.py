@@ -110,7 +110,7 @@ class DataConfig(Section):
     skip_bad_rows: bool = False
     packing: bool = False
     # SFT and DPO: each micro-batch as one row of its sequences end to end, attention per document
-    # (tunelab.attention): no padding and no cross-document L x L mask, the same rows per step as padded batches.
+    # (modeling/attention.py): no padding and no cross-document L x L mask, the same rows per step as padded batches.
     # auto: on for sft and dpo when the model keeps documents apart (checked at start, else a notice and padded
     # batches), off for other methods and with data.packing; true / false force it.
     padding_free: Union[bool, Literal["auto"]] = "auto"
@@ -465,7 +465,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 def wants_padding_free(cfg: Config) -> bool:
     """Whether the run's micro-batches are meant to be padding-free: data.padding_free true, or auto for the methods
     that have them (without data.packing). At run time auto also needs the model to keep documents apart
-    (tunelab.attention.choose checks it and otherwise falls back to padded batches)."""
+    (tunelab.modeling.attention.choose checks it and otherwise falls back to padded batches)."""
     setting = cfg.data.padding_free
     return setting is True or (setting == "auto" and cfg.method in PADDING_FREE_METHODS and not cfg.data.packing)
 

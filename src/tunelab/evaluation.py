@@ -30,12 +30,12 @@ from typing import Any, Callable
 
 import torch
 
+from tunelab import run_files
 from tunelab.config import Config, UserError
 
 IGNORE = -100
 GENERATION_FORMATS = ("alpaca", "prompt", "completion")
 PERPLEXITY_FORMATS = ("alpaca", "chat", "sharegpt", "gemini", "completion", "text")
-LOGPROB_CHUNK = 2048  # label positions sent through the LM head at once
 
 
 # ---------------------------------------------------------------- scorers
@@ -84,7 +84,7 @@ def _family(row) -> str | None:
 
 def build_items(rows, tokenizer, cfg: Config, metrics: set[str]) -> Items:
     from tunelab.data import render, to_messages, to_preference, to_prompt, tokenize_example
-    from tunelab.infer import prompt_ids
+    from tunelab.modeling.infer import prompt_ids
 
     template, max_length = cfg.data.template, cfg.data.max_length
     items = Items()
@@ -137,8 +137,8 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def sequence_logprobs(model, seqs: list[Sequence], batch_size: int, pad_id: int) -> tuple[list[float], list[int]]:
     """Per sequence: the summed log-probability of its labelled tokens (next-token, after the causal shift) and
-    their count. The LM head runs only on labelled positions, LOGPROB_CHUNK rows at a time."""
-    from tunelab.objectives.sft import decoder_and_head
+    their count. The LM head runs only on labelled positions, a chunk at a time (objectives/forward.py)."""
+    from tunelab.objectives.forward import decoder_and_head, decoder_hidden, label_logprobs
 
     decoder, head = decoder_and_head(model)
     device = _device(model)
@@ -156,22 +156,14 @@ def sequence_logprobs(model, seqs: list[Sequence], batch_size: int, pad_id: int)
             labels[r, :n] = torch.tensor(seqs[i].labels)
             mask[r, :n] = 1
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        target = labels[:, 1:]
-        keep = target != IGNORE
-        h, y, rows = hidden[:, :-1][keep], target[keep], keep.nonzero()[:, 0]
-        lp = torch.cat([_chunk_logprobs(head, h[s:s + LOGPROB_CHUNK], y[s:s + LOGPROB_CHUNK])
-                        for s in range(0, y.numel(), LOGPROB_CHUNK)] or [h.new_zeros(0, dtype=torch.float32)])
+        hidden = decoder_hidden(decoder, {"input_ids": ids, "attention_mask": mask})
+        lp, keep = label_logprobs(model, head, hidden, labels)
+        rows = keep.nonzero()[:, 0]
         per_row = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add(0, rows, lp.double())
         for r, i in enumerate(idx):
             sums[i] = float(per_row[r])
             counts[i] = int(keep[r].sum())
     return sums, counts
-
-
-def _chunk_logprobs(head, hidden, targets):
-    logits = head(hidden).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 @torch.no_grad()
@@ -315,16 +307,14 @@ def evaluate(model, tokenizer, cfg: Config, rows, reference=None, say=print) -> 
 
 def eval_rows(cfg: Config):
     """eval.data, else data.eval, else the data.eval_fraction hold-out of data.train (as training held it out)."""
-    from tunelab.data import load_rows
-    from tunelab.objectives.sft import split_eval
+    from tunelab.data import load_rows, run_rows
 
     if cfg.eval.data:
         sources = cfg.eval.data
     elif cfg.data.eval:
         sources = cfg.data.eval
     elif cfg.data.eval_fraction:
-        train = list(load_rows(cfg.data.train, skip_bad_rows=cfg.data.skip_bad_rows))
-        return split_eval(cfg, train, [])[1]
+        return run_rows(cfg, eval_sources=[]).eval
     else:
         raise UserError("no eval data: set eval.data or data.eval (a list of {path, format}), "
                         "or data.eval_fraction to hold out part of data.train")
@@ -339,15 +329,15 @@ def _model_path(cfg: Config, model_path: str | None) -> str:
     if model_path:
         return model_path
     run = cfg.run_dir
-    if (run / "final").is_dir():
+    if (run / run_files.FINAL).is_dir():
         return str(run)
-    raise UserError(f"no trained model in output_dir {run} (no {run / 'final'}): train first, or name the model "
-                    "to evaluate with --model DIR (a run dir, an adapter dir or a model dir)")
+    raise UserError(f"no trained model in output_dir {run} (no {run / run_files.FINAL}): train first, or name the "
+                    "model to evaluate with --model DIR (a run dir, an adapter dir or a model dir)")
 
 
 def run_eval(cfg: Config, model_path: str | None = None, out: str | None = None, say=print) -> dict:
     """`tunelab eval`: load the model, evaluate, write eval.json (default: in the model/run dir), print a table."""
-    from tunelab.model import load_pretrained
+    from tunelab.modeling.load import load_pretrained
 
     started = time.time()
     path = _model_path(cfg, model_path)
@@ -360,7 +350,7 @@ def run_eval(cfg: Config, model_path: str | None = None, out: str | None = None,
     params = sum(p.numel() for p in model.parameters())
     report = {"model": path, "params": params, "template": cfg.data.template, "rows": len(rows),
               "seconds": round(time.time() - started, 2), **result}
-    out_path = Path(out) if out else Path(path) / "eval.json"
+    out_path = Path(out) if out else Path(path) / run_files.EVAL_REPORT
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")
     say(format_table(report))

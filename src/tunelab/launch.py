@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunelab import run_files
 from tunelab.config import UserError
 
 # The launcher's own flags: the ranks it starts get the command line without them.
@@ -93,5 +94,5 @@ def launch(nproc: int, argv: list[str], nodes: Nodes | None = None) -> int:
         code = failure.exitcode
         return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signal number
     except SignalException:  # SIGTERM/SIGINT here: the agent passed it on to the ranks, which saved and stopped
-        return 130  # as a single process reports a stop on request
+        return run_files.EXIT_INTERRUPTED  # as a single process reports a stop on request
     return 0

@@ -10,11 +10,12 @@ from tunelab.config import Config
 def preprocess(cfg: Config, show: int = 3, as_json: bool = False) -> str:
     """The template picked, `show` examples with their loss-carrying tokens marked, and data statistics; or, with
     as_json, one JSON line per shown example: input_ids, labels (-100: no loss) and the text the ids decode to."""
-    from tunelab.model import build_tokenizer
-    from tunelab.objectives import make_objective, model_kind
+    from tunelab.modeling.build import build_tokenizer
+    from tunelab.objectives import make_objective, objective_class
 
     lines = []
-    tokenizer, _ = build_tokenizer(cfg, model_kind(cfg.method), say=lines.append)
+    traits = objective_class(cfg.method)
+    tokenizer, _ = build_tokenizer(cfg, traits.model_kind, traits.text_only, say=lines.append)
     objective = make_objective(cfg, tokenizer)
     train, evals = objective.datasets()
     if as_json:

@@ -76,7 +76,7 @@ def collate_padding_free(batch: list[Example]) -> dict:
     """data.padding_free: the examples end to end in ONE row, no padding. input_ids, labels and position_ids [1, N]
     (positions restart and the first token of each document carries no label, as in pack_examples, so no
     document is trained to follow another), doc_bounds (Python ints: 0, the end of each document), and
-    num_loss_tokens. The model attends within each document (tunelab.attention), so the loss equals the padded
+    num_loss_tokens. The model attends within each document (tunelab.modeling.attention), so the loss equals the padded
     batch's."""
     import torch
 

@@ -10,7 +10,7 @@ Assumptions, also printed with every estimate:
   moments in the param dtype (torch's zeros_like), so there is no fp32 master copy: full FT in bf16 is
   2 + 2 + 4 = 8 bytes/param, in fp32 16. adamw_8bit / paged_adamw_8bit: 2 bytes/param of state.
 - LoRA adapters are fp32 (peft upcasts them); QLoRA: linear layers NF4, everything else (embeddings,
-  lm_head, norms) in the load dtype, and so the residual stream and MLP activations (tunelab.model
+  lm_head, norms) in the load dtype, and so the residual stream and MLP activations (tunelab.modeling.build
   attach_adapter: no fp32 upcast of the rest as peft's prepare_model_for_kbit_training would do).
 - The run's path: padded or padding-free micro-batches, by the trainer's rule (config.wants_padding_free). With the
   model's tokenizer on disk, the training data is tokenized as the run does it and the first epoch's micro-batches
@@ -22,7 +22,7 @@ Assumptions, also printed with every estimate:
 - CPU: + a measured process baseline (interpreter, torch, transformers, peft) for a resident-memory total.
 - GPUs: fused AdamW (no temporaries), a bool dropout mask, + 1 GiB CUDA context/workspaces and 5 %
   allocator slack. CPU: foreach AdamW (one param-sized temporary). LoRA dropout keeps a bool mask and the
-  layer's input (tunelab.lora_dropout), on every device.
+  layer's input (tunelab.modeling.lora_dropout), on every device.
 
 The pieces: shapes (a model's shape from its config), devices (datasheet GPUs, the measured CPU), counting
 (parameters, FLOPs, memory by component: the model of what a step keeps alive), tokens (the run's micro-batches
@@ -30,7 +30,7 @@ from the data tokenized, or a rough count from the files' bytes), planner (the p
 the switches that make it fit), report (the printout).
 """
 
-from .counting import CE_CHUNK, NF4_BITS, NF4_DQ_BITS, flops_per_token, lora_params, lora_targets, memory_breakdown
+from .counting import NF4_BITS, NF4_DQ_BITS, flops_per_token, lora_params, lora_targets, memory_breakdown
 from .devices import CPU_BASELINE, DEVICES, GIB, Device, cpu_device, get_device
 from .planner import Estimate, estimate, switches
 from .report import format_estimate
@@ -38,7 +38,7 @@ from .shapes import KNOWN_SHAPES, ModelShape, model_shape, shape_from_hf_config
 from .tokens import Batches, count_tokens, run_batches
 
 __all__ = [
-    "CE_CHUNK", "CPU_BASELINE", "DEVICES", "GIB", "KNOWN_SHAPES", "NF4_BITS", "NF4_DQ_BITS", "Batches", "Device",
+    "CPU_BASELINE", "DEVICES", "GIB", "KNOWN_SHAPES", "NF4_BITS", "NF4_DQ_BITS", "Batches", "Device",
     "Estimate", "ModelShape",
     "count_tokens", "cpu_device", "estimate", "flops_per_token", "format_estimate", "get_device", "lora_params",
     "lora_targets", "memory_breakdown", "model_shape", "run_batches", "shape_from_hf_config", "switches",

@@ -6,19 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.config import Config, UserError
+from tunelab.objectives.chunks import head_chunk_rows
 
 from .devices import Device
 from .shapes import ModelShape
 from .tokens import Batches
 
-# Rows of logits the SFT loss computes at once, fewer for vocabularies over 32k (mirrors tunelab.objectives.sft's
-# CE_CHUNK and ce_chunk_rows; a test checks).
-CE_CHUNK = 2048
-CE_CHUNK_LOGITS = 2048 * 32768
-
-
-def ce_chunk_rows(vocab: int) -> int:
-    return max(1, min(CE_CHUNK, CE_CHUNK_LOGITS // vocab))
 
 # bits per parameter of bitsandbytes 4-bit weights: 4-bit codes + one absmax per block of 64 weights,
 # fp32 (32/64 bit), or with double quantization 8-bit absmax + one fp32 constant per 256 of those.
@@ -88,7 +81,7 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
     n += 2 * (4 * h + (2 * a * h if full else 0))
     # Attention: sdpa keeps q, k, v and its output (which is also o_proj's input).
     n += a * (2 * q + 2 * kv)
-    # MLP: SwiGLU keeps gate and up (tunelab.gated_mlp recomputes act(gate)); down_proj's input (their product)
+    # MLP: SwiGLU keeps gate and up (tunelab.modeling.gated_mlp recomputes act(gate)); down_proj's input (their product)
     # only if it trains. A plain MLP keeps up and, if down trains, act(up).
     mlp_kept = 2 if s.gated_mlp else 1
     n += x * i * (mlp_kept + (1 if full else 0))
@@ -110,7 +103,7 @@ def layer_activation_bytes(s: ModelShape, p: Plan) -> float:
         else:
             dropped, copies, kept = 4, False, 4
         if p.dropout:
-            n += width  # tunelab.lora_dropout: a bool mask; the input itself is kept as without dropout
+            n += width  # tunelab.modeling.lora_dropout: a bool mask; the input itself is kept as without dropout
         if copies:
             n += width * kept
         else:
@@ -151,7 +144,7 @@ def heap_retained(cfg: Config, dev: Device, activations: float) -> float:
     fragment it further: the heap grows by about the activations once more. Measured on the benchmark model (LoRA,
     RSS - baseline - tensor peak over the estimate's activations): one step of 8 rows 1.06x padding-free, 1.14x
     padded; an epoch of 64 rows: see bench/README.md. None on GPUs, or with checkpointing (the trainer then fixes
-    a 64 KiB threshold, so freed blocks go back to the system: tunelab.memory)."""
+    a 64 KiB threshold, so freed blocks go back to the system: tunelab.modeling.memory)."""
     if dev.cuda or cfg.train.gradient_checkpointing:
         return 0
     return activations
@@ -161,20 +154,39 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
                      batches: Batches | None = None, padding_free: bool | None = None) -> Memory:
     """Peak tensor memory of one training step of `cfg`, by component: at the run's largest micro-batch (`batches`),
     or at full micro-batches of max_length tokens. `padding_free`: the path the run takes (tunelab.estimate.planner
-    decides it); padded batches on CPU keep a float mask per layer."""
-    tc, ac = cfg.train, cfg.adapter
-    mode = "qlora" if cfg.model.quantize else ("lora" if ac is not None else "full")
-    weights_dtype, compute_dtype = _dtypes(cfg, dev)
-    wb, cb = DTYPE_BYTES[weights_dtype], DTYPE_BYTES[compute_dtype]
-    a = min(wb, cb)  # 16-bit weights or 16-bit autocast: matmul outputs are 16-bit
-    # DPO and ORPO run chosen and rejected together; KTO's mismatched KL rows run without gradients
-    seqs = tc.micro_batch_size * (2 if cfg.method in ("dpo", "orpo") else 1)
-    T = batches.peak_tokens if batches else seqs * cfg.data.max_length
-    head_out = 1 if cfg.method == "reward" else shape.vocab  # reward models end in a scalar head
-    rest = shape.params - shape.linear_params  # embeddings, head, norms: never quantized
-    mem, labels = {}, {}
+    decides it); padded batches on CPU keep a float mask per layer. What the method runs is read from its
+    objective's traits (objectives.base.Objective)."""
+    from tunelab.objectives import objective_class
 
-    # -- weights, adapter, trainable count
+    method = objective_class(cfg.method)
+    mode = "qlora" if cfg.model.quantize else ("lora" if cfg.adapter is not None else "full")
+    mem, labels = {}, {}
+    adapter, trainable, targets = _weights(cfg, shape, dev, mode, mem, labels)
+    step_temp = _optimizer(cfg, dev, trainable, mem, labels)
+    # DPO and ORPO run chosen and rejected together; KTO's mismatched KL rows run without gradients
+    seqs = cfg.train.micro_batch_size * method.sequences_per_item
+    plan = _activations(cfg, shape, dev, mode, method, seqs, adapter, targets, chunked_ce, batches, mem, labels)
+    if padding_free is False and not dev.cuda and method.masked_batches:
+        _attention_mask(cfg, shape, seqs, batches, mem, labels)
+    mem["other"] = 0
+    if mode == "qlora":
+        # One 4-bit layer at a time is dequantized to the compute dtype (again in the backward pass).
+        mem["other"] = max(i * o for i, o in shape.linears().values()) * DTYPE_BYTES[_dtypes(cfg, dev)[1]]
+        labels["other"] = "one dequantized 4-bit layer"
+    if step_temp:
+        mem["step temp"] = step_temp
+        labels["step temp"] = "foreach AdamW temporary, during optimizer.step()"
+    peak, rule = _peak(mem, cfg.train.grad_accum, step_temp)
+    return Memory(mem, labels, peak, rule, shape.params + (adapter if cfg.adapter is not None else 0), trainable, plan,
+                  heap_retained(cfg, dev, mem["activations"]))
+
+
+def _weights(cfg: Config, shape: ModelShape, dev: Device, mode: str, mem: dict, labels: dict):
+    """Weights, adapter and gradients into `mem`; (adapter params, trainable params, the adapter's target names)."""
+    ac = cfg.adapter
+    weights_dtype, _ = _dtypes(cfg, dev)
+    wb = DTYPE_BYTES[weights_dtype]
+    rest = shape.params - shape.linear_params  # embeddings, head, norms: never quantized
     if mode == "qlora":
         bits = NF4_DQ_BITS if cfg.model.double_quant else NF4_BITS
         mem["weights"] = shape.linear_params * bits / 8 + rest * wb
@@ -182,7 +194,7 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     else:
         mem["weights"] = shape.params * wb
         labels["weights"] = weights_dtype
-    trainable, adapter = shape.params, 0
+    trainable, adapter, targets = shape.params, 0, []
     if ac is not None:
         targets = lora_targets(shape, ac.target_modules)
         adapter = lora_params(shape, targets, ac.r, ac.dora)
@@ -192,8 +204,12 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         labels["adapter"] = f"LoRA r={ac.r} on {len(targets)}/{len(shape.linears())} linears per layer, fp32"
     mem["gradients"] = adapter * 4 + (trainable - adapter) * wb
     labels["gradients"] = "trainable params only"
+    return adapter, trainable, targets
 
-    # -- optimizer
+
+def _optimizer(cfg: Config, dev: Device, trainable: int, mem: dict, labels: dict) -> float:
+    """The optimizer's state into `mem`; the bytes of the temporary its step makes."""
+    tc = cfg.train
     if tc.optimizer == "adamw":
         mem["optimizer"] = 2 * mem["gradients"]  # exp_avg, exp_avg_sq in each param's dtype
         labels["optimizer"] = "AdamW, 2 moments in the param dtype"
@@ -201,9 +217,18 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
         mem["optimizer"] = 2 * trainable
         labels["optimizer"] = "8-bit AdamW, 2 bytes/param" + (" (pageable to CPU RAM)" if "paged" in tc.optimizer else "")
     # CPU: foreach AdamW makes one param-sized temporary (sqrt of exp_avg_sq); GPU: fused, none.
-    step_temp = 0 if dev.cuda or tc.optimizer != "adamw" else mem["gradients"]
+    return 0 if dev.cuda or tc.optimizer != "adamw" else mem["gradients"]
 
-    # -- activations
+
+def _activations(cfg: Config, shape: ModelShape, dev: Device, mode: str, method, seqs: int, adapter: int,
+                 targets: list[str], chunked_ce: bool, batches: Batches | None, mem: dict, labels: dict) -> Plan:
+    """Activations, logits and (with gradient checkpointing) the recomputed block into `mem`; the plan counted."""
+    tc, ac = cfg.train, cfg.adapter
+    weights_dtype, compute_dtype = _dtypes(cfg, dev)
+    wb, cb = DTYPE_BYTES[weights_dtype], DTYPE_BYTES[compute_dtype]
+    a = min(wb, cb)  # 16-bit weights or 16-bit autocast: matmul outputs are 16-bit
+    T = batches.peak_tokens if batches else seqs * cfg.data.max_length
+    head_out = 1 if method.model_kind == "sequence_classification" else shape.vocab  # reward models: a scalar head
     plan = Plan(mode, a, autocast=cb == 2, stream=wb if mode == "qlora" else a, cuda=dev.cuda,
                 targets=tuple(targets) if ac is not None else (), r=ac.r if ac else 0,
                 dropout=bool(ac and ac.dropout > 0))
@@ -227,11 +252,13 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     # -- logits. A plain loss keeps the fp32 log-softmax for backward, then makes two fp32 gradients of it at once:
     # 12 bytes per logit, over the whole micro-batch. The SFT/pretraining loss (losses.chunked_cross_entropy) makes
     # one chunk's fp32 logits into their gradient in place: 4 bytes per logit, +2 for the 16-bit copy at a 16-bit
-    # matmul. Other chunked losses (DPO, ORPO, MLM) run a checkpointed fp32 cross-entropy per chunk of CE_CHUNK rows.
+    # matmul. Other chunked losses (DPO, ORPO, MLM) run a checkpointed fp32 cross-entropy per chunk of rows; both
+    # take their chunk's rows from objectives.chunks.
     labelled = batches.peak_real if batches else T  # padding never carries a label
-    fused = chunked_ce and cfg.method in ("sft", "pretrain")
-    ce_tokens = min(labelled, ce_chunk_rows(head_out) if fused else CE_CHUNK) if chunked_ce else T
-    logits = (4 + (2 if a == 2 else 0) if fused else 12) * head_out * ce_tokens
+    fused = chunked_ce and method.fused_head_loss
+    ce_tokens = min(labelled, head_chunk_rows(head_out, method.heads_per_chunk)) if chunked_ce else T
+    # a chunk's logits of every head it runs (distillation: the student's and the teacher's)
+    logits = (4 + (2 if a == 2 else 0) if fused else 12) * head_out * ce_tokens * method.heads_per_chunk
     if chunked_ce:
         kept += labelled * x * shape.hidden  # the hidden states at label positions, input of the chunks
     labels["logits"] = f"chunked CE: {ce_tokens} positions at a time" if chunked_ce else f"whole micro-batch ({T} positions)"
@@ -240,33 +267,31 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     if tc.gradient_checkpointing:
         mem["recompute"] = recompute
         labels["recompute"] = "one block's activations, rebuilt during the backward pass"
-    if padding_free is False and not dev.cuda and cfg.method != "pretrain":  # pretraining blocks carry no mask
-        # Padded (or packed) batches on CPU: SDPA turns the boolean mask into a float one in each layer and keeps it for
-        # the backward pass: rows x longest^2 x 4 bytes per layer (the full micro-batch of max_length rows when the
-        # batches are not known).
-        rows, longest = (batches.peak_rows, batches.peak_longest) if batches else (seqs, cfg.data.max_length)
-        mask_per_layer = rows * longest ** 2 * 4
-        if tc.gradient_checkpointing:  # only the block being recomputed holds one
-            mem["attn mask"] = mask_per_layer
-            mem["recompute"] += mask_per_layer
-            labels["attn mask"] = ("masked (padded or packed) batches on CPU: the recomputed block's float L x L mask "
-                                   "(in recompute)")
-        else:
-            mem["attn mask"] = shape.layers * mask_per_layer
-            mem["activations"] += mem["attn mask"]
-            labels["attn mask"] = ("masked (padded or packed) batches on CPU: a float L x L mask per layer "
-                                   "(in activations)")
-    mem["other"] = 0
-    if mode == "qlora":
-        # One 4-bit layer at a time is dequantized to the compute dtype (again in the backward pass).
-        mem["other"] = max(i * o for i, o in shape.linears().values()) * cb
-        labels["other"] = "one dequantized 4-bit layer"
-    if step_temp:
-        mem["step temp"] = step_temp
-        labels["step temp"] = "foreach AdamW temporary, during optimizer.step()"
+    return plan
 
-    # -- the peak. Gradients and activations coincide only once gradients outlive a step's first micro-batch
-    # (grad_accum > 1): otherwise the backward pass creates gradients as it frees activations.
+
+def _attention_mask(cfg: Config, shape: ModelShape, seqs: int, batches: Batches | None, mem: dict,
+                    labels: dict) -> None:
+    """Padded (or packed) batches on CPU: SDPA turns the boolean mask into a float one in each layer and keeps it for
+    the backward pass: rows x longest^2 x 4 bytes per layer (the full micro-batch of max_length rows when the
+    batches are not known)."""
+    rows, longest = (batches.peak_rows, batches.peak_longest) if batches else (seqs, cfg.data.max_length)
+    mask_per_layer = rows * longest ** 2 * 4
+    if cfg.train.gradient_checkpointing:  # only the block being recomputed holds one
+        mem["attn mask"] = mask_per_layer
+        mem["recompute"] += mask_per_layer
+        labels["attn mask"] = ("masked (padded or packed) batches on CPU: the recomputed block's float L x L mask "
+                               "(in recompute)")
+    else:
+        mem["attn mask"] = shape.layers * mask_per_layer
+        mem["activations"] += mem["attn mask"]
+        labels["attn mask"] = ("masked (padded or packed) batches on CPU: a float L x L mask per layer "
+                               "(in activations)")
+
+
+def _peak(mem: dict, grad_accum: int, step_temp: float) -> tuple[float, str]:
+    """The peak and the rule that gives it. Gradients and activations coincide only once gradients outlive a step's
+    first micro-batch (grad_accum > 1): otherwise the backward pass creates gradients as it frees activations."""
     static = mem["weights"] + mem.get("adapter", 0) + mem["optimizer"]
     # With checkpointing the loss backward and the blocks' recomputation happen one after the other.
     transient = max(mem["logits"], mem.get("recompute", 0))
@@ -274,11 +299,10 @@ def memory_breakdown(cfg: Config, shape: ModelShape, dev: Device, chunked_ce: bo
     fb_rule = "activations + " + ("max(logits, recompute)" if "recompute" in mem else "logits") + \
         (" + other" if mem["other"] else "")
     rule = "weights" + (" + adapter" if "adapter" in mem else "") + " + optimizer"
-    if tc.grad_accum > 1:
+    if grad_accum > 1:
         peak = static + mem["gradients"] + max(forward_backward, step_temp)
         rule += f" + gradients + max({fb_rule}, step temp)" if step_temp else f" + gradients + {fb_rule}"
     else:
         peak = static + max(forward_backward, mem["gradients"] + step_temp)
         rule += f" + max({fb_rule}, gradients" + (" + step temp)" if step_temp else ")")
-    return Memory(mem, labels, peak, rule, shape.params + (adapter if ac is not None else 0), trainable, plan,
-                  heap_retained(cfg, dev, mem["activations"]))
+    return peak, rule

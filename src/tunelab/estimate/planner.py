@@ -139,7 +139,9 @@ def _assumptions(cfg: Config, dev: Device, chunked_ce: bool, batches: Batches | 
         notes.append(f"time: {dev.tflops:.3g} TFLOP/s ({dev.rate_source}) x {dev.mfu:.0%} MFU; "
                      + ("eval not counted" if batches else "padding and eval not counted")
                      + ("; 4-bit dequantisation makes QLoRA slower than this" if cfg.model.quantize else ""))
-    if cfg.method not in ("sft", "pretrain", "dpo", "orpo", "reward"):
+    from tunelab.objectives import objective_class
+
+    if objective_class(cfg.method).extra_models:
         notes.append(f"method {cfg.method}: extra models (reference, value, teacher) are not counted")
     if not chunked_ce:
         notes.append("loss over the whole micro-batch's logits (no chunking)")

@@ -107,7 +107,7 @@ def _init_shape(init: InitConfig, vocab: int) -> ModelShape:
     if init.architecture == "bert":
         return ModelShape(init.hidden_size, init.layers, init.heads, init.heads,
                           init.intermediate_size or 4 * init.hidden_size, vocab, True, gated_mlp=False, name="bert (init)")
-    # Same default width as tunelab.scratch: 2/3 of 4·hidden, rounded up to a multiple of 64.
+    # Same default width as tunelab.modeling.scratch: 2/3 of 4·hidden, rounded up to a multiple of 64.
     width = init.intermediate_size or (int(8 * init.hidden_size / 3) + 63) // 64 * 64
     return ModelShape(init.hidden_size, init.layers, init.heads, init.kv_heads or init.heads, width, vocab,
                       init.tie_embeddings, name="llama (init)")

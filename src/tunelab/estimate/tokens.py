@@ -85,11 +85,12 @@ def run_batches(cfg: Config, padding_free: bool) -> Batches | None:
     if cfg.method not in PADDING_FREE_METHODS or not local_tokenizer(cfg):
         return None
     from tunelab.data.order import epoch_order, item_length
-    from tunelab.model import build_tokenizer
-    from tunelab.objectives import make_objective
+    from tunelab.modeling.build import build_tokenizer
+    from tunelab.objectives import make_objective, objective_class
 
+    traits = objective_class(cfg.method)
     try:
-        tokenizer, _ = build_tokenizer(cfg, "causal_lm")
+        tokenizer, _ = build_tokenizer(cfg, traits.model_kind, traits.text_only)
         items, _ = make_objective(cfg, tokenizer).datasets()
     except (UserError, OSError):
         return None  # unreadable data or tokenizer: the rough count says so

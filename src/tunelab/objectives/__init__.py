@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from tunelab.config import Config
-from tunelab.objectives.base import Objective
+
+if TYPE_CHECKING:  # the registry stays free of torch: the estimator reads objectives.chunks without it
+    from tunelab.objectives.base import Objective
 
 # method name -> "module:Class", imported on first use so a run pays only for what it trains.
 REGISTRY = {
@@ -22,12 +25,12 @@ REGISTRY = {
 }
 
 
-def make_objective(cfg: Config, tokenizer) -> Objective:
-    module_name, _, class_name = REGISTRY[cfg.method].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(cfg, tokenizer)
-
-
-def model_kind(method: str) -> str:
+def objective_class(method: str) -> type[Objective]:
+    """The class of `method`: what the loop instantiates, and whose traits (Objective.model_kind, text_only, ...)
+    the model builder and the estimator read."""
     module_name, _, class_name = REGISTRY[method].partition(":")
-    return getattr(importlib.import_module(module_name), class_name).model_kind
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def make_objective(cfg: Config, tokenizer) -> Objective:
+    return objective_class(cfg.method)(cfg, tokenizer)

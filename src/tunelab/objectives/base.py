@@ -19,15 +19,23 @@ class Objective:
     Metrics are sums over the same units and are averaged the same way.
     """
 
+    # Traits: what the model builder, the tokenizer trainer and the estimator need to know of a method, read from
+    # the class (objectives.objective_class) so that none of them switches on the method's name.
     model_kind = "causal_lm"  # which transformers Auto class loads the model
-    perplexity = False  # evaluation also reports exp(eval CE): the loss is a next-token cross-entropy
+    text_only = False  # reads its sources as raw text: no chat template, no tokens added (pretrain, mlm)
+    sequences_per_item = 1  # sequences one item puts through the model (DPO, ORPO: chosen and rejected together)
+    fused_head_loss = False  # the loss is losses.chunked_cross_entropy, gradients formed in its forward
+    heads_per_chunk = 1  # LM heads run on each chunk of rows (distillation: the student's and the teacher's)
+    masked_batches = True  # batches carry an attention mask (fixed-length pretraining blocks need none)
+    extra_models = False  # runs models besides the trained one (a reference, a value model, a teacher)
 
     def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
         # Whether `collate` lays a micro-batch's sequences end to end in one row (data.padding_free; `auto` is
-        # decided by the trainer once the model exists, tunelab.attention.choose).
+        # decided by the loop once the model exists, modeling/attention.choose, and given to `setup`).
         self.padding_free = cfg.data.padding_free is True
+        self.dist = None  # the loop's process group (training/distributed.Dist), given to `setup`; None: one process
 
     def datasets(self) -> tuple[list, list]:
         """(train items, eval items): whatever `collate` accepts."""
@@ -42,8 +50,18 @@ class Objective:
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def setup(self, model: nn.Module) -> None:
-        """Called once the trainable model exists (e.g. to precompute reference log-probs)."""
+    def setup(self, model: nn.Module, dist=None, padding_free: bool | None = None) -> None:
+        """Called once the trainable model exists, before any batch. `dist`: the loop's process group (a
+        training.distributed.Dist): an objective reduces across ranks through it (`reduce_sum`), never through
+        torch.distributed. `padding_free`: the batch layout the loop chose for this model. An objective that needs
+        more (a reference model, a teacher, precomputed log-probs) extends this and calls it first."""
+        self.dist = dist
+        if padding_free is not None:
+            self.padding_free = padding_free
+
+    def reduce_sum(self, value: float) -> float:
+        """`value` summed over the ranks of the run."""
+        return float(value) if self.dist is None else self.dist.sum(value)
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """Trainable modules the objective owns besides the model (e.g. a value head)."""
@@ -72,6 +90,11 @@ class Objective:
         from tunelab.data import preview
 
         return preview(items, self.tokenizer, n)
+
+    def eval_cross_entropy(self, averaged: dict[str, float]) -> float | None:
+        """The next-token cross-entropy per unit of an evaluation, whose exp the loop reports as eval_perplexity;
+        `averaged`: eval_loss and eval_<metric> averaged over the eval units. None: the objective has none."""
+        return None
 
     def log_stats(self) -> dict[str, float]:
         """Data statistics worth a line in the run summary."""

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.config import Config, UserError
+from tunelab.objectives.base import Objective
+from tunelab.objectives.chunks import head_chunk_rows
+from tunelab.objectives.forward import causal_lm_loss, decoder_and_head, decoder_hidden, head_chunks, head_rows
 from tunelab.objectives.losses import IGNORE_INDEX, distill_loss
-from tunelab.objectives.sft import SFT, attention_mask_for, causal_lm_loss, decoder_and_head
-
-CHUNK = 1024  # loss rows whose student and teacher logits exist at once
-
+from tunelab.objectives.sft import SFT
 
 def check_same_vocabulary(student, teacher, teacher_path: str) -> None:
     """UserError unless both tokenizers map the same tokens to the same ids."""
@@ -64,7 +63,7 @@ def check_same_vocabulary(student, teacher, teacher_path: str) -> None:
         "the teacher's tokenizer)")
 
 
-def _chunk_terms(head, teacher_head, h, th, y, vocab: int | None, kind: str, temperature: float, beta: float):
+def _chunk_terms(h, th, y, head, teacher_head, vocab: int | None, kind: str, temperature: float, beta: float):
     """(divergence sum, CE sum) for a chunk of loss rows: student hidden h, teacher hidden th, targets y."""
     s = head(h)
     with torch.no_grad():
@@ -77,10 +76,12 @@ def _chunk_terms(head, teacher_head, h, th, y, vocab: int | None, kind: str, tem
 
 
 class Distill(SFT):
-    model_kind = "causal_lm"
+    fused_head_loss = False
+    heads_per_chunk = 2
+    extra_models = True
 
     def __init__(self, cfg: Config, tokenizer):
-        from tunelab.model import teacher_tokenizer
+        from tunelab.modeling.load import teacher_tokenizer
 
         super().__init__(cfg, tokenizer)
         self.dc = cfg.distill
@@ -98,8 +99,10 @@ class Distill(SFT):
 
     # -- the teacher
 
-    def setup(self, model):
-        from tunelab.model import load_pretrained, unwrap
+    def setup(self, model, dist=None, padding_free=None):
+        from tunelab.modeling.load import load_pretrained, unwrap
+
+        Objective.setup(self, model, dist, padding_free)  # not SFT's: the distillation loss records no router loss
 
         self.device = next(model.parameters()).device
         try:
@@ -122,9 +125,7 @@ class Distill(SFT):
     def terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(divergence sum, CE sum, loss tokens) of a batch."""
         decoder, head = decoder_and_head(model)
-        mask, pos = batch.get("attention_mask"), batch.get("position_ids")
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=attention_mask_for(decoder, mask),
-                         position_ids=pos, use_cache=False).last_hidden_state
+        hidden = decoder_hidden(decoder, batch)
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
         h, y = hidden[:, :-1][keep], labels[keep]
@@ -133,16 +134,11 @@ class Distill(SFT):
             raise RuntimeError("Distill.setup(model) loads the teacher; call it before computing losses")
         with torch.no_grad():
             t_decoder, t_head = decoder_and_head(self.teacher)
-            th = t_decoder(input_ids=batch["input_ids"], attention_mask=attention_mask_for(t_decoder, mask),
-                           position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
+            th = decoder_hidden(t_decoder, batch)[:, :-1][keep]
         div, ce = zero, zero
-        args = (self.vocab, self.dc.loss, self.dc.temperature, self.dc.beta)
-        for s in range(0, len(y), CHUNK):
-            part = (head, t_head, h[s:s + CHUNK], th[s:s + CHUNK], y[s:s + CHUNK], *args)
-            if torch.is_grad_enabled():
-                d, c = checkpoint(_chunk_terms, *part, use_reentrant=False)
-            else:
-                d, c = _chunk_terms(*part)
+        rows = head_chunk_rows(head_rows(model, head), heads=2)  # student and teacher logits exist at once
+        args = (head, t_head, self.vocab, self.dc.loss, self.dc.temperature, self.dc.beta)
+        for d, c in head_chunks(_chunk_terms, rows, (h, th, y), *args):
             div, ce = div + d, ce + c
         return div, ce, keep.sum()
 
@@ -163,6 +159,9 @@ class Distill(SFT):
         metrics["loss"] = total.detach()
         return total, metrics
 
+    def eval_cross_entropy(self, averaged):
+        return averaged.get("eval_ce", averaged["eval_loss"])  # on-policy with alpha 1 trains no CE term
+
     # -- on-policy
 
     def on_policy_stream(self, model, batches):
@@ -170,12 +169,7 @@ class Distill(SFT):
         rolled = [self.rollout(model, b) for b in batches]
         n_gen = sum(int(r["num_loss_tokens"]) for r in rolled)
         n_ref = sum(int(b["num_loss_tokens"]) for b in batches)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = torch.tensor([n_gen, n_ref], dtype=torch.float64, device=self.device)
-            dist.all_reduce(counts)
-            n_gen, n_ref = counts.tolist()
+        n_gen, n_ref = self.reduce_sum(n_gen), self.reduce_sum(n_ref)
         scale = n_gen / max(n_ref, 1)
         for r, b in zip(rolled, batches):
             r["reference"], r["ce_scale"] = b, scale
@@ -186,7 +180,7 @@ class Distill(SFT):
         """The batch's prompts with replies sampled from the student: input_ids, labels (the sampled tokens, each
         reply up to and including its first stop token), attention_mask, num_loss_tokens."""
         from tunelab.data import stop_token_ids
-        from tunelab.precision import precision_context
+        from tunelab.modeling.precision import precision_context
 
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         pad = self.tokenizer.pad_token_id
@@ -232,6 +226,6 @@ class Distill(SFT):
 
 
 def _head_rows(model) -> int:
-    from tunelab.model import unwrap
+    from tunelab.modeling.load import unwrap
 
     return unwrap(model).get_output_embeddings().weight.shape[0]

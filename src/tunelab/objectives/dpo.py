@@ -7,7 +7,7 @@ SimPO, Meng et al. 2024). Here: the per-sequence log-probabilities it takes.
 - Chosen and rejected sequences of a batch go through ONE forward pass (collate_pairs stacks them).
 - Log-probs are summed over response tokens only: the decoder's hidden states are taken at label
   positions and only those rows go through the LM head, a chunk at a time, recomputed in the backward
-  pass, so no [tokens x vocab] tensor is ever whole (as in sft.causal_lm_loss).
+  pass, so no [tokens x vocab] tensor is ever whole (forward.response_logprobs).
 - The reference model: with an adapter (LoRA / QLoRA) it is the same model with the adapter disabled
   (`model.disable_adapter()` under no_grad; the base weights exist once). With full fine-tuning it is a
   frozen copy made in `setup`, or, with `dpo.precompute_reference: true`, no model at all: reference
@@ -21,64 +21,16 @@ import contextlib
 import copy
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.config import Config
 from tunelab.objectives.base import move_to
+from tunelab.objectives.forward import add_router_loss, eval_mode, response_logprobs, router_loss
 from tunelab.objectives.losses import dpo_loss
 from tunelab.objectives.preference import PreferenceObjective
-from tunelab.objectives.sft import CE_CHUNK, decoder_and_head, decoder_hidden
-
-
-def _chunk_logprobs(head, hidden, targets):
-    logits = head(hidden).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
-def response_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's labelled tokens (fp32, [N]) and their count ([N]).
-
-    Equals `log_softmax(model(input_ids).logits)[:, :-1].gather(labels[:, 1:])` summed over labelled
-    positions, but the LM head runs only on labelled positions, CE_CHUNK rows at a time.
-    """
-    decoder, head = decoder_and_head(model)
-    hidden = decoder_hidden(decoder, batch)
-    target = batch["labels"][:, 1:]
-    keep = target != -100
-    h = hidden[:, :-1][keep]  # row-major over (sequence, position)
-    y = target[keep]
-    if "doc_bounds" in batch:  # one row of sequences end to end: a label at position p + 1 belongs to its document
-        bounds = torch.tensor(batch["doc_bounds"], device=keep.device)
-        rows = torch.searchsorted(bounds, keep[0].nonzero()[:, 0] + 1, right=True) - 1
-        n_rows = len(batch["doc_bounds"]) - 1
-    else:
-        rows = keep.nonzero()[:, 0]
-        n_rows = target.shape[0]
-    parts = []
-    for start in range(0, y.numel(), CE_CHUNK):
-        hc, yc = h[start:start + CE_CHUNK], y[start:start + CE_CHUNK]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logprobs, head, hc, yc, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(head, hc, yc))
-    lp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(n_rows, dtype=torch.float32, device=lp.device).index_add(0, rows, lp)
-    counts = torch.zeros(n_rows, dtype=torch.long, device=lp.device).index_add(0, rows, torch.ones_like(rows))
-    return sums, counts
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class DPO(PreferenceObjective):
-    model_kind = "causal_lm"
+    sequences_per_item = 2
 
     def __init__(self, cfg: Config, tokenizer):
         super().__init__(cfg, tokenizer)
@@ -89,11 +41,9 @@ class DPO(PreferenceObjective):
     def needs_reference(self) -> bool:
         return self.dc.loss != "simpo"
 
-    def setup(self, model):
-        from tunelab.model import unwrap
-        from tunelab.moe import RouterLoss
-
-        self.router = RouterLoss.for_model(unwrap(model), self.cfg.train.router_aux_loss_coef)
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)  # first: the reference pass below collates as training will
+        self.router = router_loss(model, self.cfg.train.router_aux_loss_coef)
         if not self.needs_reference:
             return
         if self.dc.precompute_reference:
@@ -113,7 +63,7 @@ class DPO(PreferenceObjective):
             return response_logprobs(model, batch)[0]
 
     def _precompute(self, model):
-        from tunelab.precision import precision_context
+        from tunelab.modeling.precision import precision_context
 
         device = next(model.parameters()).device
         autocast, _ = precision_context(self.cfg.train.precision, device)
@@ -156,7 +106,5 @@ class DPO(PreferenceObjective):
             "logps/rejected": logps[n:].detach().sum(),
         }
         if router:
-            from tunelab.objectives.sft import add_router_loss
-
             return add_router_loss(router, losses.sum(), n, batch, metrics)
         return losses.sum(), metrics

@@ -22,7 +22,7 @@ import torch
 
 from tunelab.config import Config, UserError
 from tunelab.objectives.base import Objective
-from tunelab.objectives.dpo import eval_mode, response_logprobs
+from tunelab.objectives.forward import eval_mode, response_logprobs
 from tunelab.objectives.losses import kto_loss
 from tunelab.objectives.preference import IGNORE, SHOW_LINES, encode_reply, fit_pair_prompt, read_preference_rows
 
@@ -99,6 +99,7 @@ def collate_kto(items: list[KTOItem], pad_id: int, max_length: int) -> dict:
 
 
 class KTO(Objective):
+    extra_models = True
     model_kind = "causal_lm"
 
     def __init__(self, cfg: Config, tokenizer):
@@ -108,7 +109,7 @@ class KTO(Objective):
         self.stats: dict = {}
 
     def datasets(self):
-        from tunelab.objectives.sft import split_eval
+        from tunelab.data import split_eval
 
         data = self.cfg.data
         if data.packing:
@@ -130,7 +131,8 @@ class KTO(Objective):
         self.train_items, self.eval_items = train, evals
         return train, evals
 
-    def setup(self, model):
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)
         if self.cfg.adapter is None:
             self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
 

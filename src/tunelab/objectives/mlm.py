@@ -19,17 +19,13 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tunelab.config import Config, UserError
-from tunelab.model import unwrap
+from tunelab.modeling.load import unwrap
+from tunelab.objectives.chunks import head_chunk_rows
+from tunelab.objectives.forward import attention_mask_for, chunk_ce, head_chunks, summed
 from tunelab.objectives.losses import IGNORE_INDEX, mlm_mask
 from tunelab.objectives.pretrain import TextBlocks
-from tunelab.objectives.sft import CE_CHUNK, attention_mask_for
-
-
-def _ce(head, hidden, targets):
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def mlm_head(hf):
@@ -62,7 +58,8 @@ class MLM(TextBlocks):
         sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         return ([cls] if cls is not None else []), ([sep] if sep is not None else [])
 
-    def setup(self, model):
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)
         hf = unwrap(model)
         base = hf.base_model
         self.takes_positions = "position_ids" in inspect.signature(base.forward).parameters
@@ -151,11 +148,6 @@ class MLM(TextBlocks):
             kwargs["position_ids"] = batch["position_ids"] + self.position_offset
         hidden = base(**kwargs)[0]
         keep = batch["labels"] != IGNORE_INDEX
-        h, y = hidden[keep], batch["labels"][keep]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, y.numel(), CE_CHUNK):  # logits only at masked positions, a chunk at a time
-            if torch.is_grad_enabled():
-                total = total + checkpoint(_ce, head, h[s:s + CE_CHUNK], y[s:s + CE_CHUNK], use_reentrant=False)
-            else:
-                total = total + _ce(head, h[s:s + CE_CHUNK], y[s:s + CE_CHUNK])
+        rows = head_chunk_rows(hf.config.vocab_size)  # logits only at masked positions, a chunk at a time
+        total = summed(head_chunks(chunk_ce, rows, (hidden[keep], batch["labels"][keep]), head), hidden)
         return total, {"loss": total.detach()}

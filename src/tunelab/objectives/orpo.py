@@ -2,19 +2,19 @@
 pass over each batch of (chosen, rejected) pairs, no frozen copy and no disabled adapter.
 
 The data, collation (padded or data.padding_free), units (pairs) and reports are DPO's (preference.py); the log-probs
-are dpo.response_logprobs, averaged over each response's tokens; the maths is losses.orpo_loss: the chosen
+are forward.response_logprobs, averaged over each response's tokens; the maths is losses.orpo_loss: the chosen
 response's per-token NLL (the SFT term) plus beta x the odds-ratio term.
 """
 
 from __future__ import annotations
 
-from tunelab.objectives.dpo import response_logprobs
+from tunelab.objectives.forward import response_logprobs
 from tunelab.objectives.losses import orpo_loss
 from tunelab.objectives.preference import PreferenceObjective
 
 
 class ORPO(PreferenceObjective):
-    model_kind = "causal_lm"
+    sequences_per_item = 2
 
     def loss(self, model, batch):
         n = int(batch["num_pairs"])

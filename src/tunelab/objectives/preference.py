@@ -229,7 +229,7 @@ class PreferenceObjective(Objective):
         self.eval_items: list[PairItem] = []
 
     def datasets(self):
-        from tunelab.objectives.sft import split_eval
+        from tunelab.data import split_eval
 
         data = self.cfg.data
         if data.packing:

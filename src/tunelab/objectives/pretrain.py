@@ -20,9 +20,10 @@ from itertools import chain
 import numpy as np
 
 from tunelab.config import Config, UserError
+from tunelab.data import run_rows, split_eval
 from tunelab.data.readers import text_sources
 from tunelab.objectives.base import Objective
-from tunelab.objectives.sft import causal_lm_loss, load_sources, split_eval
+from tunelab.objectives.forward import causal_lm_loss
 
 IGNORE = -100
 ENCODE_BATCH = 1024  # documents per call of the fast tokenizer
@@ -163,6 +164,7 @@ class TextBlocks(Objective):
     """Shared by pretrain and mlm: read raw text, tokenise once, cut blocks; subclasses choose the wrapping ids
     and how a batch of blocks becomes tensors."""
 
+    text_only = True
     word_starts = False
 
     def __init__(self, cfg: Config, tokenizer):
@@ -178,14 +180,13 @@ class TextBlocks(Objective):
 
     def datasets(self):
         data, method = self.cfg.data, self.cfg.method
-        train_rows = load_sources(text_sources(data.train, method, "data.train"), data.skip_bad_rows)
-        eval_rows = load_sources(text_sources(data.eval, method, "data.eval"), data.skip_bad_rows) if data.eval else []
-        skipped = getattr(train_rows, "skipped", 0) + getattr(eval_rows, "skipped", 0)
-        if data.eval_fraction and not eval_rows and round(len(train_rows) * data.eval_fraction) < 1:
+        rows = run_rows(self.cfg, text_sources(data.train, method, "data.train"),
+                        text_sources(data.eval, method, "data.eval"), hold_out=False)
+        if data.eval_fraction and not rows.eval and round(len(rows.train) * data.eval_fraction) < 1:
             # too few documents to hold out whole ones (e.g. one big .txt file): hold out the last blocks
-            train, evals = self._split_blocks(self._corpus(list(train_rows)), data.max_length, data.eval_fraction)
+            train, evals = self._split_blocks(self._corpus(rows.train), data.max_length, data.eval_fraction)
         else:
-            train_rows, eval_rows = split_eval(self.cfg, list(train_rows), list(eval_rows))  # whole documents held out
+            train_rows, eval_rows = split_eval(self.cfg, rows.train, rows.eval)  # whole documents held out
             train = Blocks(self._corpus(train_rows), data.max_length)
             evals = Blocks(self._corpus(eval_rows), data.max_length) if eval_rows else None
         n = len(train.corpus.ids)
@@ -193,8 +194,8 @@ class TextBlocks(Objective):
                       "tokens_per_document": round(n / max(1, train.corpus.docs), 1)}
         if evals is not None:
             self.stats.update(eval_documents=evals.corpus.docs, eval_tokens=len(evals.corpus.ids))
-        if skipped:
-            self.stats["skipped_bad_rows"] = skipped
+        if rows.skipped:
+            self.stats["skipped_bad_rows"] = rows.skipped
         return BlockList(train), (BlockList(evals, eval=True) if evals is not None else [])
 
     @staticmethod
@@ -222,8 +223,11 @@ class TextBlocks(Objective):
 
 
 class Pretrain(TextBlocks):
-    model_kind = "causal_lm"
-    perplexity = True
+    fused_head_loss = True
+    masked_batches = False  # blocks of max_length tokens, every one real
+
+    def eval_cross_entropy(self, averaged):
+        return averaged["eval_loss"]
 
     def wrap_ids(self):
         tok = self.tokenizer

@@ -24,7 +24,7 @@ from tunelab.objectives.preference import PreferenceObjective
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each row, fp32 [N], read at the last position where attention_mask is 1 (left or
     right padding). Decoder models with a `score` head run the head on that position only."""
-    from tunelab.model import unwrap
+    from tunelab.modeling.load import unwrap
 
     hf = unwrap(model)
     head = getattr(hf, "score", None)
@@ -63,7 +63,7 @@ def load_reward_model(path: str, *, dtype: str = "auto", device: torch.device | 
     incl. the trained score head) or a full / merged model dir. The data config (template, max_length) comes
     from the run's config.yaml when it is beside the model, else defaults (template auto)."""
     from tunelab.config import DataConfig, DataSource
-    from tunelab.model import _run_config, load_pretrained, resolve_model_dir
+    from tunelab.modeling.load import _run_config, load_pretrained, resolve_model_dir
 
     model, tokenizer = load_pretrained(path, dtype=dtype, device=device, kind="sequence_classification")
     run_cfg = _run_config(Path(resolve_model_dir(path)))

@@ -186,7 +186,7 @@ class JudgeReward:
     """P(yes) / (P(yes) + P(no)) of a causal LM asked `template` about each response."""
 
     def __init__(self, spec: dict, key: str, device: torch.device, batch_size: int = 16):
-        from tunelab.model import load_pretrained
+        from tunelab.modeling.load import load_pretrained
 
         unknown = sorted(set(spec) - set(JUDGE_KEYS))
         if unknown:

@@ -36,11 +36,12 @@ import torch
 from torch import nn
 
 from tunelab.config import Config, UserError
+from tunelab.data import run_rows
 from tunelab.objectives import losses as L
 from tunelab.objectives import policy_losses as PL
 from tunelab.objectives.base import Objective
+from tunelab.objectives.forward import decoder_and_head
 from tunelab.objectives.rewards import PromptItem, make_reward
-from tunelab.objectives.sft import decoder_and_head, load_sources, split_eval
 
 
 def _pad_left(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
@@ -53,6 +54,8 @@ def _pad_right(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
 
 class RLObjective(Objective):
     """Shared by PPO and GRPO: prompt data, sampling, reward, reference, the rollout forward pass."""
+
+    extra_models = True
 
     samples_per_prompt = 1
 
@@ -100,19 +103,16 @@ class RLObjective(Objective):
         if data.max_length <= self.rc.max_new_tokens:
             raise UserError(f"data.max_length ({data.max_length}) must exceed {self.key}.max_new_tokens "
                             f"({self.rc.max_new_tokens}): prompt and response share it")
-        train_rows = load_sources(data.train, data.skip_bad_rows)
-        eval_rows = load_sources(data.eval, data.skip_bad_rows) if data.eval else []
-        skipped = getattr(train_rows, "skipped", 0) + getattr(eval_rows, "skipped", 0)
-        train_rows, eval_rows = split_eval(self.cfg, list(train_rows), list(eval_rows))
-        train, long_train = self._items(train_rows)
-        evals, long_eval = self._items(eval_rows)
+        rows = run_rows(self.cfg)
+        train, long_train = self._items(rows.train)
+        evals, long_eval = self._items(rows.eval)
         lengths = sorted(len(i.input_ids) for i in train) or [0]
         self.stats = {"prompts": len(train), "eval_prompts": len(evals), "prompt_length_max": lengths[-1],
                       "prompt_length_p50": lengths[len(lengths) // 2]}
         if long_train or long_eval:
             self.stats["dropped_too_long"] = long_train + long_eval
-        if skipped:
-            self.stats["skipped_bad_rows"] = skipped
+        if rows.skipped:
+            self.stats["skipped_bad_rows"] = rows.skipped
         return train, evals
 
     def collate(self, items: list[PromptItem]) -> dict:
@@ -146,9 +146,10 @@ class RLObjective(Objective):
 
     # -- setup
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, dist=None, padding_free=None) -> None:
+        super().setup(model, dist, padding_free)
         self.device = next(model.parameters()).device
-        from tunelab.lora_dropout import DroppedInputLinear
+        from tunelab.modeling.lora_dropout import DroppedInputLinear
 
         for module in model.modules():
             if isinstance(module, nn.Dropout):
@@ -167,7 +168,7 @@ class RLObjective(Objective):
         return self.kl_coef > 0 or bool(getattr(self.rc, "adaptive_kl", False))
 
     def _autocast(self):
-        from tunelab.precision import precision_context
+        from tunelab.modeling.precision import precision_context
 
         return precision_context(self.cfg.train.precision, self.device)[0]()
 
@@ -369,9 +370,9 @@ class PPO(RLObjective):
     the value head is a linear layer on the policy's final hidden states (a shared trunk, as TRL's
     AutoModelForCausalLMWithValueHead: one forward gives log-probs and values, at no extra model copy)."""
 
-    def setup(self, model):
-        super().setup(model)
-        from tunelab.model import unwrap
+    def setup(self, model, dist=None, padding_free=None):
+        super().setup(model, dist, padding_free)
+        from tunelab.modeling.load import unwrap
 
         hidden = unwrap(model).config.hidden_size
         self.value_head = nn.Linear(hidden, 1).to(self.device, torch.float32)
@@ -406,10 +407,8 @@ class PPO(RLObjective):
         if not self.rc.adaptive_kl or "ref_logp" not in roll:
             return
         kl = L.masked_sum(roll["logp"] - roll["ref_logp"], roll["response_mask"], -1)
-        stats = torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]).double()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
-        mean_kl, n = float(stats[0] / stats[1]), float(stats[1])
+        total, n = self.reduce_sum(float(kl.sum())), self.reduce_sum(len(kl))
+        mean_kl = total / n
         error = min(max(mean_kl / self.rc.kl_target - 1, -0.2), 0.2)
         self.kl_coef *= 1 + error * n / self.rc.kl_horizon
 

@@ -48,8 +48,8 @@ class Target:
 
 def target_of(path: Path) -> Target:
     """A run dir (its final/), an adapter dir or a model dir -> its Target, read from the files alone."""
-    from tunelab.infer import run_template
-    from tunelab.model import adapter_kind, is_adapter_dir, resolve_model_dir
+    from tunelab.modeling.infer import run_template
+    from tunelab.modeling.load import adapter_kind, is_adapter_dir, resolve_model_dir
 
     model_dir = resolve_model_dir(str(path)).resolve()
     if not is_adapter_dir(model_dir):
@@ -241,7 +241,7 @@ class Engine:
 
     def _load(self, base: _Base, target: Target) -> None:
         """Load what `target` needs into `base` (under base.lock)."""
-        from tunelab.model import load_pretrained, load_tokenizer
+        from tunelab.modeling.load import load_pretrained, load_tokenizer
 
         if base.model is None:
             try:
@@ -280,9 +280,9 @@ class Engine:
         base.model.eval()
 
     def _rebuild(self, base: _Base, adapter: Path, name: str, grow_to) -> None:
-        """Take the adapters off, give the base rows for every token of `grow_to` (tunelab.model.grow_to_tokenizer)
+        """Take the adapters off, give the base rows for every token of `grow_to` (modeling/load.py: grow_to_tokenizer)
         if given, and put them back with the new one, those without trainable token rows first."""
-        from tunelab.model import grow_to_tokenizer
+        from tunelab.modeling.load import grow_to_tokenizer
 
         loaded = {**base.adapters, adapter: name}
         if base.adapters:
@@ -300,7 +300,7 @@ class Engine:
 
     def _run(self, base: _Base, target: Target, kind: str, jobs: list[Job]) -> None:
         from tunelab.data import stop_token_ids
-        from tunelab.infer import prompt_ids
+        from tunelab.modeling.infer import prompt_ids
 
         tokenizer = base.tokenizers[target.tokenizer]
         template = target.template if kind == "chat" else "none"  # completions: the raw prompt, as --template none

@@ -17,12 +17,13 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from tunelab import run_files
 from tunelab.config import DataSource, UserError, dump_config
 from tunelab.data.readers import load_rows
 
 from .compute import compute_json, resolve_compute
 from .jobspec import NAME, JobRequest, build_config, file_format
-from .scheduler import CONFIG_NAME, LOG_NAME, read_metrics
+from .scheduler import read_metrics
 from .views import ENDED, PREFIX, STATES, endpoint_json, file_json, job_json
 
 router = APIRouter()
@@ -63,7 +64,7 @@ def create_job(body: JobRequest, request: Request):
                 raise HTTPException(409, f"tuned_model_display_name {name!r} is already used by an endpoint or a "
                                          "live job; choose another name")
         run_dir.mkdir(parents=True)
-        (run_dir / CONFIG_NAME).write_text(dump_config(cfg))
+        (run_dir / run_files.JOB_CONFIG).write_text(dump_config(cfg))
         job = store.add_job({
             "id": job_id, "state": "PENDING", "display_name": name, "method": summary["method"],
             "source_model": summary["source_model"], "train_dataset": summary["train_dataset"],
@@ -125,12 +126,12 @@ def cancel_job(job_id: str, request: Request):
 @router.get("/v1/tuningJobs/{job_id}/metrics")
 def job_metrics(job_id: str, request: Request):
     job = _job(request, job_id)
-    return {"metrics": read_metrics(Path(job["run_dir"]) / "metrics.jsonl")}
+    return {"metrics": read_metrics(Path(job["run_dir"]) / run_files.METRICS)}
 
 
 @router.get("/v1/tuningJobs/{job_id}/logs", response_class=PlainTextResponse)
 def job_logs(job_id: str, request: Request, tail: int = Query(200, ge=1, le=100_000)):
-    path = Path(_job(request, job_id)["run_dir"]) / LOG_NAME
+    path = Path(_job(request, job_id)["run_dir"]) / run_files.TRAIN_LOG
     lines = path.read_text(errors="replace").replace("\r", "\n").splitlines() if path.exists() else []
     return PlainTextResponse("".join(line + "\n" for line in lines[-tail:] if line.strip()))
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from tunelab import run_files
 from tunelab.config import UserError, dump_config
 
 from .errors import ApiError
@@ -25,7 +26,6 @@ from .jobspec import estimate_steps
 from .openai_ft_views import RESULTS_NAME, checkpoints, ft_job_json, event_json, results_csv
 from .openai_models import delete_model
 from .openai_spec import FineTuneRequest, build_openai_config, check_grader
-from .scheduler import CONFIG_NAME
 from .views import ENDED, job_json
 
 router = APIRouter()
@@ -91,7 +91,7 @@ async def create_job(request: Request):
     except UserError as e:  # a row of a file, a config value: OpenAI's file checks name the line
         raise ApiError(400, str(e), "training_file" if ".jsonl:" in str(e) else None, "invalid_request") from None
     run_dir.mkdir(parents=True)
-    (run_dir / CONFIG_NAME).write_text(dump_config(cfg))
+    (run_dir / run_files.JOB_CONFIG).write_text(dump_config(cfg))
     job = store.add_job({
         "id": job_id, "state": "PENDING", "display_name": record["fine_tuned_model"], "method": cfg.method,
         "source_model": req.model, "train_dataset": req.training_file, "validation_dataset": req.validation_file,

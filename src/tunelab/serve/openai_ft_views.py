@@ -9,6 +9,8 @@ import io
 import time
 from pathlib import Path
 
+from tunelab import run_files
+
 from .openai_models import checkpoint_dir, checkpoint_name, checkpoint_steps
 from .scheduler import read_metrics
 
@@ -98,13 +100,13 @@ def checkpoint_json(job: dict, step: int, rows_by_step: dict[int, dict]) -> dict
 def checkpoints(job: dict) -> list[dict]:
     """Newest first."""
     run_dir = Path(job["run_dir"])
-    rows = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r}
+    rows = {r["step"]: r for r in read_metrics(run_dir / run_files.METRICS) if "step" in r}
     return [checkpoint_json(job, s, rows) for s in reversed(checkpoint_steps(run_dir))]
 
 
 def results_csv(run_dir: Path) -> tuple[str, int]:
     """(the step metrics as OpenAI's result file CSV, the tokens trained on)."""
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r]
+    rows = [r for r in read_metrics(run_dir / run_files.METRICS) if "step" in r]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens"])

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from tunelab import run_files
 from tunelab.config import UserError
 
 CKPT = re.compile(r"^(?P<model>ft:.+):ckpt-step-(?P<step>\d+)$")
@@ -27,14 +28,14 @@ def checkpoint_name(model: str, step: int) -> str:
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    root = run_dir / "checkpoints"
+    root = run_dir / run_files.CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for d in root.iterdir() if (m := STEP_DIR.match(d.name)) and d.is_dir())
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:08d}"
+    return run_dir / run_files.CHECKPOINTS / run_files.step_dir(step)
 
 
 def export_checkpoint(run_dir: Path, step: int) -> Path:
@@ -107,6 +108,6 @@ def delete_model(store, name: str, unload) -> bool:
     exports = run_dir / EXPORTS
     for served in [Path(record["path"]), *(exports.iterdir() if exports.is_dir() else [])]:
         unload(served)
-    for part in ("final", "checkpoints", EXPORTS, "start-model"):
+    for part in (run_files.FINAL, run_files.CHECKPOINTS, EXPORTS, run_files.START_MODEL):
         shutil.rmtree(run_dir / part, ignore_errors=True)
     return True

@@ -25,13 +25,13 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab import run_files
 from tunelab.config import Config, DataSource, UserError
 from tunelab.data.readers import load_rows
 
 from .errors import ApiError
 from .jobspec import DEFAULT_LR, Resolver, _validate, code_keys, file_format
 from .openai_models import CKPT, KEEP_EPOCHS, resolve_checkpoint
-from .scheduler import MERGED_BASE
 
 MIN_ROWS = 10  # OpenAI's minimum number of training examples
 AUTO_LR_MULTIPLIER = {"supervised": 1.0, "dpo": 0.25, "reinforcement": 0.5}
@@ -214,7 +214,7 @@ def _model(name: str, settings, store, run_dir: Path) -> tuple[str, str, str | N
         path = checkpoint[0] if checkpoint else Path(record["path"])
         base = name.split(":")[1]
         if (path / "adapter_config.json").is_file():  # an adapter: merged into its base by the job's first child
-            return str(run_dir / MERGED_BASE), base, str(path)
+            return str(run_dir / run_files.START_MODEL), base, str(path)
         return str(path), base, None
     try:
         return Resolver(settings, store).model(name, "model"), Path(name).name.replace(":", "-"), None

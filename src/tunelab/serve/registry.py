@@ -15,7 +15,7 @@ from .store import Store
 @dataclass(frozen=True)
 class ModelRef:
     name: str  # what clients send as `model`: the endpoint's name (without 'endpoints/') or the --model name
-    path: Path  # anything tunelab.model.load_pretrained loads: a model dir, an adapter dir, a run dir
+    path: Path  # anything tunelab.modeling.load.load_pretrained loads: a model dir, an adapter dir, a run dir
     created: int  # unix seconds
     owned_by: str  # the job id of a tuned model, "tunelab" for a --model base model
 

@@ -22,14 +22,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab import run_files
+
 from .backends.base import CANCELLED, EXITED, LOG_NAME, RUNNING, Backend, Compute, JobSpec, Status
 from .store import Store
 from .settings import ServeSettings
 from .views import job_json
 
 log = logging.getLogger("tunelab.serve")
-CONFIG_NAME = "job.yaml"
-MERGED_BASE = "start-model"  # a run dir's merged copy of the fine-tuned model a job continues from
 
 
 @dataclass
@@ -175,11 +175,11 @@ class Scheduler:
 
     def _launch(self, job: dict) -> None:
         run_dir = Path(job["run_dir"])
-        config = run_dir / CONFIG_NAME
+        config = run_dir / run_files.JOB_CONFIG
         if job["phase"] == "eval":
-            argv = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / "eval.json")]
+            argv = ["eval", str(config), "--model", str(run_dir), "--out", str(run_dir / run_files.EVAL_REPORT)]
         elif job["phase"] == "merge":  # continuous tuning from an adapter: its merged model is the run's base
-            argv = ["merge", job["openai"]["merge_from"], "--out", str(run_dir / MERGED_BASE)]
+            argv = ["merge", job["openai"]["merge_from"], "--out", str(run_dir / run_files.START_MODEL)]
         else:
             argv = ["train", str(config)]
         attempt = job["attempt"] + (job["phase"] == "train")
@@ -241,7 +241,7 @@ class Scheduler:
         self.store.update_job(run.job_id, progress=progress, latest_metrics=latest)
 
     def _new_metrics(self, run: Running) -> list[dict]:
-        path = run.run_dir / "metrics.jsonl"
+        path = run.run_dir / run_files.METRICS
         if not path.exists():
             return []
         if path.stat().st_size < run.metrics_offset:  # a resumed trainer cut the log back to its checkpoint
@@ -300,7 +300,7 @@ class Scheduler:
         message = _error_line(run.log_tail, code)
         if run.phase == "eval":  # the model is trained and whole: keep it, say what the evaluation hit
             return self._succeeded(job, eval_error=message)
-        retryable = code != 2  # exit 2 is a UserError: the same input fails the same way again
+        retryable = code != run_files.EXIT_USER_ERROR  # the same input fails the same way again
         if retryable and job["attempt"] <= self.settings.max_retries:
             self.store.add_event(job["id"], "log", f"attempt {job['attempt']} failed ({message}); retrying from the "
                                                    "last checkpoint")
@@ -309,12 +309,12 @@ class Scheduler:
 
     def _succeeded(self, job: dict, eval_error: str | None) -> dict:
         run_dir = Path(job["run_dir"])
-        final = run_dir / "final"
-        rows = read_metrics(run_dir / "metrics.jsonl")
+        final = run_dir / run_files.FINAL
+        rows = read_metrics(run_dir / run_files.METRICS)
         evals = [r for r in rows if "eval_loss" in r]
         best = min(evals, key=lambda r: r["eval_loss"]) if evals else {}
         final_metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_") or k == "step"}
-        report = run_dir / "eval.json"
+        report = run_dir / run_files.EVAL_REPORT
         if report.is_file():
             final_metrics.update(_eval_summary(json.loads(report.read_text())))
         if eval_error:
@@ -345,7 +345,7 @@ def _has_eval_data(config: dict) -> bool:
 
 def _error_line(tail: list[str], code: int | None) -> str:
     for line in reversed(tail):
-        if line.startswith(("error:", "stopped:")):
+        if line.startswith((run_files.ERROR_PREFIX, run_files.STOPPED_PREFIX)):
             return line
     last = tail[-1] if tail else "no output"
     if code is None:

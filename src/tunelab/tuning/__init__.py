@@ -1,5 +1,6 @@
-"""The managed-service workflow: `from tunelab.tuning import sft; job = sft.train(...)`."""
+"""`from tunelab.tuning import sft`: the public name of the managed-service workflow, which lives with the rest of
+the client in tunelab/client/tuning/."""
 
-from tunelab.client import TuningJob
+from tunelab.client.tuning import TuningJob, sft
 
-__all__ = ["TuningJob"]
+__all__ = ["TuningJob", "sft"]

@@ -13,10 +13,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab import run_files
+
 # What `poll` reports. EXITED comes with the exit code of the trainer (0 = done); CANCELLED is a job the backend
 # itself ended without an exit code (scancel of a job still queued, an administrator's cancel).
 PENDING, RUNNING, EXITED, CANCELLED = "PENDING", "RUNNING", "EXITED", "CANCELLED"
-LOG_NAME = "train.log"  # in the run dir: the job's stdout and stderr, whichever backend ran it
+LOG_NAME = run_files.TRAIN_LOG  # in the run dir: the job's stdout and stderr, whichever backend ran it
 
 
 @dataclass

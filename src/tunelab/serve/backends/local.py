@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from tunelab import run_files
+
 from .base import EXITED, LOG_NAME, RUNNING, Backend, Capacity, Compute, JobSpec, Status
 
 log = logging.getLogger("tunelab.serve")
@@ -88,7 +90,7 @@ class LocalBackend(Backend):
 
     def submit(self, spec: JobSpec) -> dict:
         argv = list(spec.argv)
-        if spec.resume and any((spec.run_dir / "checkpoints").glob("step-*")):
+        if spec.resume and any((spec.run_dir / run_files.CHECKPOINTS).glob(f"{run_files.STEP_PREFIX}*")):
             argv.append("--resume")
         if spec.compute.gpus > 1:
             argv += ["--nproc", str(spec.compute.gpus)]

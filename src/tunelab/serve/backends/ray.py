@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 
 from tunelab.config import UserError
 
+from tunelab import run_files
+
 from .base import CANCELLED, EXITED, LOG_NAME, PENDING, RUNNING, Backend, Capacity, JobSpec, Status
 
 RAY_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ ")  # Ray's logger: "<time>\tINFO job_manager..."
@@ -74,7 +76,7 @@ class RayBackend(Backend):
 
     def entrypoint(self, spec: JobSpec) -> str:
         argv = list(spec.argv)
-        if spec.resume and any((spec.run_dir / "checkpoints").glob("step-*")):
+        if spec.resume and any((spec.run_dir / run_files.CHECKPOINTS).glob(f"{run_files.STEP_PREFIX}*")):
             argv.append("--resume")
         if spec.compute.gpus > 1:
             argv += ["--nproc", str(spec.compute.gpus)]

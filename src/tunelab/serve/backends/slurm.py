@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tunelab.config import UserError
 
+from tunelab import run_files
+
 from .base import CANCELLED, EXITED, LOG_NAME, PENDING, RUNNING, Backend, Capacity, JobSpec, Status
 
 log = logging.getLogger("tunelab.serve")
@@ -134,8 +136,8 @@ class SlurmBackend(Backend):
             directives.append(f"--mem={math.ceil(c.memory_gb * 1024)}M")
         if c.time_limit_s:
             directives.append(f"--time={math.ceil(c.time_limit_s / 60)}")
-        checkpoints = shlex.quote(str(spec.run_dir / "checkpoints"))
-        resume = (f"compgen -G {checkpoints}'/step-*' > /dev/null && RESUME=--resume  # continue from the checkpoint"
+        checkpoints = shlex.quote(str(spec.run_dir / run_files.CHECKPOINTS))
+        resume = (f"compgen -G {checkpoints}'/{run_files.STEP_PREFIX}*' > /dev/null && RESUME=--resume  # continue from the checkpoint"
                   if spec.resume else "")
         return SCRIPT.format(directives="\n".join(f"#SBATCH {d}" for d in directives), job_id=spec.job_id,
                              resume_check=resume, program=shlex.join(self.program), argv=shlex.join(spec.argv))

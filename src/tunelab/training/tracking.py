@@ -6,12 +6,13 @@ import json
 import math
 from pathlib import Path
 
+from tunelab import run_files
 from tunelab.config import Config, UserError
 
 
 class Tracker:
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int = 0):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / run_files.METRICS
         if resume_step:
             self._truncate_after(resume_step)
         elif self.path.exists():

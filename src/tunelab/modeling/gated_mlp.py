@@ -66,7 +66,7 @@ def keep_less_in_gated_mlps(model: nn.Module, dtype: torch.dtype) -> int:
         x = torch.randn(2, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
         x = x.to(weight.device, dtype)
         # both forwards draw the same dropout masks (if the model is in training mode) from one seed, without touching
-        # the run's own random state; a 4-bit layer stays unpacked in this no-grad forward (model.keep_4bit_layout)
+        # the run's own random state; a 4-bit layer stays unpacked in this no-grad forward (modeling.load.keep_4bit_layout)
         with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
             torch.manual_seed(0)
             expected = module(x)

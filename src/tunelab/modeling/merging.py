@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from tunelab.config import UserError
-from tunelab.model import (_from_pretrained, _run_config, _set_pad_id, adapter_kind, grow_to_tokenizer, is_adapter_dir,
-                           load_tokenizer, quiet_imports, resolve_dtype, resolve_model_dir, save_model)
+from tunelab.modeling.build import save_model
+from tunelab.modeling.load import (_from_pretrained, _run_config, _set_pad_id, adapter_kind, grow_to_tokenizer,
+                                   is_adapter_dir, load_tokenizer, quiet_imports, resolve_dtype, resolve_model_dir)
 
 
 def merge(path: str, out: str, dtype: str = "auto") -> Path:

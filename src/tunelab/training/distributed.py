@@ -159,7 +159,7 @@ def shard(module: nn.Module) -> set[str]:
     Returns the names of tied parameters after the first (see full_state_dict)."""
     from torch.distributed.fsdp import fully_shard
 
-    from tunelab.model import unwrap
+    from tunelab.modeling.load import unwrap
 
     hf = unwrap(module.model)
     # Tied weights (input embedding = output head) are one parameter under two names; gathered, they become two

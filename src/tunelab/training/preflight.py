@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from tunelab import checkpoint
+from tunelab import run_files
+from tunelab.training import checkpoint
 from tunelab.config import Config, UserError, load_config
 from tunelab.objectives.base import Objective
 
@@ -62,7 +63,7 @@ def check_run(cfg: Config, resume: bool, world: int, say=print) -> Path | None:
     from (None for a new run)."""
     from tunelab.objectives import REGISTRY
 
-    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / run_files.CHECKPOINTS
     if cfg.method not in REGISTRY:
         raise UserError(f"method: {cfg.method} is not available in this version (available: {', '.join(REGISTRY)})")
     if cfg.train.distributed == "fsdp" and cfg.model.quantize:
@@ -71,13 +72,13 @@ def check_run(cfg: Config, resume: bool, world: int, say=print) -> Path | None:
     check_output_dir(run_dir)
     for line in checkpoint.clean_leftovers(ckpt_root):
         say(line)
-    final, old = run_dir / "final", run_dir / ".final-old"
+    final, old = run_dir / run_files.FINAL, run_dir / run_files.FINAL_OLD
     if old.is_dir() and not final.exists():  # killed while swapping in a new final/: the old one is whole
         os.rename(old, final)
-    for leftover in (run_dir / ".final-tmp", old):
+    for leftover in (run_dir / run_files.FINAL_TMP, old):
         shutil.rmtree(leftover, ignore_errors=True)
     if cfg.model.path and cfg.model.init is None:
-        from tunelab.model import check_model_dir
+        from tunelab.modeling.load import check_model_dir
 
         check_model_dir(cfg.model.path, cfg.model.allow_pickle)
     if not resume:
@@ -91,7 +92,7 @@ def check_run(cfg: Config, resume: bool, world: int, say=print) -> Path | None:
 
 def find_resume(cfg: Config, world: int, say=print) -> Path:
     """The newest intact checkpoint (torn ones are set aside), refused when the config changed what it depends on."""
-    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / run_files.CHECKPOINTS
     path = checkpoint.latest_valid(ckpt_root, warn=say, quarantine=True)
     if path is None:
         raise UserError(f"--resume: no usable checkpoint in {ckpt_root}")
@@ -99,9 +100,9 @@ def find_resume(cfg: Config, world: int, say=print) -> Path:
     saved = meta.get("config")
     if saved is not None:
         check_resume_compatible(saved, cfg, str(path), meta.get("world_size", 1), world)
-    elif (run_dir / "config.yaml").is_file():
-        saved_cfg = load_config(run_dir / "config.yaml")
-        check_resume_compatible(saved_cfg.model_dump(mode="json"), cfg, str(run_dir / "config.yaml"))
+    elif (run_dir / run_files.CONFIG).is_file():
+        saved_cfg = load_config(run_dir / run_files.CONFIG)
+        check_resume_compatible(saved_cfg.model_dump(mode="json"), cfg, str(run_dir / run_files.CONFIG))
     if checkpoint.is_sharded(path) != (cfg.train.distributed == "fsdp"):
         raise UserError(f"--resume: {path} was written with train.distributed: "
                         f"{'fsdp' if checkpoint.is_sharded(path) else 'ddp'}; resume with the same setting")
@@ -160,7 +161,7 @@ def check_disk_space(cfg: Config, module: nn.Module) -> None:
     n_ckpts = (tc.keep_checkpoints + 1 + bool(tc.early_stopping_patience)) if tc.save_every else 0
     final = trainable if cfg.adapter is not None else sum(
         p.numel() * p.element_size() for p in params if p.dtype.is_floating_point)
-    need = n_ckpts * one_ckpt + final - checkpoint.bytes_on_disk(run_dir / "checkpoints")
+    need = n_ckpts * one_ckpt + final - checkpoint.bytes_on_disk(run_dir / run_files.CHECKPOINTS)
     free = shutil.disk_usage(run_dir).free
     if need > free:
         gb = 1e9

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab import run_files
+
 
 @dataclass
 class Sampling:
@@ -23,7 +25,7 @@ def run_template(model_dir: Path) -> str:
     """The template the model was trained with, when its run config is beside it."""
     import yaml
 
-    for cfg_path in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
+    for cfg_path in (model_dir / run_files.CONFIG, model_dir.parent / run_files.CONFIG):
         if cfg_path.is_file():
             data = yaml.safe_load(cfg_path.read_text()) or {}
             if isinstance(data.get("data"), dict) and "template" in data["data"]:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab import checkpoint
+from tunelab import run_files
+from tunelab.training import checkpoint
 from tunelab.config import Config, UserError, dump_config
-from tunelab.distributed import Dist
+from tunelab.training.distributed import Dist
 
 
 @dataclass
@@ -81,12 +82,13 @@ class RunCheckpoints:
         self.cfg, self.dist, self.root = cfg, group, root
         self.module, self.optimizer, self.scheduler, self.scaler = module, optimizer, scheduler, scaler
         self.objective, self.sharded = objective, sharded
-        self.saved_step: int | None = None  # a step is saved at most once (set to None to force a save)
+        self.saved_step: int | None = None  # a step is saved at most once, unless forced
 
-    def save(self, train_state: TrainState) -> Path | None:
-        """Checkpoint the current step (at most once per step). Rank 0 writes alone, except with FSDP, where every rank
-        writes its shards into the same temporary dir. A failed write raises CheckpointWriteError on every rank."""
-        if self.saved_step == train_state.step:
+    def save(self, train_state: TrainState, force: bool = False) -> Path | None:
+        """Checkpoint the current step (at most once per step, unless `force`). Rank 0 writes alone, except with FSDP,
+        where every rank writes its shards into the same temporary dir. A failed write raises CheckpointWriteError on
+        every rank."""
+        if self.saved_step == train_state.step and not force:
             return None
         tc = self.cfg.train
         train_state.rng = rng_state()
@@ -226,17 +228,17 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer, cfg: Config, group: D
     """Rank 0 writes `run_dir/final` (an adapter dir or a full model dir, with the run's config.yaml) beside the
     old one, then swaps it in: a crash leaves the previous final/ or the new one, whole. A failed write raises
     CheckpointWriteError on every rank; the checkpoints are untouched."""
-    from tunelab.model import save_model
+    from tunelab.modeling.build import save_model
 
-    final = run_dir / "final"
+    final = run_dir / run_files.FINAL
     error = None
     if group.main:
-        tmp, old = run_dir / ".final-tmp", run_dir / ".final-old"
+        tmp, old = run_dir / run_files.FINAL_TMP, run_dir / run_files.FINAL_OLD
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)
             save_model(model, tokenizer, tmp, state_dict=state_dict)
-            (tmp / "config.yaml").write_text(dump_config(cfg))
+            (tmp / run_files.CONFIG).write_text(dump_config(cfg))
             if final.exists():
                 os.rename(final, old)
             os.rename(tmp, final)

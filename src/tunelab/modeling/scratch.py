@@ -38,19 +38,19 @@ def _texts(value) -> Iterator[str]:
             yield from _texts(v)
 
 
-def _train_sources(cfg: Config):
-    if cfg.method in ("pretrain", "mlm"):
+def _train_sources(cfg: Config, text_only: bool):
+    if text_only:
         from tunelab.data.readers import text_sources
 
         return text_sources(cfg.data.train, cfg.method, "data.train")
     return cfg.data.train
 
 
-def training_text(cfg: Config) -> Iterator[str]:
+def training_text(cfg: Config, text_only: bool = False) -> Iterator[str]:
     """Every string in the training rows, whatever their format (eval data is left out)."""
     from tunelab.data import load_rows
 
-    for row in load_rows(_train_sources(cfg), skip_bad_rows=cfg.data.skip_bad_rows):
+    for row in load_rows(_train_sources(cfg, text_only), skip_bad_rows=cfg.data.skip_bad_rows):
         yield from _texts(row.data)
 
 
@@ -96,8 +96,9 @@ def _read_stamp(saved: Path) -> dict | None:
         return None
 
 
-def train_tokenizer(cfg: Config):
-    """Train (or reuse, on resume) a byte-level BPE tokenizer of `tokenizer.vocab_size` on the training text.
+def train_tokenizer(cfg: Config, text_only: bool = False):
+    """Train (or reuse, on resume) a byte-level BPE tokenizer of `tokenizer.vocab_size` on the training text
+    (`text_only`: the objective reads its sources as raw text, Objective.text_only).
 
     Saved in `output_dir/tokenizer` (and with the final model). Under torchrun the trainer runs this on rank 0
     first (Dist.main_first); the other ranks then find the saved one and load it. The vocabulary can come out
@@ -111,11 +112,11 @@ def train_tokenizer(cfg: Config):
     saved = cfg.run_dir / "tokenizer"
     stamp = _stamp(cfg)
     if not (_read_stamp(saved) == stamp and (saved / "tokenizer.json").is_file()):
-        _save_atomically(_train(cfg), stamp, saved)
+        _save_atomically(_train(cfg, text_only), stamp, saved)
     return AutoTokenizer.from_pretrained(str(saved))  # our own files, pad token included: nothing to check
 
 
-def _train(cfg: Config):
+def _train(cfg: Config, text_only: bool):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -129,7 +130,7 @@ def _train(cfg: Config):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
         show_progress=False,
     )
-    tok.train_from_iterator(training_text(cfg), trainer=trainer)
+    tok.train_from_iterator(training_text(cfg, text_only), trainer=trainer)
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     encoder = cfg.model.init is not None and cfg.model.init.architecture == "bert"
     if encoder:  # BERT layout: <s> A </s> (CLS ... SEP), segment B with token type 1

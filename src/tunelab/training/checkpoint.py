@@ -27,13 +27,14 @@ from typing import NoReturn
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab import run_files
 from tunelab.config import UserError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
 SHARDED = "sharded"  # torch.distributed.checkpoint dir (train.distributed: fsdp)
-_STEP = re.compile(r"^step-(\d{8,})$")
+_STEP = re.compile(rf"^{run_files.STEP_PREFIX}(\d{{8,}})$")
 
 
 class CheckpointWriteError(Exception):
@@ -57,7 +58,7 @@ def _fsync(path: Path) -> None:
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
+    return root / run_files.step_dir(step)
 
 
 def tmp_dir(root: Path, step: int) -> Path:

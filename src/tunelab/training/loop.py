@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab import checkpoint
+from tunelab import run_files
+from tunelab.training import checkpoint
 from tunelab.config import Config, dump_config
 from tunelab.data.order import Batches, item_length
-from tunelab.distributed import Dist, full_state_dict, grad_sync, wrap
+from tunelab.training.distributed import Dist, full_state_dict, grad_sync, wrap
 from tunelab.objectives.base import Objective, move_to, real_tokens
-from tunelab.optim import lr_lambda, make_optimizer
-from tunelab.precision import precision_context
-from tunelab.preflight import check_disk_space, check_run, check_sharding, report_data
-from tunelab.run_state import RunCheckpoints, TrainState, save_final, seed_everything
+from tunelab.training.optim import lr_lambda, make_optimizer
+from tunelab.modeling.precision import precision_context
+from tunelab.training.preflight import check_disk_space, check_run, check_sharding, report_data
+from tunelab.training.run_state import RunCheckpoints, TrainState, save_final, seed_everything
 
 
 class Interrupted(Exception):
@@ -65,7 +66,7 @@ class Trainer:
         self.say = say
         self.dist = Dist.from_env(single_rank_group=cfg.train.distributed == "fsdp")
         self.run_dir = cfg.run_dir
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / run_files.CHECKPOINTS
         self._stop_signal: int | None = None
         # Everything that can be checked without loading anything heavy, once (rank 0), before the data and model.
         try:
@@ -78,37 +79,38 @@ class Trainer:
 
     def setup(self) -> None:
         """Tokenizer and data first (cheap, and where most mistakes are), then the model, then the wrapping."""
-        from tunelab.model import build_model, build_tokenizer, pick_device, quiet_imports
-        from tunelab.objectives import make_objective, model_kind
+        from tunelab.modeling.build import build_model, build_tokenizer
+        from tunelab.modeling.load import pick_device, quiet_imports
+        from tunelab.objectives import make_objective, objective_class
 
         cfg, tc = self.cfg, self.cfg.train
         quiet_imports()
         seed_everything(tc.seed)
         self.device = pick_device()
         if self.device.type == "cpu" and tc.gradient_checkpointing:
-            from tunelab.memory import return_freed_memory
+            from tunelab.modeling.memory import return_freed_memory
 
-            return_freed_memory()  # the memory-saving mode: also hand freed activations back (tunelab/memory.py)
+            return_freed_memory()  # the memory-saving mode: also hand freed activations back (modeling/memory.py)
         self.autocast, self.scaler = precision_context(tc.precision, self.device)
         if self.device.type != "cuda" and tc.optimizer == "paged_adamw_8bit":
             make_optimizer(tc, nn.Linear(1, 1), self.device)  # raises the clear error before loading
-        kind = model_kind(cfg.method)
+        traits = objective_class(cfg.method)
         # Rank 0 first: it trains and saves a tokenizer (model.init) and writes the tokenized-data cache; the other
         # ranks then read both instead of racing it. A data mistake stops every rank with rank 0's message.
         with self.dist.main_first():
-            self.tokenizer, added = build_tokenizer(cfg, kind, say=self.say)
+            self.tokenizer, added = build_tokenizer(cfg, traits.model_kind, traits.text_only, say=self.say)
             self.objective = make_objective(cfg, self.tokenizer)
             self.train_items, self.eval_items = self.objective.datasets()
         report_data(self.objective, self.train_items, self.eval_items, self.dist.main, self.say)
         check_sharding(cfg, self.objective)
         self.sharded = tc.distributed == "fsdp"
-        self.model = build_model(cfg, kind, self.device, self.tokenizer, added)
-        from tunelab.attention import choose
+        self.model = build_model(cfg, traits.model_kind, self.device, self.tokenizer, added)
+        from tunelab.modeling.attention import choose
 
-        self.objective.padding_free, line = choose(cfg, self.model)  # before setup: DPO's reference copy attends alike
+        padding_free, line = choose(cfg, self.model)
         if line and self.dist.main:
             self.say(line)
-        self.objective.setup(self.model)
+        self.objective.setup(self.model, self.dist, padding_free)
         self.module = ObjectiveModule(self.model, self.objective).to(self.device)
         self.dist.agree(lambda: check_disk_space(cfg, self.module))
         self.wrapped, self._tied_names = wrap(self.module, self.device, self.dist, self.sharded)
@@ -206,8 +208,9 @@ class Trainer:
         units = self.dist.sum(units, self.device)
         out = {f"eval_{k}": self.dist.sum(v, self.device) / max(units, 1) for k, v in metric_sums.items()}
         out["eval_loss"] = self.dist.sum(loss_sum, self.device) / max(units, 1)
-        if self.objective.perplexity:
-            out["eval_perplexity"] = math.exp(min(out.get("eval_ce", out["eval_loss"]), 50.0))  # distill: CE part
+        ce = self.objective.eval_cross_entropy(out)
+        if ce is not None:
+            out["eval_perplexity"] = math.exp(min(ce, 50.0))
         return out
 
     # -- the loop
@@ -225,12 +228,12 @@ class Trainer:
             self.say(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint ...")
 
     def run(self) -> Path:
-        from tunelab.tracking import Tracker, plot_loss, progress_bar, summary
+        from tunelab.training.tracking import Tracker, plot_loss, progress_bar, summary
 
         self.setup()
         cfg, tc, state = self.cfg, self.cfg.train, self.state
         if self.dist.main:
-            _write_atomic(self.run_dir / "config.yaml", dump_config(cfg))
+            _write_atomic(self.run_dir / run_files.CONFIG, dump_config(cfg))
         tracker = Tracker(cfg, self.run_dir, resume_step=state.step) if self.dist.main else None
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         lengths = [item_length(item) for item in self.train_items] if tc.group_by_length else None
@@ -298,9 +301,11 @@ class Trainer:
         final = self._finish()
         elapsed = time.time() - started
         if self.dist.main:
-            plot = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.svg") if cfg.log.plot else None
+            plot = None
+            if cfg.log.plot:
+                plot = plot_loss(self.run_dir / run_files.METRICS, self.run_dir / run_files.LOSS_PLOT)
             self.say(summary(state, self.total_steps, elapsed, state.step - step_at_start, state.tokens - tokens_at_start,
-                             final, self.run_dir / "metrics.jsonl", plot))
+                             final, self.run_dir / run_files.METRICS, plot))
         return final
 
     def _early_stopping(self, metrics: dict) -> bool:
@@ -326,13 +331,11 @@ class Trainer:
         return save_final(self.run_dir, self.module.model, self.tokenizer, self.cfg, self.dist, full_state)
 
     def _interrupt(self, force_save: bool = False) -> None:
-        if force_save:
-            self.checkpoints.saved_step = None
-        self.checkpoints.save(self.state)  # on a stop request always, whatever train.save_every says
+        self.checkpoints.save(self.state, force=force_save)  # on a stop request always, whatever train.save_every says
         where = checkpoint.step_dir(self.ckpt_root, self.state.step)
         raise Interrupted(
             f"stopped at step {self.state.step}/{self.total_steps}; checkpoint saved: {where}. Continue with: "
-            f"tunelab train CONFIG --resume (the same config; a copy is in {self.run_dir / 'config.yaml'})")
+            f"tunelab train CONFIG --resume (the same config; a copy is in {self.run_dir / run_files.CONFIG})")
 
     def _bad_steps_message(self) -> str:
         tc, steps = self.cfg.train, checkpoint.list_steps(self.ckpt_root)
