@@ -76,7 +76,7 @@ def test_cpu_server_defaults_to_the_cpu_and_refuses_gpus(tmp_path):
 def test_the_clients_send_the_compute_section(tmp_path, monkeypatch):
     import argparse
 
-    from tunelab import jobs_cli
+    from tunelab.client import jobs_cli
     from tunelab.client import TuningJob
     from tunelab.tuning import sft
 

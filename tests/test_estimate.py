@@ -260,7 +260,7 @@ def build_model(hf, mode, gc, bf16, dropout, r, tmp_path):
                                    bnb_4bit_compute_dtype=dtype)
         model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype, quantization_config=quant,
                                                  device_map={"": "cpu"})
-        keep_4bit_layout(model)  # as tunelab.model.load_model: the gated-MLP probe below is a no-grad forward
+        keep_4bit_layout(model)  # as tunelab.modeling.build.load_model: the gated-MLP probe below is a no-grad forward
     else:
         model = LlamaForCausalLM(hf).to(dtype)
     if mode != "full":

@@ -145,6 +145,6 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypa
     (pkg / "__init__.py").write_text("")
     (pkg / "base.py").write_text("")
     (pkg / "x.py").write_text("from . import base\nif TYPE_CHECKING:\n    import tunelab.cli\n\n"
-                              "def f():\n    from tunelab.trainer import train\n")
+                              "def f():\n    from tunelab.training.loop import train\n")
     monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
-    assert imports(pkg / "x.py") == {"tunelab.objectives.base", "tunelab.trainer"}
+    assert imports(pkg / "x.py") == {"tunelab.objectives.base", "tunelab.training.loop"}

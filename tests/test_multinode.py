@@ -21,9 +21,9 @@ from tiny import config_dict, make_base_model, write_task_data
 
 from tunelab.cli import main as cli_main
 from tunelab.config import UserError
-from tunelab.distributed import adopt_slurm_env
+from tunelab.training.distributed import adopt_slurm_env
 from tunelab.launch import Nodes, torchrun_args
-from tunelab.tracking import read_metrics
+from tunelab.training.tracking import read_metrics
 
 STEPS = 3
 TRAIN = {"max_steps": STEPS, "micro_batch_size": 2, "lr": 3e-3, "max_grad_norm": 1.0, "save_every": 1,

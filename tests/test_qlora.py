@@ -144,7 +144,7 @@ def test_estimate_of_a_bf16_qlora_step_matches_the_allocator(base):
 
 # ---------------------------------------------------------------- bitsandbytes' packed CPU layout (issue 21 §3)
 # On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit weight for its CPU inference kernel at the first forward
-# in eval mode without grad; tunelab.model.keep_4bit_layout turns that off on every 4-bit layer it loads. Each
+# in eval mode without grad; tunelab.modeling.load.keep_4bit_layout turns that off on every 4-bit layer it loads. Each
 # Linear4bit reads bitsandbytes' CPU check when it is built: the fixture forces the check both ways, so the tests
 # below run the same on every CPU (the test ids say which way: bnb-packing-on / bnb-packing-off).
 # ODD's k/v projections have 24 outputs, which the packed layout cannot take (it needs multiples of 32).
@@ -162,7 +162,7 @@ def bnb_cpu_check(request, monkeypatch):
 @pytest.fixture(scope="module")
 def odd_base(tmp_path_factory, tiny_tokenizer):
     from tunelab.config import InitConfig
-    from tunelab.scratch import save_tiny_model
+    from tunelab.modeling.scratch import save_tiny_model
 
     torch.manual_seed(0)
     return save_tiny_model(tmp_path_factory.mktemp("odd-base"), tiny_tokenizer, InitConfig(**ODD))
@@ -196,7 +196,7 @@ def _qlora_run(base, data, out, eval_every):
     from tiny import config_dict
 
     from tunelab.config import load_config
-    from tunelab.trainer import Trainer
+    from tunelab.training.loop import Trainer
 
     cfg = config_dict(base, data, out, model={"quantize": "nf4", "double_quant": True, "dtype": "float32"},
                       adapter={"r": 4, "alpha": 8, "dropout": 0.0}, data={"eval_fraction": 0.25, "max_length": 256},
@@ -215,8 +215,8 @@ def test_evaluating_inside_qlora_training_changes_nothing(bnb_cpu_check, odd_bas
     from safetensors.torch import load_file
     from tiny import write_task_data
 
-    from tunelab.merging import merge
-    from tunelab.tracking import read_metrics
+    from tunelab.modeling.merging import merge
+    from tunelab.training.tracking import read_metrics
 
     data = write_task_data(tmp_path / "train.jsonl", n=16)
     runs = {every: _qlora_run(odd_base, data, tmp_path / f"every-{every}", every) for every in (1, None)}
@@ -247,7 +247,7 @@ def test_a_checkpoint_saved_4bit_runs_on_the_inference_path(bnb_cpu_check, odd_b
     import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tunelab.model import load_pretrained
+    from tunelab.modeling.load import load_pretrained
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     AutoModelForCausalLM.from_pretrained(odd_base, quantization_config=quant, device_map={"": "cpu"}) \
