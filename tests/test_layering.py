@@ -19,6 +19,12 @@ LAYERS = [
         "data": ["data", "tasks"],  # tasks: the demo's synthetic data and its reward, imports nothing of tunelab
         "graders": ["graders"],  # OpenAI's graders as rewards: pure Python, imports only config
     },
+    # Files in and out of tunelab's own forms, above config / data: peer configs (axolotl, LLaMA-Factory) -> config
+    # dicts; model cards (the Hub's README.md) and Hub uploads, which the trainer, merge and export all write.
+    {
+        "interop": ["interop"],
+        "publish": ["modelcard", "hub"],
+    },
     # What a model is and how it runs: loading / building / saving (model, scratch), attention, number formats,
     # the CPU allocator, LoRA dropout's kept mask, generation (infer: serve and evaluation use it too), MoE experts /
     # routers / router loss (moe).

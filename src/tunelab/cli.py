@@ -11,9 +11,9 @@ from tunelab.config import UserError
 
 
 def _config(args):
-    from tunelab.config import load_config
+    from tunelab.interop import load  # a tunelab, axolotl or LLaMA-Factory file
 
-    return load_config(args.config, args.overrides)
+    return load(args.config, args.overrides, say=lambda line: print(line, file=sys.stderr))
 
 
 def cmd_train(args) -> int:
@@ -26,6 +26,20 @@ def cmd_train(args) -> int:
     from tunelab.trainer import train
 
     train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from tunelab.interop import convert_to_yaml
+
+    print(convert_to_yaml(args.file), end="")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from tunelab.hub import push
+
+    push(args.run, args.repo_id, private=args.private)
     return 0
 
 
@@ -211,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--nproc", type=int, default=None, help="processes on this machine (runs torchrun)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="print the tunelab YAML for an axolotl or LLaMA-Factory config")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("push", help="upload a run's final/ (or a merged / exported dir) to the Hugging Face Hub")
+    p.add_argument("run", help="a run dir (uses final/), a merged model dir or an export dir")
+    p.add_argument("repo_id", help="the Hub repo, e.g. me/my-model (created if new; token from HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("validate", help="check a config without loading anything heavy")
     _add_config(p)

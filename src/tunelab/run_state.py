@@ -227,6 +227,7 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer, cfg: Config, group: D
     old one, then swaps it in: a crash leaves the previous final/ or the new one, whole. A failed write raises
     CheckpointWriteError on every rank; the checkpoints are untouched."""
     from tunelab.model import save_model
+    from tunelab.modelcard import write_model_card
 
     final = run_dir / "final"
     error = None
@@ -237,6 +238,7 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer, cfg: Config, group: D
                 shutil.rmtree(tmp)
             save_model(model, tokenizer, tmp, state_dict=state_dict)
             (tmp / "config.yaml").write_text(dump_config(cfg))
+            write_model_card(tmp, cfg)
             if final.exists():
                 os.rename(final, old)
             os.rename(tmp, final)
