@@ -36,7 +36,7 @@ LAYERS = [
         # The service runs `tunelab train` as processes and loads finished models; it never imports the trainer.
         "serve": ["serve", "client", "tuning"],
         # One-shot tools on a config or a model: evaluation, the memory / time planner, tokenizing ahead of a run.
-        "tools": ["evaluation", "estimate", "preprocess"],
+        "tools": ["evaluation", "estimate", "preprocess", "export"],
     },
     {"cli": ["cli", "jobs_cli", "launch", "__main__", "__init__", "api"]},  # api: the commands as Python functions
 ]

@@ -36,6 +36,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tunelab.export import export
+
+    export(args.model, args.format, args.quant, args.out)
+    return 0
+
+
 def cmd_push(args) -> int:
     from tunelab.hub import push
 
@@ -229,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="print the tunelab YAML for an axolotl or LLaMA-Factory config")
     p.add_argument("file")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="a run's model as GGUF for llama.cpp, or GGUF + Modelfile for Ollama")
+    p.add_argument("model", help="a run dir (uses final/; an adapter is merged first) or a model dir")
+    p.add_argument("--format", default="gguf", choices=["gguf", "ollama"])
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"])
+    p.add_argument("--out", default=None, help="the export dir (default: RUN/export-FORMAT)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="upload a run's final/ (or a merged / exported dir) to the Hugging Face Hub")
     p.add_argument("run", help="a run dir (uses final/), a merged model dir or an export dir")
