@@ -143,17 +143,21 @@ def test_f32_logits_match_transformers(run, exported):
 
 @with_llama
 def test_greedy_chat_equals_tunelab_generate(run, exported):
-    from tunelab.infer import Sampling, generate
+    """llama.cpp renders the prompt with the GGUF's embedded template and samples greedily; its reply, tokenized,
+    is the token sequence tunelab's greedy generation produced (decoded without special tokens, unstripped)."""
+    from tunelab.infer import Sampling, generate_ids, prompt_ids
     from tunelab.model import load_pretrained
 
     run_dir, _ = run
     model, tokenizer = load_pretrained(str(run_dir), dtype="float32")
     llm = _llama(exported["f32"])
     for prompt in ("Add 2 and 3.", "Reverse the word cat."):
-        ours = generate(model, tokenizer, prompt, Sampling(max_new_tokens=24, temperature=0.0))
-        theirs = llm.create_chat_completion([{"role": "user", "content": prompt}], temperature=0.0, top_k=1,
-                                            max_tokens=24)["choices"][0]["message"]["content"]
-        assert tokenizer.encode(theirs.strip(), add_special_tokens=False) == tokenizer.encode(ours, add_special_tokens=False)
+        messages = [{"role": "user", "content": prompt}]
+        new = generate_ids(model, tokenizer, prompt_ids(tokenizer, messages, "auto"), Sampling(max_new_tokens=24))
+        ours = tokenizer.decode(new, skip_special_tokens=True)
+        theirs = llm.create_chat_completion(messages, temperature=0.0, top_k=1, max_tokens=24)["choices"][0]["message"]
+        assert ours and tokenizer.encode(theirs["content"], add_special_tokens=False) == tokenizer.encode(
+            ours, add_special_tokens=False)
 
 
 @with_llama
