@@ -53,6 +53,17 @@ def test_card_names_hub_base_and_datasets_and_the_eval_table(lora_run, tmp_path)
     assert "| perplexity perplexity | 3.5 |" in card.text and "| generation exact_match | 0.25 |" in card.text
 
 
+def test_eval_adds_its_table_to_the_final_card(lora_run):
+    from tunelab.evaluation import run_eval
+
+    final, cfg = lora_run
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
+        "data": cfg.data.train, "max_rows": 4, "metrics": ["perplexity"]})})
+    report = run_eval(cfg, say=lambda *a: None)
+    card = ModelCard.load(final / "README.md")
+    assert "## Evaluation" in card.text and f"| perplexity perplexity | {report['perplexity']['perplexity']:.4g} |" in card.text
+
+
 def test_merged_dir_has_a_card(lora_run, tmp_path):
     final, _ = lora_run
     out = merge(str(final), str(tmp_path / "merged"))
