@@ -53,7 +53,8 @@ def load(path: str | Path, overrides: list[str] | None = None, say: Callable[[st
     mapping = convert(read_yaml(path), str(path))
     if mapping is None:
         return load_config(path, overrides)
-    say(f"{path}: read as a {mapping.tool} config ({len(mapping.notes)} keys map differently; "
+    article = "an" if mapping.tool[0] in "aeiou" else "a"
+    say(f"{path}: read as {article} {mapping.tool} config ({len(mapping.notes)} keys map differently; "
         f"`tunelab convert {path}` writes the tunelab YAML)")
     for line in mapping.notes:
         say(f"  {line}")

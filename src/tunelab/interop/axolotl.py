@@ -88,6 +88,7 @@ def _adapter(m: Mapping) -> None:
                if kind == "lora" else "ignored: the base stays in its dtype")
     if kind is None:
         return
+    m.set("adapter.type", "lora", "adapter")
     target = "all-linear" if m.get("lora_target_linear") else m.get("lora_target_modules", "all-linear")
     m.set("adapter.target_modules", target, *[k for k in ("lora_target_linear", "lora_target_modules") if m.has(k)])
     m.set("adapter.r", m.get("lora_r", 8), "lora_r")
@@ -141,6 +142,9 @@ def _datasets(m: Mapping) -> None:
         if sources:
             m.set(section, sources, key)
     template(m, "chat_template", "chat_template_jinja")
+    kinds = {str(e.get("type", "")).partition(":")[0] for e in m.get("datasets") if isinstance(e, dict)}
+    if kinds == {"alpaca"} and not m.has("chat_template"):  # axolotl's alpaca type renders Alpaca's prompt
+        m.set("data.template", "alpaca", "datasets")
     if m.has("val_set_size"):
         m.set("data.eval_fraction", m.get("val_set_size"), "val_set_size")
     m.set("data.max_length", m.get("sequence_len", 512), "sequence_len")
