@@ -22,13 +22,14 @@ LLAMAFACTORY = sorted(p.name for p in (PEERS / "llamafactory").glob("*.yaml"))
 REFUSED = {"tiny-llama__pretrain.yml": "pretraining_dataset",  # a streamed Hub dataset
            "train_lora__qwen3vl_lora_sft.yaml": "image_max_pixels",  # a vision-language model
            "train_lora__qwen3_lora_sft_ray.yaml": "dataset"}  # dataset_dir REMOTE:... (a Hub repo)
-# Trained for one step: one example per distinct path through the mapping (format, renames, method, adapter,
-# quantization, optimizer); the others only convert. fft-8b's paged_adamw_8bit is CUDA only; the gptq example needs a
-# GPTQ checkpoint; mistral lora/qlora and the ds3 / otfq / npu LLaMA-Factory variants repeat a trained path.
+# Trained for one step: every example that converts, except fft-8b (its paged_adamw_8bit is CUDA only) and the gptq
+# one (it needs a GPTQ checkpoint; its keys and data are qwen3_lora_sft's, which trains).
 TRAINED = {"llama-3__lora-1b.yml", "llama-3__qlora-1b.yml", "llama-3__instruct-lora-8b.yml", "gemma2__qlora.yml",
            "llama-3__instruct-dpo-lora-8b.yml", "mistral__orpo__mistral-qlora-orpo.yml", "llama-3__qlora-1b-kto.yaml",
-           "gemma2__reward-model.yaml", "train_lora__qwen3_lora_sft.yaml", "train_lora__qwen3_lora_dpo.yaml",
-           "train_lora__qwen3_lora_kto.yaml", "train_lora__qwen3_lora_pretrain.yaml",
+           "gemma2__reward-model.yaml", "mistral__lora.yml", "mistral__qlora.yml", "mistral__dpo__mistral-dpo-qlora.yml",
+           "train_lora__qwen3_lora_sft.yaml", "train_lora__qwen3_lora_dpo.yaml", "train_lora__qwen3_lora_kto.yaml",
+           "train_lora__qwen3_lora_pretrain.yaml", "train_lora__qwen3_lora_sft_ds3.yaml",
+           "train_qlora__qwen3_lora_sft_otfq.yaml", "train_qlora__qwen3_lora_sft_bnb_npu.yaml",
            "train_lora__qwen3_lora_reward.yaml", "train_full__qwen3_full_sft.yaml"}
 
 
