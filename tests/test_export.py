@@ -76,21 +76,41 @@ def test_modelfile_template_is_ollamas(template):
     assert text.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text
 
 
-@pytest.mark.export
-def test_unsupported_architecture_is_refused_before_any_work(tmp_path):
-    from tunelab.export import export
-    from tunelab.export.gguf import llama_dir
+TEXTS = [f"The number {i} follows {i - 1} and precedes {i + 1}. Ünïcödé {i}" for i in range(200)]
 
-    try:
-        llama_dir()
-    except UserError:
-        pytest.skip("llama.cpp's converter not unpacked: make llama-cpp")
-    model = tmp_path / "opt"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"], "model_type": "opt"}))
+
+@with_llama
+def test_unsupported_architecture_is_refused_before_any_work(tmp_path):
+    import archs
+    from tunelab.export import export
+
+    model = archs.build("opt", tmp_path / "opt", TEXTS)  # OPT is not in llama.cpp's converter table
     with pytest.raises(UserError, match="llama.cpp cannot convert architecture OPTForCausalLM"):
         export(str(model), out=str(tmp_path / "out"), say=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+# gemma2 and phi3 are in llama.cpp's table too, but its converter reads their SentencePiece tokenizer.model, which the
+# byte-level BPE test tokenizers (tests/archs.py) do not have.
+@with_llama
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_f32_logits_match_transformers_per_architecture(family, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import archs
+    from tunelab.export import export
+
+    model_dir = archs.build(family, tmp_path / family, TEXTS)
+    gguf = export(str(model_dir), "gguf", "f32", str(tmp_path / "out"), say=lambda *a: None)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ids = tokenizer("The number 7 follows 6. Ünïcödé")["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    llm = _llama(gguf)
+    llm.eval(ids)
+    assert abs(llm.scores[: len(ids)] - expected).max() < 1e-4
 
 
 @pytest.fixture(scope="module")
