@@ -181,6 +181,34 @@ def test_greedy_chat_equals_tunelab_generate(run, exported):
 
 
 @with_llama
+def test_gguf_lora_on_the_base_gguf_equals_the_merged_model(run, tmp_path):
+    """The adapter alone (llama.cpp's convert_lora_to_gguf.py), applied at load time on the base's GGUF, gives the
+    merged model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.export import export
+
+    run_dir, merged = run
+    base = json.loads((run_dir / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    quiet = lambda *a: None  # noqa: E731
+    base_gguf = export(base, "gguf", "f32", str(tmp_path / "base"), say=quiet)
+    lora_gguf = export(str(run_dir), "gguf-lora", "f32", str(tmp_path / "lora"), say=quiet)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()
+    ids = tokenizer("Reverse the word: apple")["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(str(base_gguf), lora_path=str(lora_gguf), n_ctx=256, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(ids)
+    assert abs(llm.scores[: len(ids)] - expected).max() < 1e-4
+    plain = _llama(base_gguf)  # the adapter matters: without it the logits are off by far more than the tolerance
+    plain.eval(ids)
+    assert abs(plain.scores[: len(ids)] - expected).max() > 1e-2
+
+
+@with_llama
 def test_template_and_stop_tokens_are_embedded(run, exported):
     from tunelab.data.templates import stop_token_ids
     from tunelab.model import load_tokenizer

@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a run's model as GGUF for llama.cpp, or GGUF + Modelfile for Ollama")
     p.add_argument("model", help="a run dir (uses final/; an adapter is merged first) or a model dir")
-    p.add_argument("--format", default="gguf", choices=["gguf", "ollama"])
+    p.add_argument("--format", default="gguf", choices=["gguf", "ollama", "gguf-lora"],
+                   help="gguf-lora: a LoRA run's adapter alone, applied at load time on the base's GGUF")
     p.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"])
     p.add_argument("--out", default=None, help="the export dir (default: RUN/export-FORMAT)")
     p.set_defaults(func=cmd_export)

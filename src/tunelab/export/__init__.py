@@ -1,5 +1,6 @@
 """`tunelab export RUN_OR_MODEL --format gguf|ollama [--quant ...] [--out DIR]`: a run's model (an adapter is merged
-first) as GGUF for llama.cpp, with the run's chat template and stop tokens embedded; `ollama` adds a Modelfile.
+first) as GGUF for llama.cpp, with the run's chat template and stop tokens embedded; `ollama` adds a Modelfile; `gguf-lora` writes a LoRA run's adapter alone, to apply at load time
+(`llama-cli -m BASE.gguf --lora ADAPTER.gguf`).
 Every export dir gets a model card. The architecture is checked against llama.cpp's table before any work."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from ..config import UserError
 from .gguf import CONVERTER_TYPES, QUANTIZED, check_architecture, convert, llama_dir, quantize
 
-FORMATS = ("gguf", "ollama")
+FORMATS = ("gguf", "ollama", "gguf-lora")
 QUANTS = (*CONVERTER_TYPES, *QUANTIZED)
 
 
@@ -30,6 +31,8 @@ def export(path: str, fmt: str = "gguf", quant: str = "f16", out: str | None = N
     cfg = run_config(src)
     name = (src.parent if src.name == "final" else src).name
     out_dir = Path(out) if out else (src.parent / f"export-{fmt}" if src.name == "final" else src.parent / f"{name}-{fmt}")
+    if fmt == "gguf-lora":
+        return _export_lora(src, adapter, quant, out_dir, name, cfg, say)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}-{quant}.gguf"
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
@@ -52,6 +55,27 @@ def export(path: str, fmt: str = "gguf", quant: str = "f16", out: str | None = N
         files.append(write_modelfile(out_dir, target.name, template, stops).name)
     write_model_card(out_dir, cfg, kind="gguf", files=files)
     say(f"written: {target}" + (f" and {out_dir / 'Modelfile'}" if fmt == "ollama" else ""))
+    return target
+
+
+def _export_lora(src: Path, adapter: bool, quant: str, out_dir: Path, name: str, cfg, say) -> Path:
+    from ..modelcard import write_model_card
+
+    if not adapter:
+        raise UserError(f"--format gguf-lora: {src} holds no adapter (a full model exports with --format gguf)")
+    if quant not in ("f32", "f16", "bf16", "q8_0"):
+        raise UserError(f"--format gguf-lora writes f32, f16, bf16 or q8_0 (got --quant {quant})")
+    adapter_config = json.loads((src / "adapter_config.json").read_text())
+    base = Path(adapter_config["base_model_name_or_path"])
+    if adapter_config.get("trainable_token_indices") or adapter_config.get("modules_to_save"):
+        raise UserError(f"{src}: the run trained token rows or whole modules beside LoRA (added tokens, "
+                        "modules_to_save), which a GGUF LoRA cannot carry: export the merged model with --format gguf")
+    if not (base / "config.json").is_file():
+        raise UserError(f"--format gguf-lora needs the base model as a local dir; {base} is not one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = convert(src, quant, out_dir / f"{name}-lora-{quant}.gguf", say, lora_base=base)
+    write_model_card(out_dir, cfg, kind="gguf", files=[target.name])
+    say(f"written: {target} (apply it on a GGUF of {base}: tunelab export {base} --format gguf)")
     return target
 
 

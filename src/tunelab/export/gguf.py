@@ -59,11 +59,14 @@ def bpe_pre_tokenizer(model_dir: Path) -> str:
     return "gpt-2" if plain else "-"
 
 
-def convert(model_dir: Path, outtype: str, outfile: Path, say=print) -> Path:
-    """Run the converter in a child process (it parses argv, logs, and exits on errors)."""
+def convert(model_dir: Path, outtype: str, outfile: Path, say=print, lora_base: Path | None = None) -> Path:
+    """Run the converter in a child process (it parses argv, logs, and exits on errors). With lora_base, the
+    adapter in model_dir alone, as a GGUF LoRA applied at load time on that base's GGUF."""
     root = llama_dir()
-    cmd = [sys.executable, "-m", "tunelab.export.llama_convert", str(root), bpe_pre_tokenizer(model_dir),
-           str(model_dir), "--outtype", outtype, "--outfile", str(outfile)]
+    script = "convert_lora_to_gguf.py" if lora_base else "convert_hf_to_gguf.py"
+    pre = "-" if lora_base else bpe_pre_tokenizer(model_dir)
+    cmd = [sys.executable, "-m", "tunelab.export.llama_convert", str(root), script, pre, str(model_dir),
+           "--outtype", outtype, "--outfile", str(outfile), *(["--base", str(lora_base)] if lora_base else [])]
     say(f"converting with llama.cpp ({root.name}): {outtype}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}

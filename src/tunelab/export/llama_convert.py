@@ -7,7 +7,8 @@ converter has no option for this; its documented extension point is TextModel.ge
 itself). We wrap that method: the converter's own answer when it has one, else the name we were given (only when
 export checked that the tokenizer's pre-tokenizer really is a plain ByteLevel one).
 
-Usage: python -m tunelab.export.llama_convert LLAMA_DIR PRE_TOKENIZER|- CONVERTER_ARGS..."""
+Usage: python -m tunelab.export.llama_convert LLAMA_DIR SCRIPT PRE_TOKENIZER|- CONVERTER_ARGS...
+(SCRIPT: convert_hf_to_gguf.py, or convert_lora_to_gguf.py for an adapter alone)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> None:
-    llama_dir, pre, args = Path(argv[0]), argv[1], argv[2:]
+    llama_dir, script, pre, args = Path(argv[0]), argv[1], argv[2], argv[3:]
     sys.path[:0] = [str(llama_dir), str(llama_dir / "gguf-py")]  # the vendored gguf-py, never PyPI's
     if pre != "-":
         from conversion.base import TextModel
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
                 return pre
 
         TextModel.get_vocab_base_pre = vocab_base_pre
-    sys.argv = [str(llama_dir / "convert_hf_to_gguf.py"), *args]
+    sys.argv = [str(llama_dir / script), *args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 
 
