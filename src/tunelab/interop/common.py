@@ -108,11 +108,10 @@ def precision(m: Mapping, bf16_key: str = "bf16", fp16_key: str = "fp16") -> Non
         m.set("train.precision", "bf16", bf16_key)
     elif fp16 is True:
         m.set("train.precision", "fp16", fp16_key)
-    elif bf16 == "auto":
+    elif bf16 == "auto":  # both: bf16 where the device has it, else fp32
         m.set("train.precision", "auto", bf16_key)
-        m.note(bf16_key, "auto -> train.precision: auto (bf16 where the device has it, else fp32)")
-    elif bf16 is False or fp16 is False:
-        m.set("train.precision", "fp32", *[k for k in (bf16_key, fp16_key) if k in m.source])
+    else:  # neither set: transformers' Trainer (both peers run on it) trains in fp32
+        m.set("train.precision", "fp32", bf16_key, fp16_key)
 
 
 # Chat template names shared by both tools that have a tunelab built-in of the same markup.
