@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray bench bench-estimate bench-serve bench-scheduler bench-peers clean
+.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray llama-cpp test-export bench bench-estimate bench-serve bench-scheduler bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,30 @@ test-slow: $(STAMP)
 test-ray: $(STAMP)
 	$(BIN)/pip install -q -e '.[ray]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_ray_backend.py
+
+# llama-cpp-python from PyPI's source distribution (minutes: llama.cpp is compiled), its wheel cached in .whl/ and
+# installed as tunelab[export]; llama.cpp's converter (convert_hf_to_gguf.py, conversion/, the gguf-py it vendors, not
+# PyPI's gguf) unpacked to LLAMA_CPP_DIR, where `tunelab export` looks for it.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_DIR ?= $(HOME)/.cache/tunelab/llama.cpp-$(LLAMA_CPP_VERSION)
+LLAMA_SDIST := .whl/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+
+llama-cpp: $(STAMP)
+	mkdir -p .whl
+	test -f $(LLAMA_SDIST) || $(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d .whl
+	ls .whl/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAVA_BUILD=OFF" \
+	  $(BIN)/pip wheel -q --no-deps --no-cache-dir -w .whl $(LLAMA_SDIST)
+	$(BIN)/pip install -q --find-links .whl --only-binary llama-cpp-python -e '.[export]'
+	rm -rf $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
+	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_CPP_DIR) --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_lora_to_gguf.py \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py
+
+test-export: llama-cpp
+	HF_HUB_OFFLINE=1 LLAMA_CPP_DIR=$(LLAMA_CPP_DIR) $(BIN)/python -m pytest -m export tests/test_export.py
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py

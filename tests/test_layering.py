@@ -20,6 +20,12 @@ LAYERS = [
         "graders": ["graders"],  # OpenAI's graders as rewards: pure Python, imports only config
         "environments": ["environments"],  # tool environments for multi-turn GRPO (pure Python)
     },
+    # Files in and out of tunelab's own forms, above config / data: peer configs (axolotl, LLaMA-Factory) -> config
+    # dicts; model cards (the Hub's README.md) and Hub uploads, which the trainer, merge and export all write.
+    {
+        "interop": ["interop"],
+        "publish": ["modelcard", "hub"],
+    },
     # What a model is and how it runs (modeling/): building one to train and loading one for inference, from-scratch
     # tokenizers and architectures, attention, MoE routers and their loss, gated MLPs, LoRA dropout, merging, number
     # formats, the CPU allocator, generation (infer: serve and evaluation use it too).
@@ -32,7 +38,7 @@ LAYERS = [
         # client/: the Python client, tuning/ (re-exported as tunelab.tuning) and `tunelab jobs`.
         "serve": ["serve", "client", "tuning"],
         # One-shot tools on a config or a model: evaluation, the memory / time planner, tokenizing ahead of a run.
-        "tools": ["evaluation", "estimate", "preprocess"],
+        "tools": ["evaluation", "estimate", "preprocess", "export"],
     },
     {"cli": ["cli", "launch", "__main__", "__init__", "api"]},  # api: the commands as Python functions
 ]

@@ -13,9 +13,9 @@ from tunelab.config import UserError
 
 
 def _config(args):
-    from tunelab.config import load_config
+    from tunelab.interop import load  # a tunelab, axolotl or LLaMA-Factory file
 
-    return load_config(args.config, args.overrides)
+    return load(args.config, args.overrides, say=lambda line: print(line, file=sys.stderr))
 
 
 def cmd_train(args) -> int:
@@ -30,6 +30,27 @@ def cmd_train(args) -> int:
     from tunelab.training.loop import train
 
     train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from tunelab.interop import convert_to_yaml
+
+    print(convert_to_yaml(args.file), end="")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tunelab.export import export
+
+    export(args.model, args.format, args.quant, args.out)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from tunelab.hub import push
+
+    push(args.run, args.repo_id, private=args.private)
     return 0
 
 
@@ -233,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT where the machines meet and are numbered "
                    "as they arrive (instead of --node-rank/--master-addr)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="print the tunelab YAML for an axolotl or LLaMA-Factory config")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="a run's model as GGUF for llama.cpp, or GGUF + Modelfile for Ollama")
+    p.add_argument("model", help="a run dir (uses final/; an adapter is merged first) or a model dir")
+    p.add_argument("--format", default="gguf", choices=["gguf", "ollama", "gguf-lora"],
+                   help="gguf-lora: a LoRA run's adapter alone, applied at load time on the base's GGUF")
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"])
+    p.add_argument("--out", default=None, help="the export dir (default: RUN/export-FORMAT)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a run's final/ (or a merged / exported dir) to the Hugging Face Hub")
+    p.add_argument("run", help="a run dir (uses final/), a merged model dir or an export dir")
+    p.add_argument("repo_id", help="the Hub repo, e.g. me/my-model (created if new; token from HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("validate", help="check a config without loading anything heavy")
     _add_config(p)

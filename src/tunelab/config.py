@@ -95,6 +95,11 @@ class DataSource(Section):
     path: str
     format: Format = "chat"
     text_field: str = "text"
+    # Files whose names differ from the format's (tunelab.data.columns): the format's field -> the file's column,
+    # the format's message key (role/content, or from/value) -> the file's, and the file's role names -> the format's.
+    columns: dict[str, str] = {}
+    message_keys: dict[str, str] = {}
+    roles: dict[str, str] = {}
 
 
 class DataConfig(Section):
@@ -316,6 +321,13 @@ class EvalConfig(Section):
 Method = Literal["sft", "pretrain", "mlm", "reward", "dpo", "orpo", "kto", "ppo", "grpo", "distill"]
 
 
+class OutputConfig(Section):
+    """Where the finished model goes besides output_dir: a Hub repo, pushed at the end of training (HF_TOKEN)."""
+
+    hub_model_id: str | None = None
+    hub_private: bool = False
+
+
 class Config(Section):
     model: ModelConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -325,6 +337,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
     output_dir: str = "runs/default"
+    output: OutputConfig = OutputConfig()
     dpo: DPOConfig = DPOConfig()
     orpo: ORPOConfig = ORPOConfig()
     kto: KTOConfig = KTOConfig()
@@ -470,9 +483,11 @@ def wants_padding_free(cfg: Config) -> bool:
     return setting is True or (setting == "auto" and cfg.method in PADDING_FREE_METHODS and not cfg.data.packing)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> Config:
-    """Read YAML (or take a dict), apply `key=value` overrides, validate. Raises UserError."""
-    source = str(path) if path is not None else "(dict)"
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None,
+                source: str | None = None) -> Config:
+    """Read YAML (or take a dict), apply `key=value` overrides, validate. Raises UserError. `source` names a dict's
+    origin in errors."""
+    source = source or (str(path) if path is not None else "(dict)")
     if data is None:
         p = Path(path)
         if not p.is_file():

@@ -353,9 +353,20 @@ def run_eval(cfg: Config, model_path: str | None = None, out: str | None = None,
     out_path = Path(out) if out else Path(path) / run_files.EVAL_REPORT
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")
+    _refresh_model_card(Path(path), out_path)
     say(format_table(report))
     say(f"written: {out_path}")
     return report
+
+
+def _refresh_model_card(path: Path, eval_json: Path) -> None:
+    """The model card of the evaluated run's final/ (or model dir) gains the eval table (modelcard reads eval.json
+    beside the model or in its run dir)."""
+    from tunelab.modelcard import run_config, write_model_card
+
+    model_dir = path / "final" if (path / "final").is_dir() else path
+    if (model_dir / "README.md").is_file() and eval_json.parent in (model_dir, model_dir.parent):
+        write_model_card(model_dir, run_config(model_dir))
 
 
 # ---------------------------------------------------------------- the table

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import DataSource, UserError
+from .columns import remap
 from .formats import check_row
 
 SUPPORTED = ".jsonl .json .csv .parquet .txt, or a directory saved by datasets.save_to_disk"
@@ -67,6 +68,7 @@ def load_rows(sources: list[DataSource], *, skip_bad_rows: bool = False) -> Rows
                     if isinstance(item, UserError):
                         raise item
                     item.format = source.format
+                    item.data = remap(item.data, source)
                     if source.format == "text" and not path.endswith(".txt"):
                         item.data = {"text": _text_field(item, source.text_field)}
                     check_row(item, source.format)

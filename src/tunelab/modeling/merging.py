@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tunelab.config import UserError
+from tunelab.modelcard import write_model_card
 from tunelab.modeling.build import save_model
 from tunelab.modeling.load import (_from_pretrained, _run_config, _set_pad_id, adapter_kind, grow_to_tokenizer,
                                    is_adapter_dir, load_tokenizer, quiet_imports, resolve_dtype, resolve_model_dir)
@@ -39,6 +40,7 @@ def merge(path: str, out: str, dtype: str = "auto") -> Path:
     _set_pad_id(model, kind, tokenizer)
     out_dir = Path(out)
     save_model(model, tokenizer, out_dir)
+    write_model_card(out_dir, run_cfg, kind="merged")
     return out_dir
 
 

@@ -56,6 +56,7 @@ def read_preference_rows(sources: list[DataSource], skip_bad_rows: bool, method:
     counted with skip_bad_rows).
     """
     from tunelab.data import to_preference
+    from tunelab.data.columns import remap
     from tunelab.data.readers import _expand, _read  # load_rows' reading, without its stop on identical pairs
 
     for source in sources:
@@ -74,6 +75,7 @@ def read_preference_rows(sources: list[DataSource], skip_bad_rows: bool, method:
                     if isinstance(item, UserError):
                         raise item
                     item.format = "preference"
+                    item.data = remap(item.data, source)
                     if _same_raw_reply(item):
                         identical.append(item.where)
                         continue

@@ -351,6 +351,10 @@ def train(cfg: Config, resume: bool = False, say=print) -> Path:
     finished = False
     try:
         final = trainer.run()
+        if cfg.output.hub_model_id and trainer.dist.main:
+            from tunelab.hub import push
+
+            push(final, cfg.output.hub_model_id, private=cfg.output.hub_private, say=say)
         finished = True
         return final
     finally:

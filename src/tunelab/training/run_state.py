@@ -228,6 +228,7 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer, cfg: Config, group: D
     """Rank 0 writes `run_dir/final` (an adapter dir or a full model dir, with the run's config.yaml) beside the
     old one, then swaps it in: a crash leaves the previous final/ or the new one, whole. A failed write raises
     CheckpointWriteError on every rank; the checkpoints are untouched."""
+    from tunelab.modelcard import write_model_card
     from tunelab.modeling.build import save_model
 
     final = run_dir / run_files.FINAL
@@ -239,6 +240,7 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer, cfg: Config, group: D
                 shutil.rmtree(tmp)
             save_model(model, tokenizer, tmp, state_dict=state_dict)
             (tmp / run_files.CONFIG).write_text(dump_config(cfg))
+            write_model_card(tmp, cfg)
             if final.exists():
                 os.rename(final, old)
             os.rename(tmp, final)
