@@ -116,8 +116,8 @@ def test_f32_logits_match_transformers_per_architecture(family, tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny LoRA run (chatml template, as the demo's byte-level BPE tokenizer has it) and its merged model."""
-    from tunelab.merging import merge
-    from tunelab.trainer import train
+    from tunelab.modeling.merging import merge
+    from tunelab.training.loop import train
 
     root = tmp_path_factory.mktemp("export")
     base = make_base_model(root)
@@ -165,8 +165,8 @@ def test_f32_logits_match_transformers(run, exported):
 def test_greedy_chat_equals_tunelab_generate(run, exported):
     """llama.cpp renders the prompt with the GGUF's embedded template and samples greedily; its reply, tokenized,
     is the token sequence tunelab's greedy generation produced (decoded without special tokens, unstripped)."""
-    from tunelab.infer import Sampling, generate_ids, prompt_ids
-    from tunelab.model import load_pretrained
+    from tunelab.modeling.infer import Sampling, generate_ids, prompt_ids
+    from tunelab.modeling.load import load_pretrained
 
     run_dir, _ = run
     model, tokenizer = load_pretrained(str(run_dir), dtype="float32")
@@ -211,7 +211,7 @@ def test_gguf_lora_on_the_base_gguf_equals_the_merged_model(run, tmp_path):
 @with_llama
 def test_template_and_stop_tokens_are_embedded(run, exported):
     from tunelab.data.templates import stop_token_ids
-    from tunelab.model import load_tokenizer
+    from tunelab.modeling.load import load_tokenizer
 
     _, merged = run
     tokenizer = load_tokenizer(str(merged))

@@ -233,7 +233,7 @@ def test_llamafactory_example_trains(name, base, tmp_path):
 def _train(data: dict, base: Path, tmp_path: Path, replace: dict, file: str) -> None:
     """The example with its model, data, length and step count replaced, trained for one step (in this process:
     the CLI's own path, `tunelab.interop.load`, is what `tunelab train` calls)."""
-    from tunelab.trainer import train
+    from tunelab.training.loop import train
 
     path = tmp_path / file
     # The tiny model's tokenizer has ChatML's tokens but not llama3's / gemma's: family templates become chatml.

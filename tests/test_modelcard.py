@@ -12,9 +12,9 @@ from huggingface_hub import ModelCard
 
 from tiny import config_dict, make_base_model, write_task_data
 from tunelab.config import load_config
-from tunelab.merging import merge
+from tunelab.modeling.merging import merge
 from tunelab.modelcard import write_model_card
-from tunelab.trainer import train
+from tunelab.training.loop import train
 
 
 @pytest.fixture(scope="module")

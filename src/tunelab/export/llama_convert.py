@@ -2,7 +2,7 @@
 vendors), telling it the pre-tokenizer of a byte-level BPE tokenizer its table does not know.
 
 The converter recognises a BPE pre-tokenizer by hashing the token ids of a probe text, so a tokenizer trained here
-(tunelab.scratch) is never in its table even though its pre-tokenizer is GPT-2's plain ByteLevel split. The
+(tunelab.modeling.scratch) is never in its table even though its pre-tokenizer is GPT-2's plain ByteLevel split. The
 converter has no option for this; its documented extension point is TextModel.get_vocab_base_pre (the table
 itself). We wrap that method: the converter's own answer when it has one, else the name we were given (only when
 export checked that the tokenizer's pre-tokenizer really is a plain ByteLevel one).
