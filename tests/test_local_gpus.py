@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tunelab.run_files import JOB_CONFIG
 from tunelab.serve.backends.local import LocalBackend
-from tunelab.serve.scheduler import CONFIG_NAME, Scheduler
+from tunelab.serve.scheduler import Scheduler
 from tunelab.serve.settings import ServeSettings
 from tunelab.serve.store import SQLiteStore
 
@@ -50,7 +51,7 @@ def world(tmp_path):
 def add_job(store, home: Path, name: str, gpus: int) -> str:
     run_dir = home / "runs" / name
     run_dir.mkdir(parents=True)
-    (run_dir / CONFIG_NAME).write_text("{}")
+    (run_dir / JOB_CONFIG).write_text("{}")
     store.add_job({"id": name, "state": "PENDING", "method": "sft", "config": {}, "run_dir": str(run_dir),
                    "compute": {"gpus": gpus}})
     return name
@@ -98,7 +99,7 @@ def test_jobs_get_disjoint_gpus_in_queue_order_and_give_them_back(world, tmp_pat
     c = add_job(store, home, "c", gpus=0)  # needs none: may run ahead of b
     d = add_job(store, home, "d", gpus=1)  # one GPU is free, but it is b's: must not run ahead
     sched.tick()
-    assert seen(store, a) == {"cuda": "0,1", "argv": ["train", str(home / "runs/a" / CONFIG_NAME), "--nproc", "2"]}
+    assert seen(store, a) == {"cuda": "0,1", "argv": ["train", str(home / "runs/a" / JOB_CONFIG), "--nproc", "2"]}
     assert seen(store, c)["cuda"] == ""  # a CPU job on a GPU server sees no GPU
     assert [store.get_job(j)["state"] for j in (a, b, c, d)] == ["RUNNING", "PENDING", "RUNNING", "PENDING"]
     assert store.get_job(a)["backend"] == "local" and store.get_job(a)["placement"]["gpus"] == ["0", "1"]
