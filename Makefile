@@ -35,10 +35,10 @@ slurm:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
 	    --no-install-recommends -o DPkg::Lock::Timeout=600 slurmctld slurmd slurm-client munge; }
 
-test: $(STAMP) chromium slurm
+# The suite (under 10 minutes on 2 cores). The real-cluster and llama.cpp tests are their own targets, which
+# .ci/run runs after it: test-slurm, test-ray, test-export.
+test: $(STAMP) chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
-	$(MAKE) test-slurm
-	$(MAKE) test-ray
 
 # Marked slow (each job is a real Slurm job: about 5 minutes in all), so run here explicitly.
 test-slurm: $(STAMP) slurm
@@ -53,20 +53,22 @@ test-ray: $(STAMP)
 	$(BIN)/pip install -q -e '.[ray]'
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_ray_backend.py
 
-# llama-cpp-python from PyPI's source distribution (minutes: llama.cpp is compiled), its wheel cached in .whl/ and
-# installed as tunelab[export]; llama.cpp's converter (convert_hf_to_gguf.py, conversion/, the gguf-py it vendors, not
-# PyPI's gguf) unpacked to LLAMA_CPP_DIR, where `tunelab export` looks for it.
+# llama-cpp-python from PyPI's source distribution (minutes: llama.cpp is compiled), its wheel cached in WHEELS (per
+# user, so every checkout on the machine builds it once) and installed as tunelab[export]; llama.cpp's converter
+# (convert_hf_to_gguf.py, conversion/, the gguf-py it vendors, not PyPI's gguf) unpacked to LLAMA_CPP_DIR, where
+# `tunelab export` looks for it.
 LLAMA_CPP_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/tunelab/wheels
 LLAMA_CPP_DIR ?= $(HOME)/.cache/tunelab/llama.cpp-$(LLAMA_CPP_VERSION)
-LLAMA_SDIST := .whl/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_SDIST := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 
 llama-cpp: $(STAMP)
-	mkdir -p .whl
-	test -f $(LLAMA_SDIST) || $(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d .whl
-	ls .whl/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	mkdir -p $(WHEELS)
+	test -f $(LLAMA_SDIST) || $(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAVA_BUILD=OFF" \
-	  $(BIN)/pip wheel -q --no-deps --no-cache-dir -w .whl $(LLAMA_SDIST)
-	$(BIN)/pip install -q --find-links .whl --only-binary llama-cpp-python -e '.[export]'
+	  $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) $(LLAMA_SDIST)
+	$(BIN)/pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python -e '.[export]'
 	rm -rf $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
 	tar -xzf $(LLAMA_SDIST) -C $(LLAMA_CPP_DIR) --strip-components=3 \
 	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
