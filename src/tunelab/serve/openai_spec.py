@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab import graders
 from tunelab.config import Config, DataSource, UserError
 from tunelab.data.readers import load_rows
 
@@ -180,11 +181,6 @@ def build_openai_config(req: FineTuneRequest, settings, store, run_dir: Path, jo
 
 
 def check_grader(grader: dict, allow_code: bool, param: str) -> None:
-    try:
-        import tunelab.graders as graders
-    except ImportError:
-        raise ApiError(501, "reinforcement fine-tuning needs tunelab.graders, which this install lacks", param,
-                       "not_implemented") from None
     try:
         graders.validate(grader, allow_code=allow_code)
     except UserError as e:
