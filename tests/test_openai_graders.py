@@ -73,7 +73,7 @@ def test_reinforcement_maps_to_grpo_with_the_grader(client, tmp_path, monkeypatc
     monkeypatch.setattr(openai_spec, "code_keys", lambda cfg: [])
     _, record = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x")
     raw = seen["raw"]
-    assert raw["method"] == "grpo" and raw["grpo"] == {"group_size": 4, "graders": [STRING_CHECK]}
+    assert raw["method"] == "grpo" and raw["grpo"] == {"group_size": 4, "graders": [STRING_CHECK], "max_new_tokens": 64}
     assert raw["data"]["train"][0]["format"] == "prompt"
     assert raw["train"]["grad_accum"] * raw["train"]["micro_batch_size"] == 4
     assert raw["train"]["epochs"] == 9 and raw["train"]["lr"] == 0.5 * 2e-4  # auto: ceil(100 / 12), 0.5 x 2e-4
