@@ -6,7 +6,6 @@ sampling, reward scaling, config errors, and per loss type a run that raises the
 from __future__ import annotations
 
 import statistics
-import sys
 
 import pytest
 import torch
@@ -69,19 +68,7 @@ def test_weighted_rewards_are_summed_and_logged_apart(base, prompts, tmp_path):
     assert stats["frac_reward_zero_std"] == pytest.approx(sum(zero) / len(zero))
 
 
-@pytest.fixture
-def graders(monkeypatch):
-    """tunelab.graders when it is there; else the STAND-IN tests/graders_standin.py (string_check only), so
-    that the wiring is tested on this branch. Re-run after tunelab.graders is merged."""
-    try:
-        import tunelab.graders  # noqa: F401
-    except ImportError:
-        import graders_standin
-
-        monkeypatch.setitem(sys.modules, "tunelab.graders", graders_standin)
-
-
-def test_graders_are_rewards_of_weight_one(base, prompts, tmp_path, graders):
+def test_graders_are_rewards_of_weight_one(base, prompts, tmp_path):
     check = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
              "reference": "{{item.answer}}", "operation": "eq"}
     trainer = trainer_for(grpo(base, prompts, tmp_path / "gr", {"graders": [check]}))

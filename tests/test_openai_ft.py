@@ -5,7 +5,6 @@ adapter a job continues from, the step metrics the trainer wrote, OpenAI's docum
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -34,6 +33,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai-ft")
     base = make_base_model(tmp_path_factory.mktemp("base"), warm_steps=0)
+    warm = make_base_model(tmp_path_factory.mktemp("warm"))  # trained a little: a LoRA can move its outputs
     items, _ = tasks.split_items(24, 0, seed=3)
     chat = write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]},
                                                             {"role": "assistant", "content": i["answer"]}]}
@@ -42,7 +42,7 @@ def env(tmp_path_factory):
                                                 "preferred_output": [{"role": "assistant", "content": i["answer"]}],
                                                 "non_preferred_output": [{"role": "assistant", "content": i["wrong"]}]}
                                                for i in items[:12]])
-    server = Server(root / "home", "--model", f"base={base}").start()
+    server = Server(root / "home", "--model", f"base={base}", "--model", f"warm={warm}").start()
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="unused-on-loopback", max_retries=0)
@@ -230,31 +230,32 @@ def test_auto_hyperparameters_are_reported(env):
     assert cancelled.status == "cancelled"
 
 
-def _graders_merged() -> bool:
-    from tunelab.config import GRPOConfig
-
-    return importlib.util.find_spec("tunelab.graders") is not None and "graders" in GRPOConfig.model_fields
-
-
-@pytest.mark.xfail(not _graders_merged(), strict=False,
-                   reason="needs graders branch: tunelab.graders and the grpo.graders config key")
 def test_reinforcement_migration_with_a_string_check_grader(env):
+    """A verifiable task the tiny model can learn in a few steps: the answer is 'e', graded `like` (the reply
+    contains it), about half of the 16-token replies at the start. The mean reward of the last steps must beat the
+    first steps' (rewards from the job's metrics events, the grader's own numbers, checked against metrics.jsonl)."""
     items, _ = tasks.split_items(12, 0, seed=5)
     rows = write_jsonl(env["root"] / "rft.jsonl", [{"messages": [{"role": "user", "content": i["prompt"]}],
-                                                    "answer": i["answer"]} for i in items])
-    grader = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
-              "reference": "{{item.answer}}", "operation": "eq"}
-    method = {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 1,
-                                                                                               "batch_size": 4}}}
-    job, events, checkpoints, reply = migration_script(env["client"], rows, "base", method, "rft")
+                                                    "answer": "e"} for i in items])
+    grader = {"type": "string_check", "name": "has_e", "input": "{{sample.output_text}}",
+              "reference": "{{item.answer}}", "operation": "like"}
+    hp = {"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 150, "reasoning_effort": "low"}
+    method = {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}}
+    job, events, checkpoints, reply = migration_script(env["client"], rows, "warm", method, "rft")
     assert job.status == "succeeded", job.error
     assert job.method.reinforcement.hyperparameters.compute_multiplier == 1.0 and checkpoints.data
-    assert any(e.type == "metrics" for e in events.data) and isinstance(reply.choices[0].message.content, str)
+    assert isinstance(reply.choices[0].message.content, str)
+    steps = sorted((e.data for e in events.data if e.type == "metrics"), key=lambda d: d["step"])
+    rewards = [d["train_reward_mean"] for d in steps]
+    logged = [json.loads(line) for line in (run_dir(env, job.id) / "metrics.jsonl").read_text().splitlines()]
+    assert rewards == [r["rewards/has_e/mean"] for r in logged if "reward" in r] and len(rewards) == 15
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5  # seed 7 on CPU: 0.58 -> 0.85
+    assert last >= first + 0.15, rewards
 
 
 def test_reinforcement_grader_errors(env):
-    """Bad grader JSON and a python grader without --allow-code are refused at create (400, param the grader);
-    without the graders package the route says so (501)."""
+    """Bad grader JSON, a python grader without --allow-code and a model grader (training runs have no judge) are
+    refused at create (400, param the grader)."""
     url = env["server"].url
     def upload(path):
         with open(path, "rb") as f:
@@ -267,15 +268,15 @@ def test_reinforcement_grader_errors(env):
                                                        for i in items])
     rft_id = upload(rows)
     for grader in ({"type": "string_check", "operation": "eqq", "name": "x", "input": "a", "reference": "b"},
-                   {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}):
+                   {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"},
+                   {"type": "score_model", "name": "s", "model": "base",
+                    "input": [{"role": "user", "content": "Score {{sample.output_text}} from 0 to 1."}]}):
         body = {"model": "base", "training_file": rft_id, "method": {"type": "reinforcement",
                                                                      "reinforcement": {"grader": grader}}}
         response = httpx.post(f"{url}/v1/fine_tuning/jobs", json=body, timeout=60)
-        if importlib.util.find_spec("tunelab.graders") is None:
-            assert_openai_error(response, 501, "method.reinforcement.grader", "tunelab.graders")
-            continue
         error = assert_openai_error(response, 400, "method.reinforcement.grader")
-        assert ("operation" if grader["type"] == "string_check" else "--allow-code") in error["message"]
+        expected = {"string_check": "operation", "python": "--allow-code", "score_model": "no judge model"}
+        assert expected[grader["type"]] in error["message"], error
     wrong = {"model": "base", "training_file": file_id, "method": {"type": "supervised", "supervised": {}}}
     wrong["method"]["supervised"]["grader"] = {"type": "string_check"}
     assert_openai_error(httpx.post(f"{url}/v1/fine_tuning/jobs", json=wrong), 400, "method.supervised.grader")

@@ -1,58 +1,17 @@
-"""POST /v1/fine_tuning/alpha/graders/{validate,run}: the routes call tunelab.graders (GRADERS_API.md) and answer
-bad graders in OpenAI's error shape.
-
-Until the graders package is merged, `StubGradersForRouteTests` stands in for it (a string_check eq grader and the
-python-needs---allow-code rule, enough to exercise the routes); with the real package installed the same tests run
-against it."""
+"""POST /v1/fine_tuning/alpha/graders/{validate,run}: the routes call tunelab.graders and answer bad graders in
+OpenAI's error shape."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-
 import pytest
 from fastapi.testclient import TestClient
-
-from tunelab.config import UserError
 
 STRING_CHECK = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
                 "reference": "{{item.answer}}", "operation": "eq"}
 
 
-def _stub_graders_for_route_tests() -> types.ModuleType:
-    stub = types.ModuleType("tunelab.graders")
-    stub.__doc__ = "StubGradersForRouteTests: NOT the graders package; only what the route tests need."
-
-    class GraderError(UserError):
-        pass
-
-    def validate(grader, *, allow_code=False):
-        if grader.get("type") not in ("string_check", "python"):
-            raise GraderError(f"grader.type: unknown grader type {grader.get('type')!r}")
-        if grader["type"] == "python" and not allow_code:
-            raise GraderError("grader.source: a python grader runs code; it needs the operator's --allow-code")
-        if grader["type"] == "string_check" and grader.get("operation") not in ("eq", "ne", "like", "ilike"):
-            raise GraderError(f"grader.operation: unknown operation {grader.get('operation')!r}")
-
-    def run(grader, sample, item, *, allow_code=False, judge=None):
-        validate(grader, allow_code=allow_code)
-        reference = item[grader["reference"].removeprefix("{{item.").removesuffix("}}")]
-        reward = float(sample["output_text"] == reference)
-        return {"reward": reward, "metadata": {}, "sub_rewards": {}, "model_grader_token_usage_per_model": {}}
-
-    stub.GraderError, stub.validate, stub.run = GraderError, validate, run
-    return stub
-
-
 @pytest.fixture
-def client(tmp_path, monkeypatch):
-    if importlib.util.find_spec("tunelab.graders") is None:
-        import tunelab
-
-        stub = _stub_graders_for_route_tests()
-        monkeypatch.setitem(sys.modules, "tunelab.graders", stub)
-        monkeypatch.setattr(tunelab, "graders", stub, raising=False)
+def client(tmp_path):
     from tunelab.serve.app import create_app
     from tunelab.serve.settings import ServeSettings
 
@@ -114,7 +73,7 @@ def test_reinforcement_maps_to_grpo_with_the_grader(client, tmp_path, monkeypatc
     monkeypatch.setattr(openai_spec, "code_keys", lambda cfg: [])
     _, record = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x")
     raw = seen["raw"]
-    assert raw["method"] == "grpo" and raw["grpo"] == {"group_size": 4, "graders": [STRING_CHECK]}
+    assert raw["method"] == "grpo" and raw["grpo"] == {"group_size": 4, "graders": [STRING_CHECK], "max_new_tokens": 64}
     assert raw["data"]["train"][0]["format"] == "prompt"
     assert raw["train"]["grad_accum"] * raw["train"]["micro_batch_size"] == 4
     assert raw["train"]["epochs"] == 9 and raw["train"]["lr"] == 0.5 * 2e-4  # auto: ceil(100 / 12), 0.5 x 2e-4
@@ -123,13 +82,6 @@ def test_reinforcement_maps_to_grpo_with_the_grader(client, tmp_path, monkeypatc
                                          "reasoning_effort": "default"}
 
 
-def _grpo_has_graders() -> bool:
-    from tunelab.config import GRPOConfig
-
-    return "graders" in GRPOConfig.model_fields
-
-
-@pytest.mark.xfail(not _grpo_has_graders(), strict=False, reason="needs graders branch: the grpo.graders config key")
 def test_reinforcement_config_validates(client, tmp_path):
     from tunelab.serve import openai_spec
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from tunelab import run_files
+from tunelab import graders, run_files
 from tunelab.config import UserError, dump_config
 
 from .errors import ApiError
@@ -213,8 +213,6 @@ async def run_grader(request: Request):
     body = _parse(_GraderRun, await _body(request))
     allow = request.app.state.settings.allow_code
     check_grader(body.grader, allow, "grader")
-    import tunelab.graders as graders
-
     sample = {"output_text": body.model_sample, "output_json": _json_or_none(body.model_sample), "output_tools": []}
     try:
         return await run_in_threadpool(graders.run, body.grader, sample, body.item or {}, allow_code=allow)

@@ -12,6 +12,9 @@ supervised -> method sft, dpo -> method dpo, reinforcement -> method grpo with t
 - compute_multiplier (reinforcement): 1.0, i.e. grpo.group_size 4 samples per prompt (group_size = round(4 x it)).
 - eval_interval (reinforcement): one epoch's steps; eval_samples: 1 (reported; tunelab evaluates the whole
   validation file).
+- reasoning_effort (reinforcement): the generation budget per sample, grpo.max_new_tokens: low 16, default and
+  medium 64 (tunelab's default), high 256 (REASONING_TOKENS).
+The rest of a reinforcement job is grpo's defaults (dapo loss, kl_coef 0.05 against the adapter-less base).
 
 Checkpoints: one per epoch, the last three kept (openai_models.KEEP_EPOCHS), as OpenAI does.
 """
@@ -25,7 +28,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab import run_files
+from tunelab import graders, run_files
 from tunelab.config import Config, DataSource, UserError
 from tunelab.data.readers import load_rows
 
@@ -35,6 +38,7 @@ from .openai_models import CKPT, KEEP_EPOCHS, resolve_checkpoint
 
 MIN_ROWS = 10  # OpenAI's minimum number of training examples
 AUTO_LR_MULTIPLIER = {"supervised": 1.0, "dpo": 0.25, "reinforcement": 0.5}
+REASONING_TOKENS = {"low": 16, "default": 64, "medium": 64, "high": 256}  # grpo.max_new_tokens
 METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 FORMATS = {"supervised": "chat", "dpo": "preference", "reinforcement": "prompt"}
 SHAPES = {"chat": "chat rows ({messages: [...]} with an assistant reply)",
@@ -166,7 +170,13 @@ def build_openai_config(req: FineTuneRequest, settings, store, run_dir: Path, jo
         raw["dpo"] = {"beta": hp["beta"]}
     if kind == "reinforcement":
         check_grader(body.grader, settings.allow_code, "method.reinforcement.grader")
-        raw["grpo"] = {"group_size": max(2, round(4 * hp["compute_multiplier"])), "graders": [body.grader]}
+        try:  # building without a judge refuses score_model / label_model: training runs have no judge model yet
+            graders.build(body.grader, allow_code=True)  # allow_code: check_grader has enforced the operator's flag
+        except graders.GraderError as e:
+            raise ApiError(400, f"{e} (reinforcement jobs on this server have no judge model yet)",
+                           "method.reinforcement.grader", "invalid_grader") from None
+        raw["grpo"] = {"group_size": max(2, round(4 * hp["compute_multiplier"])), "graders": [body.grader],
+                       "max_new_tokens": REASONING_TOKENS[hp["reasoning_effort"]]}
     cfg = _config(raw, merge_from)
     if not settings.allow_code and code_keys(cfg):
         raise ApiError(403, f"config key {code_keys(cfg)[0]} would run code on the server; start it with --allow-code")
@@ -180,11 +190,6 @@ def build_openai_config(req: FineTuneRequest, settings, store, run_dir: Path, jo
 
 
 def check_grader(grader: dict, allow_code: bool, param: str) -> None:
-    try:
-        import tunelab.graders as graders
-    except ImportError:
-        raise ApiError(501, "reinforcement fine-tuning needs tunelab.graders, which this install lacks", param,
-                       "not_implemented") from None
     try:
         graders.validate(grader, allow_code=allow_code)
     except UserError as e:
