@@ -36,10 +36,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(EXAMPLES))
 
+from demo_table import FAMILIES, markdown_table  # noqa: E402  (examples/demo_table.py)
 from tunelab import tasks  # noqa: E402
 
-FAMILIES = ["add", "lookup", "reverse", "sort", "upper"]
 WORD_FAMILIES = ("reverse", "upper")  # only len(tasks.WORDS) distinct prompts exist: hold out a fifth of the words
 
 # Sizes: the real run (about ten minutes on two idle cores) and the smoke test (seconds of training).
@@ -445,23 +446,6 @@ def _source_ppl(ppl: dict, stem: str):
         if Path(source).stem == stem:
             return v["perplexity"]
     return None
-
-
-def markdown_table(results: dict) -> str:
-    head = ["stage", "train s", "params", *FAMILIES, "all", "pref acc", "ppl docs", "ppl answers"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    for row in results["stages"]:
-        if "pending" in row:
-            lines.append("| " + " | ".join([row["stage"], "pending: " + row["pending"]] + [""] * (len(head) - 2)) + " |")
-            continue
-        fam = row["exact_match_by_family"]
-        cells = [row["stage"], f"{row['train_seconds']:.0f}", f"{row['params'] / 1e6:.2f}M",
-                 *(fmt(fam.get(f), ".0%") for f in FAMILIES), fmt(row["exact_match"], ".0%"),
-                 fmt(row["preference_accuracy"], ".0%"), fmt(row["perplexity_text"], ".2f"),
-                 fmt(row["perplexity_answers"], ".3f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
