@@ -4,7 +4,8 @@ run is the one axolotl would have done."""
 
 from __future__ import annotations
 
-from .common import Mapping, kto_batch, optimizer, precision, scheduler, template
+from .common import (Mapping, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer, precision, scheduler,
+                     template, trainer_arguments)
 
 # Recognised by these keys (base_model plus one of the rest).
 MARKERS = ("datasets", "sequence_len", "micro_batch_size", "adapter", "lora_r", "num_epochs")
@@ -47,16 +48,8 @@ def looks_like(data: dict) -> bool:
 
 
 def convert(source: dict, where: str) -> Mapping:
-    m = Mapping(source, "axolotl", where)
-    _model(m)
-    _adapter(m)
-    _method(m)
-    _datasets(m)
-    _training(m)
-    _logging(m)
-    kto_batch(m)
-    m.finish(DROPPABLE)
-    return m
+    return convert_by_steps(source, "axolotl", where, (_model, _adapter, _method, _datasets, _training, _logging),
+                            DROPPABLE)
 
 
 def _model(m: Mapping) -> None:
@@ -118,16 +111,13 @@ def _method(m: Mapping) -> None:
         m.set(f"{method}.beta", m.get("rl_beta"), "rl_beta")
     if m.has("orpo_alpha"):
         m.set("orpo.beta", m.get("orpo_alpha"), "orpo_alpha")
-    if m.has("dpo_label_smoothing"):
-        m.set("dpo.label_smoothing", m.get("dpo_label_smoothing"), "dpo_label_smoothing")
-        m.set("dpo.loss", "label_smoothing", "dpo_label_smoothing")
+    dpo_label_smoothing(m)
     if m.has("simpo_gamma"):
         m.set("dpo.gamma", m.get("simpo_gamma"), "simpo_gamma")
     if m.has("rpo_alpha"):
         m.set("dpo.nll_alpha", m.get("rpo_alpha"), "rpo_alpha")
-    for ours, theirs in (("desirable_weight", "kto_desirable_weight"), ("undesirable_weight", "kto_undesirable_weight")):
-        if m.has(theirs):
-            m.set(f"kto.{ours}", m.get(theirs), theirs)
+    copy_keys(m, "kto", (("desirable_weight", "kto_desirable_weight"),
+                         ("undesirable_weight", "kto_undesirable_weight")))
 
 
 def _datasets(m: Mapping) -> None:
@@ -169,17 +159,7 @@ def _training(m: Mapping) -> None:
         m.set("train.lr", float(m.get("learning_rate")), "learning_rate")
     scheduler(m, "lr_scheduler")
     optimizer(m, "optimizer", OPTIMIZERS)
-    for ours, theirs in (("warmup_steps", "warmup_steps"), ("warmup_ratio", "warmup_ratio"),
-                         ("weight_decay", "weight_decay"), ("max_grad_norm", "max_grad_norm"),
-                         ("seed", "seed"), ("log_every", "logging_steps"), ("save_every", "save_steps"),
-                         ("eval_every", "eval_steps"), ("keep_checkpoints", "save_total_limit"),
-                         ("early_stopping_patience", "early_stopping_patience")):
-        if m.has(theirs):
-            m.set(f"train.{ours}", m.get(theirs), theirs)
-    if m.has("adam_beta1") or m.has("adam_beta2"):
-        m.set("train.adam_betas", [m.get("adam_beta1", 0.9), m.get("adam_beta2", 0.999)], "adam_beta1", "adam_beta2")
-    if m.get("group_by_length"):
-        m.set("train.group_by_length", True, "group_by_length")
+    trainer_arguments(m, (("early_stopping_patience", "early_stopping_patience"),))
     if m.get("gradient_checkpointing"):
         m.set("train.gradient_checkpointing", True, "gradient_checkpointing")
     precision(m)

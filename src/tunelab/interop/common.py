@@ -67,6 +67,46 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def convert_by_steps(source: dict, tool: str, where: str, steps: tuple, droppable: dict[str, str]) -> Mapping:
+    """Run each peer's section mappers in order (the order keys appear in the converted YAML), then the KTO batch
+    fix-up and the unread-key check."""
+    m = Mapping(source, tool, where)
+    for step in steps:
+        step(m)
+    kto_batch(m)
+    m.finish(droppable)
+    return m
+
+
+def copy_keys(m: Mapping, section: str, pairs) -> None:
+    """(ours, theirs) pairs copied as they are into `section` where the source sets them."""
+    for ours, theirs in pairs:
+        if m.has(theirs):
+            m.set(f"{section}.{ours}", m.get(theirs), theirs)
+
+
+def dpo_label_smoothing(m: Mapping) -> None:
+    if m.has("dpo_label_smoothing"):
+        m.set("dpo.label_smoothing", m.get("dpo_label_smoothing"), "dpo_label_smoothing")
+        m.set("dpo.loss", "label_smoothing", "dpo_label_smoothing")
+
+
+# transformers' TrainingArguments names (both peers use them) that tunelab reads as they are.
+TRAINER_KEYS = (("warmup_steps", "warmup_steps"), ("warmup_ratio", "warmup_ratio"), ("weight_decay", "weight_decay"),
+                ("max_grad_norm", "max_grad_norm"), ("seed", "seed"), ("log_every", "logging_steps"),
+                ("save_every", "save_steps"), ("eval_every", "eval_steps"), ("keep_checkpoints", "save_total_limit"))
+
+
+def trainer_arguments(m: Mapping, extra: tuple = ()) -> None:
+    """The TrainingArguments both peers pass through unchanged: TRAINER_KEYS (+ `extra` pairs), Adam's betas and
+    length grouping."""
+    copy_keys(m, "train", TRAINER_KEYS + extra)
+    if m.has("adam_beta1") or m.has("adam_beta2"):
+        m.set("train.adam_betas", [m.get("adam_beta1", 0.9), m.get("adam_beta2", 0.999)], "adam_beta1", "adam_beta2")
+    if m.get("group_by_length"):
+        m.set("train.group_by_length", True, "group_by_length")
+
+
 def kto_batch(m: Mapping) -> None:
     """tunelab's KTO pairs each prompt with another row's completion of the same micro-batch (as TRL): a micro-batch
     of 1 becomes 2 with half the accumulation, the same rows per step."""

@@ -5,7 +5,8 @@ alpha 2 x rank and no dropout; gradient checkpointing on; cutoff_len 2048; packi
 
 from __future__ import annotations
 
-from .common import Mapping, kto_batch, optimizer, precision, scheduler, template
+from .common import (Mapping, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer, precision, scheduler,
+                     template, trainer_arguments)
 
 MARKERS = ("stage", "finetuning_type", "cutoff_len", "lora_target", "dataset")
 STAGES = {"sft": "sft", "pt": "pretrain", "rm": "reward", "dpo": "dpo", "kto": "kto"}
@@ -32,15 +33,7 @@ def looks_like(data: dict) -> bool:
 
 
 def convert(source: dict, where: str) -> Mapping:
-    m = Mapping(source, "LLaMA-Factory", where)
-    _model(m)
-    _method(m)
-    _data(m)
-    _training(m)
-    _output(m)
-    kto_batch(m)
-    m.finish(DROPPABLE)
-    return m
+    return convert_by_steps(source, "LLaMA-Factory", where, (_model, _method, _data, _training, _output), DROPPABLE)
 
 
 def _model(m: Mapping) -> None:
@@ -106,16 +99,12 @@ def _method(m: Mapping) -> None:
             m.set("dpo.loss", loss, "pref_loss")
         if m.has("simpo_gamma"):
             m.set("dpo.gamma", m.get("simpo_gamma"), "simpo_gamma")
-        if m.has("dpo_label_smoothing"):
-            m.set("dpo.label_smoothing", m.get("dpo_label_smoothing"), "dpo_label_smoothing")
-            m.set("dpo.loss", "label_smoothing", "dpo_label_smoothing")
+        dpo_label_smoothing(m)
         if m.has("pref_ftx"):
             m.set("dpo.nll_alpha", m.get("pref_ftx"), "pref_ftx")
     if method in ("dpo", "orpo", "kto"):
         m.set(f"{method}.beta", m.get("pref_beta", 0.1), "pref_beta")
-    for ours, theirs in (("desirable_weight", "kto_chosen_weight"), ("undesirable_weight", "kto_rejected_weight")):
-        if m.has(theirs):
-            m.set(f"kto.{ours}", m.get(theirs), theirs)
+    copy_keys(m, "kto", (("desirable_weight", "kto_chosen_weight"), ("undesirable_weight", "kto_rejected_weight")))
 
 
 def _data(m: Mapping) -> None:
@@ -150,16 +139,7 @@ def _training(m: Mapping) -> None:
         m.set("train.scheduler", "linear")
     scheduler(m, "lr_scheduler_type")
     optimizer(m, "optim", OPTIMIZERS)
-    for ours, theirs in (("warmup_steps", "warmup_steps"), ("warmup_ratio", "warmup_ratio"),
-                         ("weight_decay", "weight_decay"), ("max_grad_norm", "max_grad_norm"), ("seed", "seed"),
-                         ("log_every", "logging_steps"), ("save_every", "save_steps"), ("eval_every", "eval_steps"),
-                         ("keep_checkpoints", "save_total_limit")):
-        if m.has(theirs):
-            m.set(f"train.{ours}", m.get(theirs), theirs)
-    if m.has("adam_beta1") or m.has("adam_beta2"):
-        m.set("train.adam_betas", [m.get("adam_beta1", 0.9), m.get("adam_beta2", 0.999)], "adam_beta1", "adam_beta2")
-    if m.get("group_by_length"):
-        m.set("train.group_by_length", True, "group_by_length")
+    trainer_arguments(m)
     m.set("train.gradient_checkpointing", not m.get("disable_gradient_checkpointing", False),
           *(["disable_gradient_checkpointing"] if "disable_gradient_checkpointing" in m.source else []))
     precision(m)
