@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +52,12 @@ class Server:
                 self.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown handler runs."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
         self.log.close()
 
 

@@ -48,26 +48,21 @@ def lf_dir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", AXOLOTL)
 def test_axolotl_examples_convert(name, tmp_path):
-    path = PEERS / "axolotl" / name
-    if name in REFUSED:
-        with pytest.raises(UserError, match=f"axolotl key '{REFUSED[name]}'"):
-            load(path, say=say_nothing)
-        return
-    _converts(path)
+    _converts_or_refused(PEERS / "axolotl" / name, "axolotl")
 
 
 @pytest.mark.parametrize("name", LLAMAFACTORY)
 def test_llamafactory_examples_convert(name, lf_dir):
-    path = PEERS / "llamafactory" / name
-    if name in REFUSED:
-        with pytest.raises(UserError, match=f"LLaMA-Factory key '{REFUSED[name]}'"):
+    _converts_or_refused(PEERS / "llamafactory" / name, "LLaMA-Factory")
+
+
+def _converts_or_refused(path: Path, tool: str) -> None:
+    """A file listed in REFUSED is refused naming its key; any other: `tunelab convert` writes YAML that loads to the
+    config `tunelab train` would use, one comment per source key."""
+    if path.name in REFUSED:
+        with pytest.raises(UserError, match=f"{tool} key '{REFUSED[path.name]}'"):
             load(path, say=say_nothing)
         return
-    _converts(path)
-
-
-def _converts(path: Path) -> None:
-    """`tunelab convert` writes YAML that loads to the config `tunelab train` would use, one comment per source key."""
     notes = []
     direct = load(path, say=notes.append)
     text = convert_to_yaml(path)

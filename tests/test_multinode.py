@@ -56,16 +56,28 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def test_two_nodes_on_loopback_equal_one_process_and_resume_on_one(tmp_path, capsys):
+def train_single_and_write_two(tmp_path: Path, out: str) -> Path:
+    """Train the one-process reference (grad_accum 2) in tmp_path/single; write the config for two processes with
+    the same global batch (grad_accum 1), output tmp_path/out, and return its path."""
     base = make_base_model(tmp_path / "base", warm_steps=0)
     data = write_task_data(tmp_path / "train.jsonl", n=16)
-    single = tmp_path / "single.yaml"
+    single, two = tmp_path / "single.yaml", tmp_path / "two.yaml"
     single.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / "single", adapter=LORA,
                                                  train={**TRAIN, "grad_accum": 2})))
-    run = tmp_path / "two-nodes"
-    two = tmp_path / "two.yaml"
-    two.write_text(yaml.safe_dump(config_dict(base, data, run, adapter=LORA, train={**TRAIN, "grad_accum": 1})))
+    two.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / out, adapter=LORA,
+                                              train={**TRAIN, "grad_accum": 1})))
     assert cli_main(["train", str(single)]) == 0
+    return two
+
+
+def assert_same_as_single(tmp_path: Path, out: str) -> None:
+    assert max_diff(load_file(tmp_path / out / "final" / "adapter_model.safetensors"),
+                    load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")) < 1e-5
+
+
+def test_two_nodes_on_loopback_equal_one_process_and_resume_on_one(tmp_path, capsys):
+    two = train_single_and_write_two(tmp_path, "two-nodes")
+    run = tmp_path / "two-nodes"
     port = free_port()
     out = run_two_nodes(two, lambda rank: ["--node-rank", str(rank), "--master-addr", "127.0.0.1",
                                            "--master-port", str(port)])
@@ -96,18 +108,10 @@ def test_two_nodes_on_loopback_equal_one_process_and_resume_on_one(tmp_path, cap
 @pytest.mark.slow
 def test_two_nodes_meet_at_a_rendezvous_endpoint(tmp_path):
     """--rdzv-endpoint (torchrun's c10d rendezvous): the machines are numbered as they arrive."""
-    base = make_base_model(tmp_path / "base", warm_steps=0)
-    data = write_task_data(tmp_path / "train.jsonl", n=16)
-    single, two = tmp_path / "single.yaml", tmp_path / "two.yaml"
-    single.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / "single", adapter=LORA,
-                                                 train={**TRAIN, "grad_accum": 2})))
-    two.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / "two", adapter=LORA,
-                                              train={**TRAIN, "grad_accum": 1})))
-    assert cli_main(["train", str(single)]) == 0
+    two = train_single_and_write_two(tmp_path, "two")
     endpoint = f"127.0.0.1:{free_port()}"
     run_two_nodes(two, lambda rank: ["--rdzv-endpoint", endpoint])
-    assert max_diff(load_file(tmp_path / "two" / "final" / "adapter_model.safetensors"),
-                    load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")) < 1e-5
+    assert_same_as_single(tmp_path, "two")
 
 
 def test_node_flags_are_checked_and_become_torchruns():
@@ -146,14 +150,7 @@ def test_srun_tasks_without_torchrun_read_slurms_variables():
 
 @pytest.mark.slow
 def test_srun_tasks_without_torchrun_equal_one_process(slurm, tmp_path):  # noqa: F811
-    base = make_base_model(tmp_path / "base", warm_steps=0)
-    data = write_task_data(tmp_path / "train.jsonl", n=16)
-    single, two = tmp_path / "single.yaml", tmp_path / "two.yaml"
-    single.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / "single", adapter=LORA,
-                                                 train={**TRAIN, "grad_accum": 2})))
-    two.write_text(yaml.safe_dump(config_dict(base, data, tmp_path / "srun", adapter=LORA,
-                                              train={**TRAIN, "grad_accum": 1})))
-    assert cli_main(["train", str(single)]) == 0
+    two = train_single_and_write_two(tmp_path, "srun")
     env = {k: v for k, v in slurm.env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     result = subprocess.run(["srun", "--ntasks=2", "--time=10", sys.executable, "-m", "tunelab", "train", str(two)],
@@ -161,5 +158,4 @@ def test_srun_tasks_without_torchrun_equal_one_process(slurm, tmp_path):  # noqa
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done at step") == 1  # two ranks, rank 0 alone reports
-    assert max_diff(load_file(tmp_path / "srun" / "final" / "adapter_model.safetensors"),
-                    load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")) < 1e-5
+    assert_same_as_single(tmp_path, "srun")

@@ -6,26 +6,22 @@ are slow (a Ray head, three training runs): `make test-ray` runs them."""
 
 from __future__ import annotations
 
-import copy
-import signal
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
-import yaml
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_cluster import ray_head  # noqa: E402,F401  (the session fixture)
+import backend_util  # noqa: E402
+from backend_util import (adapter, assert_equal_weights, cancel_after_two_steps, get, reference,  # noqa: E402
+                          steps_done, submit, wait_job)
 from service_util import Server, wait_for  # noqa: E402
-from tiny import make_base_model, run_cli, write_task_data  # noqa: E402
 
 from tunelab.config import UserError  # noqa: E402
 from tunelab.serve.settings import ServeSettings  # noqa: E402
 
-ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 TRAIN = {"max_steps": 30, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "eval_every": None, "save_every": None}
 
 
@@ -33,64 +29,19 @@ TRAIN = {"max_steps": 30, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "e
 def env(ray_head, tmp_path_factory):  # noqa: F811
     from ray.job_submission import JobSubmissionClient
 
-    root = tmp_path_factory.mktemp("ray")
-    base = make_base_model(tmp_path_factory.mktemp("base"), warm_steps=0)
-    data = write_task_data(root / "data" / "train.jsonl", n=32)
-    args = ("--backend", "ray", "--ray-address", ray_head.address, "--data-root", str(root / "data"),
-            "--model", f"base={base}", "--cancel-grace", "30")
-    server = Server(root / "home", *args).start()
-    env = {"server": server, "root": root, "base": base, "data": data, "args": args,
-           "ray": JobSubmissionClient(ray_head.address)}
+    env = backend_util.start_env(tmp_path_factory, "ray", "--backend", "ray", "--ray-address", ray_head.address)
+    env["ray"] = JobSubmissionClient(ray_head.address)
     yield env
     env["server"].stop()
 
 
 def job_config(train: dict | None = None) -> dict:
-    return {"model": {"path": "base"}, "adapter": {"r": 4},
-            "data": {"train": [{"path": "train.jsonl", "format": "alpaca"}], "max_length": 64},
-            "train": {**TRAIN, **(train or {})}, "log": {"tensorboard": False, "plot": False}}
+    return backend_util.job_config({**TRAIN, **(train or {})})
 
 
 @pytest.fixture(scope="module")
 def plain_reference(env):
-    """The same config run by `tunelab train` directly: its final adapter."""
-    cfg = copy.deepcopy(job_config())
-    cfg["model"]["path"] = str(env["base"])
-    cfg["data"]["train"][0]["path"] = str(env["data"])
-    cfg["output_dir"] = str(env["root"] / "reference")
-    path = env["root"] / "reference.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = run_cli("train", str(path), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(env["root"] / "reference" / "final" / "adapter_model.safetensors")
-
-
-def submit(env, cfg: dict) -> dict:
-    response = httpx.post(env["server"].url + "/v1/tuningJobs", json={"config": cfg}, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def get(env, job_id: str) -> dict:
-    return httpx.get(f"{env['server'].url}/v1/tuningJobs/{job_id}", timeout=60).json()
-
-
-def wait_job(env, job_id: str, timeout: float = 900) -> dict:
-    return wait_for(lambda: (j := get(env, job_id))["state"] in ENDED and j, timeout=timeout, what=f"{job_id} ended")
-
-
-def steps_done(env, job_id: str, n: int) -> None:
-    metrics = env["server"].home / "runs" / job_id / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= n, what=f"{n} steps of {job_id}",
-             poll=0.05, timeout=600)
-
-
-def assert_equal_weights(job: dict, reference: dict, atol: float) -> None:
-    ours = load_file(Path(job["tuned_model"]["path"]) / "adapter_model.safetensors")
-    assert ours.keys() == reference.keys() and len(ours) > 0
-    for name in ours:
-        torch.testing.assert_close(ours[name], reference[name], atol=atol, rtol=0)
-    assert any((ours[n] != 0).any() for n in ours if "lora_B" in n)  # training moved the adapter off its start
+    return reference(env, "plain", job_config())
 
 
 def ray_submissions(env, job_id: str) -> list:
@@ -109,7 +60,7 @@ def test_job_succeeds_with_the_weights_of_tunelab_train(env, plain_reference):
     assert info.entrypoint.startswith(f"cd {Path(job['tuned_model']['path']).parent} && exec {sys.executable} -m "
                                       "tunelab train ")
     assert job["progress"]["step"] == 30 and job["attempt"] == 1
-    assert_equal_weights(job, plain_reference, atol=1e-6)
+    assert_equal_weights(adapter(job), plain_reference, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -124,15 +75,7 @@ def test_requests_beyond_a_ray_node_are_refused_naming_the_limit(env):
 
 @pytest.mark.slow
 def test_cancel_checkpoints_then_cancelled(env):
-    job = submit(env, job_config({"max_steps": 100000}))
-    steps_done(env, job["id"], 2)
-    response = httpx.post(f"{env['server'].url}/v1/tuningJobs/{job['id']}:cancel", timeout=60)
-    assert response.json()["state"] == "JOB_STATE_CANCELLING"
-    job = wait_job(env, job["id"], timeout=120)
-    assert job["state"] == "JOB_STATE_CANCELLED", job
-    run_dir = env["server"].home / "runs" / job["id"]
-    assert list((run_dir / "checkpoints").glob("step-*")), "the trainer saved a checkpoint on SIGTERM"
-    assert "SIGTERM received" in (run_dir / "train.log").read_text()
+    job = cancel_after_two_steps(env, submit(env, job_config({"max_steps": 100000})))
     assert env["ray"].get_job_status(job["backend"]["job_id"]) == "STOPPED"
 
 
@@ -142,9 +85,7 @@ def test_server_sigkill_then_restart_reattaches_to_the_same_ray_job(env, plain_r
     steps_done(env, job["id"], 2)
     submission_id = get(env, job["id"])["backend"]["job_id"]
     server = env["server"]
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait()
-    server.log.close()
+    server.kill()
     assert env["ray"].get_job_status(submission_id) == "RUNNING"  # Ray's job does not depend on the server
     env["server"] = server = Server(server.home, *env["args"]).start()
     job = wait_job(env, job["id"])
@@ -155,7 +96,7 @@ def test_server_sigkill_then_restart_reattaches_to_the_same_ray_job(env, plain_r
     assert log.count("$ tunelab train") == 1 and "resumed from" not in log  # one run, never restarted
     steps = [r["step"] for r in httpx.get(f"{server.url}/v1/tuningJobs/{job['id']}/metrics").json()["metrics"]]
     assert steps == list(range(1, 31))
-    assert_equal_weights(job, plain_reference, atol=1e-6)
+    assert_equal_weights(adapter(job), plain_reference, atol=1e-6)
 
 
 def test_backend_ray_needs_an_address_and_ray_itself(monkeypatch, tmp_path):

@@ -5,93 +5,38 @@ gloo) equal to one process with the same global batch."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
-import yaml
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+import backend_util  # noqa: E402
+from backend_util import (adapter, assert_equal_weights, cancel_after_two_steps, get, reference,  # noqa: E402
+                          steps_done, submit, wait_job)
 from service_util import Server, wait_for  # noqa: E402
 from slurm_cluster import slurm  # noqa: E402,F401  (the session fixture)
-from tiny import make_base_model, run_cli, write_task_data  # noqa: E402
+from tiny import run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
-ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 TRAIN = {"max_steps": 40, "micro_batch_size": 4, "grad_accum": 1, "lr": 1e-3, "eval_every": None, "save_every": None}
 
 
 @pytest.fixture(scope="module")
 def env(slurm, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("slurm")
-    base = make_base_model(tmp_path_factory.mktemp("base"), warm_steps=0)
-    data = write_task_data(root / "data" / "train.jsonl", n=32)
     os.environ["SLURM_CONF"] = slurm.env["SLURM_CONF"]  # the server (and `tunelab train`) inherit it
-    server = Server(root / "home", "--backend", "slurm", "--data-root", str(root / "data"), "--model",
-                    f"base={base}", "--cancel-grace", "30").start()
-    env = {"server": server, "root": root, "base": base, "data": data, "slurm": slurm, "args": server.args}
+    env = backend_util.start_env(tmp_path_factory, "slurm", "--backend", "slurm")
+    env["slurm"] = slurm
     yield env
     env["server"].stop()  # the restart test replaces the first server
 
 
 def job_config(train: dict | None = None, adapter: dict | None = None) -> dict:
-    return {"model": {"path": "base"}, "adapter": adapter or {"r": 4},
-            "data": {"train": [{"path": "train.jsonl", "format": "alpaca"}], "max_length": 64},
-            "train": {**TRAIN, **(train or {})}, "log": {"tensorboard": False, "plot": False}}
-
-
-def reference(env, name: str, cfg: dict) -> dict:
-    """The same config run by `tunelab train` directly: its final adapter."""
-    cfg = copy.deepcopy(cfg)
-    cfg["model"]["path"] = str(env["base"])
-    cfg["data"]["train"][0]["path"] = str(env["data"])
-    out = env["root"] / "reference" / name
-    cfg["output_dir"] = str(out)
-    path = env["root"] / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = run_cli("train", str(path), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(out / "final" / "adapter_model.safetensors")
-
-
-def submit(env, cfg: dict, **compute) -> dict:
-    body = {"config": cfg, **({"compute": compute} if compute else {})}
-    response = httpx.post(env["server"].url + "/v1/tuningJobs", json=body, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def get(env, job_id: str) -> dict:
-    return httpx.get(f"{env['server'].url}/v1/tuningJobs/{job_id}", timeout=60).json()
-
-
-def wait_job(env, job_id: str, states=ENDED, timeout: float = 900) -> dict:
-    return wait_for(lambda: (j := get(env, job_id))["state"] in states and j, timeout=timeout, what=f"{job_id} {states}")
-
-
-def steps_done(env, job_id: str, n: int) -> None:
-    metrics = env["server"].home / "runs" / job_id / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= n, what=f"{n} steps of {job_id}",
-             poll=0.05, timeout=600)
-
-
-def adapter(job: dict) -> dict:
-    return load_file(Path(job["tuned_model"]["path"]) / "adapter_model.safetensors")
-
-
-def assert_equal_weights(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys() and len(a) > 0
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0)
-    assert any((a[n] != 0).any() for n in a if "lora_B" in n)  # training moved the adapter off its start
+    return backend_util.job_config({**TRAIN, **(train or {})}, adapter)
 
 
 def squeue_state(env, slurm_id: str) -> str:
@@ -127,15 +72,7 @@ def test_job_succeeds_with_the_weights_of_tunelab_train(env, plain_reference):
 
 
 def test_cancel_checkpoints_then_cancelled(env):
-    job = submit(env, job_config({"max_steps": 100000}), gpus=0)
-    steps_done(env, job["id"], 2)
-    response = httpx.post(f"{env['server'].url}/v1/tuningJobs/{job['id']}:cancel", timeout=60)
-    assert response.json()["state"] == "JOB_STATE_CANCELLING"
-    job = wait_job(env, job["id"], timeout=120)
-    assert job["state"] == "JOB_STATE_CANCELLED", job
-    run_dir = env["server"].home / "runs" / job["id"]
-    assert list((run_dir / "checkpoints").glob("step-*")), "the trainer saved a checkpoint on SIGTERM"
-    assert "SIGTERM received" in (run_dir / "train.log").read_text()
+    job = cancel_after_two_steps(env, submit(env, job_config({"max_steps": 100000}), gpus=0))
     assert squeue_state(env, job["backend"]["job_id"]) in ("COMPLETED", "FAILED", "CANCELLED")
 
 
@@ -144,9 +81,7 @@ def test_server_sigkill_then_restart_reattaches_to_the_same_slurm_job(env, long_
     steps_done(env, job["id"], 2)
     slurm_id = get(env, job["id"])["backend"]["job_id"]
     server = env["server"]
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait()
-    server.log.close()
+    server.kill()
     while_down = squeue_state(env, slurm_id)
     rows_at_kill = (server.home / "runs" / job["id"] / "metrics.jsonl").read_text().count("\n")
     env["server"] = server = Server(server.home, *env["args"]).start()

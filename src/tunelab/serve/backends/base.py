@@ -46,6 +46,16 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)  # on top of the server's own environment
     attempt: int = 1  # of this phase: with job_id and the phase, names one submission (a backend may key on it)
 
+    def one_node_argv(self) -> list[str]:
+        """argv as started now on one node: --resume when asked for and the run dir holds a checkpoint, --nproc for
+        one process per GPU."""
+        argv = list(self.argv)
+        if self.resume and any((self.run_dir / run_files.CHECKPOINTS).glob(f"{run_files.STEP_PREFIX}*")):
+            argv.append("--resume")
+        if self.compute.gpus > 1:
+            argv += ["--nproc", str(self.compute.gpus)]
+        return argv
+
 
 @dataclass
 class Status:

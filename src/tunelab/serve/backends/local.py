@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-from tunelab import run_files
-
 from .base import EXITED, LOG_NAME, RUNNING, Backend, Capacity, Compute, JobSpec, Status
 
 log = logging.getLogger("tunelab.serve")
@@ -89,11 +87,7 @@ class LocalBackend(Backend):
         return compute.gpus <= len(self.free_gpus())
 
     def submit(self, spec: JobSpec) -> dict:
-        argv = list(spec.argv)
-        if spec.resume and any((spec.run_dir / run_files.CHECKPOINTS).glob(f"{run_files.STEP_PREFIX}*")):
-            argv.append("--resume")
-        if spec.compute.gpus > 1:
-            argv += ["--nproc", str(spec.compute.gpus)]
+        argv = spec.one_node_argv()
         gpus = self.free_gpus()[: spec.compute.gpus]
         env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
         if self.gpus:  # a job without GPUs on a GPU server must not touch the others' devices

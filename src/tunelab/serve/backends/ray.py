@@ -29,8 +29,6 @@ from urllib.parse import urlparse
 
 from tunelab.config import UserError
 
-from tunelab import run_files
-
 from .base import CANCELLED, EXITED, LOG_NAME, PENDING, RUNNING, Backend, Capacity, JobSpec, Status
 
 RAY_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t[A-Z]+ ")  # Ray's logger: "<time>\tINFO job_manager..."
@@ -75,11 +73,7 @@ class RayBackend(Backend):
                         name=f"the Ray cluster at {self.address} (one node per job)")
 
     def entrypoint(self, spec: JobSpec) -> str:
-        argv = list(spec.argv)
-        if spec.resume and any((spec.run_dir / run_files.CHECKPOINTS).glob(f"{run_files.STEP_PREFIX}*")):
-            argv.append("--resume")
-        if spec.compute.gpus > 1:
-            argv += ["--nproc", str(spec.compute.gpus)]
+        argv = spec.one_node_argv()
         # exec: the trainer itself gets stop_job's SIGTERM; a redirect, not tee, so no pipe breaks while it saves
         return (f"cd {shlex.quote(str(spec.run_dir))} && exec {shlex.join([*self.program, *argv])} "
                 f">> {shlex.quote(str(spec.run_dir / LOG_NAME))} 2>&1")
