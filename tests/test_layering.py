@@ -102,6 +102,11 @@ def test_every_module_has_a_layer():
     assert [m for m in GRAPH if place(m) is None] == []
 
 
+def test_every_imported_module_exists():
+    """A function-level import of a module that moved fails only when that function runs: catch it here."""
+    assert sorted({f"{t} (from {m})" for m, targets in GRAPH.items() for t in targets if not is_module(t)}) == []
+
+
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_imports_point_down(module):
     rank, group = place(module)

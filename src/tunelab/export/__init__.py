@@ -17,8 +17,8 @@ QUANTS = (*CONVERTER_TYPES, *QUANTIZED)
 
 
 def export(path: str, fmt: str = "gguf", quant: str = "f16", out: str | None = None, say=print) -> Path:
-    from ..model import is_adapter_dir, load_tokenizer, resolve_model_dir
     from ..modelcard import run_config, write_model_card
+    from ..modeling.load import is_adapter_dir, load_tokenizer, resolve_model_dir
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
@@ -38,7 +38,7 @@ def export(path: str, fmt: str = "gguf", quant: str = "f16", out: str | None = N
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         model_dir = src
         if adapter:
-            from ..merging import merge
+            from ..modeling.merging import merge
 
             say(f"merging the adapter in {src} into its base")
             model_dir = merge(str(src), str(Path(tmp) / "merged"))
