@@ -302,7 +302,7 @@ def service_stage(root: Path, work: Path, smoke: bool) -> dict:
     import openai
 
     import tunelab
-    from tunelab.client.tuning import sft
+    from tunelab.tuning import sft
 
     rows = (work / "data/tasks-train.jsonl").read_text().splitlines()[:8 if smoke else 64]
     (work / "data/service-train.jsonl").write_text("\n".join(rows) + "\n")
@@ -324,7 +324,7 @@ def service_stage(root: Path, work: Path, smoke: bool) -> dict:
         held_out = json.loads((work / "data/tasks-test.jsonl").read_text().splitlines()[0])
         print(f"""(up after {up:.1f}s)
 >>> import tunelab, openai
->>> from tunelab.client.tuning import sft
+>>> from tunelab.tuning import sft
 >>> tunelab.init(url="{url}")
 >>> job = sft.train(source_model="tiny-sft", train_dataset="work/data/service-train.jsonl",
 ...                 tuned_model_display_name="tiny-tasks", epochs=1, batch_size=8)
