@@ -195,3 +195,32 @@ def test_gpus_are_discovered_without_torch(tmp_path, monkeypatch):
     assert discover_gpus() == ["0", "1"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert discover_gpus() == []
+
+
+def test_pausing_and_paused_jobs_stay_paused_across_a_server_restart(world, tmp_path):
+    """A server killed while a job is being paused: the restarted server ends the pause (PAUSED, never PENDING)
+    and runs neither that job nor an already paused one until they are resumed."""
+    store, make = world
+    home = tmp_path / "home"
+    sched = make()
+    a = add_job(store, home, "a", gpus=1)
+    b = add_job(store, home, "b", gpus=1)
+    sched.tick()
+    seen(store, a), seen(store, b)
+    sched.pause(store.get_job(b))
+    wait_state(store, sched, b, ("PAUSED",))
+    sched.pause(store.get_job(a))  # SIGTERM sent; the server "dies" before it sees the child end
+    assert store.get_job(a)["state"] == "PAUSING"
+    for job in (a, b):
+        (Path(store.get_job(job)["run_dir"]) / "seen.json").unlink(missing_ok=True)
+
+    restarted = make()
+    restarted.recover()
+    restarted.tick()
+    assert [store.get_job(j)["state"] for j in (a, b)] == ["PAUSED", "PAUSED"]
+    time.sleep(0.3)
+    assert not any((Path(store.get_job(j)["run_dir"]) / "seen.json").exists() for j in (a, b))  # nothing reran
+    restarted.resume(store.get_job(a))
+    wait_state(store, restarted, a, ("RUNNING",))
+    assert seen(store, a)["cuda"] == "0"
+    finish(store, restarted, a, 0)
