@@ -44,6 +44,16 @@ ENCODERS: dict[str, tuple[str, dict]] = {
     "modernbert": ("ModernBertConfig", dict(ENCODER_SHAPE, global_attn_every_n_layers=2, local_attention=16)),
 }
 SPECIALS = ["<pad>", "<s>", "</s>", "<mask>", "<unk>"]
+# family -> (its transformers tokenizer class, SentencePiece's special pieces, its control pieces, whether a space is
+# prepended, whether the control pieces eat the whitespace after them), laid out as the real Gemma 2 / Phi-3
+# tokenizer.model and tokenizer.json are: llama.cpp's converter reads that file for them, and llama.cpp strips after
+# every control token of a model it takes for Phi-3 (and requires its <|endoftext|>).
+SENTENCEPIECE = {
+    "gemma2": ("GemmaTokenizer", dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+                                      bos_piece="<bos>"), ["<mask>", "<start_of_turn>", "<end_of_turn>"], False, False),
+    "phi3": ("LlamaTokenizer", dict(unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<|endoftext|>"),
+             ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], True, True),
+}
 
 
 def tokenizer_for(texts: list[str], encoder: bool):
@@ -69,20 +79,48 @@ def tokenizer_for(texts: list[str], encoder: bool):
         clean_up_tokenization_spaces=False)
 
 
-def build(family: str, out: Path, texts: list[str], kind: str | None = None, seed: int = 0) -> Path:
+def sentencepiece_tokenizer(family: str, texts: list[str], out: Path):
+    """A SentencePiece BPE model trained on `texts` (byte fallback, digits split, no normalization), written to
+    out/tokenizer.model, and the `family`'s transformers tokenizer converted from that file, its control pieces
+    marked special (as the real ones are). No chat template."""
+    import io
+
+    import sentencepiece
+    import transformers
+    from tokenizers import AddedToken
+
+    class_name, ids, controls, space_prefix, rstrip = SENTENCEPIECE[family]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=300, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=space_prefix, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", user_defined_symbols=controls, minloglevel=2, **ids)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    # legacy: phi3 prepends a space after every control token too, as SentencePiece (and llama.cpp) do per piece of
+    # text (Gemma prepends none)
+    tokenizer = getattr(transformers, class_name).from_pretrained(out, legacy=True, pad_token=ids["pad_piece"])
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip) for t in controls],
+                         special_tokens=True)
+    return tokenizer
+
+
+def build(family: str, out: Path, texts: list[str], kind: str | None = None, seed: int = 0,
+          sentencepiece: bool = False, config: dict | None = None) -> Path:
     """Save a random-weight `family` model (causal LM for decoders, masked LM for encoders, or `kind`) with its
-    tokenizer into `out`."""
+    tokenizer into `out`: byte-level BPE, or with `sentencepiece` (gemma2, phi3) a tokenizer.model and the
+    transformers tokenizer converted from it. `config` overrides the family's config arguments."""
     import torch
     import transformers
 
     encoder = family in ENCODERS
-    tokenizer = tokenizer_for(texts, encoder)
+    tokenizer = sentencepiece_tokenizer(family, texts, out) if sentencepiece else tokenizer_for(texts, encoder)
     class_name, shape = (ENCODERS if encoder else DECODERS)[family]
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     if family == "modernbert":
         ids.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
-    config = getattr(transformers, class_name)(**shape, **ids)
+    config = getattr(transformers, class_name)(**{**shape, **(config or {})}, **ids)
     kind = kind or ("masked_lm" if encoder else "causal_lm")
     auto = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM,
             "sequence_classification": transformers.AutoModelForSequenceClassification}[kind]

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from ..config import UserError
@@ -59,18 +60,43 @@ def bpe_pre_tokenizer(model_dir: Path) -> str:
     return "gpt-2" if plain else "-"
 
 
+def with_added_tokens_decoder(model_dir: Path, tmp: Path) -> Path:
+    """model_dir as llama.cpp's converter expects it. transformers 5 writes the added tokens, and which of them are
+    special, only to tokenizer.json; the converter's SentencePiece vocabularies (Gemma's, Llama's, ...) read them
+    from tokenizer_config.json's added_tokens_decoder, where transformers 4 wrote them too. Without it a control
+    token such as <start_of_turn> becomes plain text to llama.cpp. Returns model_dir when nothing is missing, else a
+    same-named dir of links to its files with that key added (the converter names the model after the dir)."""
+    config_path, tokenizer_path = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if not (config_path.is_file() and tokenizer_path.is_file()):
+        return model_dir
+    config = json.loads(config_path.read_text())
+    added = json.loads(tokenizer_path.read_text()).get("added_tokens") or []
+    if "added_tokens_decoder" in config or not added:
+        return model_dir
+    view = tmp / model_dir.resolve().name
+    view.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.name != config_path.name:
+            (view / path.name).symlink_to(path.resolve())
+    config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+    (view / config_path.name).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return view
+
+
 def convert(model_dir: Path, outtype: str, outfile: Path, say=print, lora_base: Path | None = None) -> Path:
     """Run the converter in a child process (it parses argv, logs, and exits on errors). With lora_base, the
     adapter in model_dir alone, as a GGUF LoRA applied at load time on that base's GGUF."""
     root = llama_dir()
     script = "convert_lora_to_gguf.py" if lora_base else "convert_hf_to_gguf.py"
     pre = "-" if lora_base else bpe_pre_tokenizer(model_dir)
-    cmd = [sys.executable, "-m", "tunelab.export.llama_convert", str(root), script, pre, str(model_dir),
-           "--outtype", outtype, "--outfile", str(outfile), *(["--base", str(lora_base)] if lora_base else [])]
     say(f"converting with llama.cpp ({root.name}): {outtype}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = model_dir if lora_base else with_added_tokens_decoder(model_dir, Path(tmp))
+        cmd = [sys.executable, "-m", "tunelab.export.llama_convert", str(root), script, pre, str(source),
+               "--outtype", outtype, "--outfile", str(outfile), *(["--base", str(lora_base)] if lora_base else [])]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0 or not outfile.is_file():
         last = [line for line in result.stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
         raise UserError(f"llama.cpp's converter failed on {model_dir}: {last[0]}")
