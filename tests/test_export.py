@@ -110,7 +110,7 @@ ARCHS = {
     "llama": ({}, 1e-4),
     "mistral": (dict(sliding_window=4096), 1e-4),
     "qwen2": ({}, 1e-4),
-    "gemma2": (dict(attn_logit_softcapping=0.5, final_logit_softcapping=2.0, query_pre_attn_scalar=8), 2e-3),
+    "gemma2": (dict(attn_logit_softcapping=0.2, final_logit_softcapping=2.0, query_pre_attn_scalar=8), 2e-3),
     "phi3": ({}, 1e-4),
     "phi3-window": (dict(sliding_window=16), 1e-4),
     "mistral-window": (dict(sliding_window=16), 1e-4),
