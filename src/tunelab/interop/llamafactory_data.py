@@ -23,7 +23,7 @@ OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
 def sources(m: Mapping, key: str, method: str) -> list[dict]:
     names = m.get(key)
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    directory = Path(m.get("dataset_dir", "data"))
+    directory = Path(m.locate(str(m.get("dataset_dir", "data")), "LLaMA-Factory dataset_dir"))
     info_path = directory / "dataset_info.json"
     try:
         info = json.loads(info_path.read_text())
