@@ -284,4 +284,5 @@ def test_drop_system_follows_axolotl_for_a_system_column():
     assert remap({"system": "s", "conversations": turns}, source) == {"conversations": turns}
     opened = [{"from": "system", "value": "first"}, *turns]
     assert remap({"system": "s", "conversations": opened}, source) == {"conversations": turns}
-    assert remap({"conversations": opened}, source.model_copy(update={"drop_system": False})) == {"conversations": opened}
+    kept = source.model_copy(update={"drop_system": False})
+    assert remap({"conversations": opened}, kept) == {"conversations": opened}

@@ -4,8 +4,8 @@ run is the one axolotl would have done."""
 
 from __future__ import annotations
 
-from .common import (Locate, Mapping, as_given, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer, precision, scheduler,
-                     template, trainer_arguments)
+from .common import (Locate, Mapping, as_given, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer,
+                     precision, scheduler, template, trainer_arguments)
 
 # Recognised by these keys (base_model plus one of the rest).
 MARKERS = ("datasets", "sequence_len", "micro_batch_size", "adapter", "lora_r", "num_epochs")
