@@ -109,6 +109,9 @@ def test_service_refuses_peer_paths_outside_its_roots(env):
     (data / "escape").mkdir(exist_ok=True)  # inside the root, but naming a file outside it
     escape = {"identity": {"file_name": str(root / "secret.jsonl")}, "alpaca_en_demo": {"file_name": "../../secret.jsonl"}}
     (data / "escape" / "dataset_info.json").write_text(json.dumps(escape))
+    (data / "linked").mkdir(exist_ok=True)  # inside the root, its dataset_info.json a link out of it
+    (data / "linked" / "dataset_info.json").unlink(missing_ok=True)
+    (data / "linked" / "dataset_info.json").symlink_to(root / "outside_lf" / "dataset_info.json")
     before = httpx.get(env["server"].url + "/v1/tuningJobs").json()["tuning_jobs"]
     dataset = yaml.safe_load((PEERS / "axolotl" / AXOLOTL).read_text())["datasets"][0]
     lf = llamafactory(env, trust_remote_code=False)
@@ -119,6 +122,7 @@ def test_service_refuses_peer_paths_outside_its_roots(env):
     refused(post(env, axolotl(env, datasets=[{**dataset, "path": "fozziethebeat/alpaca_messages_2k_test"}])), 400,
             "axolotl datasets[0].path", "not found")
     refused(post(env, {**lf, "dataset_dir": str(root / "outside_lf")}), 400, "LLaMA-Factory dataset_dir", "outside")
+    refused(post(env, {**lf, "dataset_dir": str(data / "linked")}), 400, "LLaMA-Factory dataset_dir", "outside")
     refused(post(env, {**lf, "dataset_dir": str(data / "escape"), "dataset": "identity"}), 400, "data.train[0].path",
             "outside")
     refused(post(env, {**lf, "dataset_dir": str(data / "escape"), "dataset": "alpaca_en_demo"}), 400, "'..'")

@@ -4,8 +4,8 @@
 
 Every function takes what the matching command takes (a config path, dict or `Config`, plus `key=value`
 overrides; an axolotl or LLaMA-Factory config too, path or dict), does the same thing, and returns its result
-instead of printing it. A user mistake raises
-`tunelab.UserError` whose message is the line the CLI prints after `error:`.
+instead of printing it. A user mistake raises `tunelab.UserError` whose message is the line the CLI prints after
+`error:`.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ def sources(m: Mapping, key: str, method: str) -> list[dict]:
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     directory = Path(m.locate(str(m.get("dataset_dir", "data")), "LLaMA-Factory dataset_dir"))
     info_path = directory / "dataset_info.json"
-    try:
-        info = json.loads(info_path.read_text())
+    try:  # located too: a dataset_info.json may be a link out of the folder
+        info = json.loads(Path(m.locate(str(info_path), "LLaMA-Factory dataset_dir")).read_text())
     except FileNotFoundError:
         raise m.refuse(key, f"{info_path} not found: set dataset_dir to the folder with dataset_info.json") from None
     except (OSError, json.JSONDecodeError) as e:
