@@ -225,18 +225,64 @@ def test_llamafactory_example_trains(name, base, tmp_path):
                                   "deepspeed": None}, "llamafactory.yaml")
 
 
+def for_tiny(data: dict, replace: dict) -> dict:
+    """A peer example with `replace` applied, made to run on the tiny CPU model: fp32, and family templates as
+    chatml (the tiny tokenizer has ChatML's tokens but not llama3's / gemma's). Also used by test_interop_service."""
+    template_key = "chat_template" if "base_model" in data else "template"
+    if template_key in data:
+        replace = {**replace, template_key: "chatml"}
+    return {**data, **replace, "bf16": False, "fp16": False}
+
+
 def _train(data: dict, base: Path, tmp_path: Path, replace: dict, file: str) -> None:
     """The example with its model, data, length and step count replaced, trained for one step (in this process:
     the CLI's own path, `tunelab.interop.load`, is what `tunelab train` calls)."""
     from tunelab.training.loop import train
 
     path = tmp_path / file
-    # The tiny model's tokenizer has ChatML's tokens but not llama3's / gemma's: family templates become chatml.
-    template_key = "chat_template" if "base_model" in data else "template"
-    if template_key in data:
-        replace = {**replace, template_key: "chatml"}
-    path.write_text(yaml.safe_dump({**data, **replace, "bf16": False, "fp16": False}, sort_keys=False))
+    path.write_text(yaml.safe_dump(for_tiny(data, replace), sort_keys=False))
     cfg = load(path, ["log.tensorboard=false", "log.plot=false", "train.progress=false", "train.eval_every=null",
                       "train.save_every=null"], say=say_nothing)
     final = train(cfg, say=say_nothing)
     assert final == tmp_path / "out" / "final" and final.is_dir()
+
+
+def test_axolotl_drop_system_message_drops_the_leading_system_turn(base, tmp_path, capsys):
+    """gemma2__qlora.yml sets drop_system_message on chat_template rows that open with a system turn. axolotl
+    (prompt_strategies/chat_template.py, get_conversation_thread) drops turns[0] when it is a system one: the
+    tokens must be those of the same rows with that turn removed by hand; without the key it is rendered."""
+    from tunelab.cli import main as cli_main
+
+    data = yaml.safe_load((PEERS / "axolotl" / "gemma2__qlora.yml").read_text())
+    with_system = rows("conversations")
+    by_hand = [{"conversations": r["conversations"][1:]} for r in with_system]
+    shown = {}
+    for name, items, drop in (("dropped", with_system, True), ("by_hand", by_hand, False),
+                              ("kept", with_system, False)):
+        entry = {**data["datasets"][0], "path": str(write(tmp_path / f"{name}.jsonl", items)),
+                 "drop_system_message": drop}
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(for_tiny(data, {"base_model": str(base), "datasets": [entry],
+                                                       "sample_packing": False, "output_dir": str(tmp_path / name)})))
+        assert cli_main(["preprocess", str(path), "--show", "8", "--json"]) == 0
+        shown[name] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(shown["dropped"]) == 8
+    assert [s["input_ids"] for s in shown["dropped"]] == [s["input_ids"] for s in shown["by_hand"]]
+    assert [s["labels"] for s in shown["dropped"]] == [s["labels"] for s in shown["by_hand"]]
+    assert all("Be brief." not in s["text"] for s in shown["dropped"])
+    assert all("<|im_start|>system\nBe brief.<|im_end|>" in s["text"] for s in shown["kept"])
+
+
+def test_drop_system_follows_axolotl_for_a_system_column():
+    """axolotl opens the conversation with the row's `system` field unless the first turn is a system one, then
+    drops the opening system turn: no leading system message is left either way; a later one stays."""
+    from tunelab.config import DataSource
+    from tunelab.data.columns import remap
+
+    source = DataSource(path="x.jsonl", format="sharegpt", drop_system=True)
+    turns = [{"from": "human", "value": "hi"}, {"from": "system", "value": "later"}, {"from": "gpt", "value": "yo"}]
+    assert remap({"system": "s", "conversations": turns}, source) == {"conversations": turns}
+    opened = [{"from": "system", "value": "first"}, *turns]
+    assert remap({"system": "s", "conversations": opened}, source) == {"conversations": turns}
+    kept = source.model_copy(update={"drop_system": False})
+    assert remap({"conversations": opened}, kept) == {"conversations": opened}

@@ -3,8 +3,9 @@
     from tunelab import train, load_config, evaluate, merge, generate, UserError
 
 Every function takes what the matching command takes (a config path, dict or `Config`, plus `key=value`
-overrides), does the same thing, and returns its result instead of printing it. A user mistake raises
-`tunelab.UserError` whose message is the line the CLI prints after `error:`.
+overrides; an axolotl or LLaMA-Factory config too, path or dict), does the same thing, and returns its result
+instead of printing it. A user mistake raises `tunelab.UserError` whose message is the line the CLI prints after
+`error:`.
 """
 
 from __future__ import annotations
@@ -13,27 +14,30 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Config, UserError
-from tunelab.config import load_config as _load_yaml
 
 __all__ = ["load_config", "train", "evaluate", "merge", "generate", "UserError"]
 
 
-def load_config(config: str | Path | dict | Config, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+def load_config(config: str | Path | dict | Config, overrides: list[str] | dict[str, Any] | None = None,
+                quiet: bool = False) -> Config:
     """A validated `Config` from a YAML path, a dict of sections, or a `Config`, with dotted overrides applied
-    (`["train.lr=1e-4"]` as on the command line, or `{"train.lr": 1e-4}`)."""
+    (`["train.lr=1e-4"]` as on the command line, or `{"train.lr": 1e-4}`). An axolotl or LLaMA-Factory config (a
+    path or a dict) is converted as `tunelab train FILE` does, printing the same lines (one per key that maps
+    differently) unless `quiet`."""
+    import copy
+
+    from tunelab.interop import load
+
     if isinstance(overrides, dict):
         overrides = [f"{key}={_yaml_value(value)}" for key, value in overrides.items()]
     if isinstance(config, Config):
         if not overrides:
             return config
         config = config.model_dump(mode="json")
-    if isinstance(config, dict):
-        import copy
-
-        return _load_yaml(data=copy.deepcopy(config), overrides=overrides)
-    if isinstance(config, (str, Path)):
-        return _load_yaml(config, overrides)
-    raise UserError(f"config: expected a YAML path, a dict or a tunelab Config, got {type(config).__name__}")
+    if not isinstance(config, (str, Path, dict)):
+        raise UserError(f"config: expected a YAML path, a dict or a tunelab Config, got {type(config).__name__}")
+    return load(copy.deepcopy(config) if isinstance(config, dict) else config, overrides,
+                say=(lambda line: None) if quiet else print)
 
 
 def _yaml_value(value: Any) -> str:
@@ -48,7 +52,7 @@ def train(config: str | Path | dict | Config, overrides: list[str] | dict[str, A
     `config.yaml`, `metrics.jsonl`, `final/` (see the README's run directory)."""
     from tunelab.training.loop import train as run
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, quiet)
     run(cfg, resume=resume, say=(lambda *a, **k: None) if quiet else print)
     return cfg.run_dir
 
@@ -59,7 +63,7 @@ def evaluate(config: str | Path | dict | Config, overrides: list[str] | dict[str
     eval.json."""
     from tunelab.evaluation import run_eval
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, quiet)
     return run_eval(cfg, model_path=str(model) if model else None, out=str(out) if out else None,
                     say=(lambda *a, **k: None) if quiet else print)
 

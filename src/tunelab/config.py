@@ -100,6 +100,9 @@ class DataSource(Section):
     columns: dict[str, str] = {}
     message_keys: dict[str, str] = {}
     roles: dict[str, str] = {}
+    # Drop each row's leading system message (a `system` column, or a conversation's first turn when it is one);
+    # axolotl's drop_system_message. System messages later in a conversation stay.
+    drop_system: bool = False
 
 
 class DataConfig(Section):

@@ -20,7 +20,8 @@ def run(args) -> int:
 
 
 def submit(client: Client, args) -> int:
-    """A YAML/JSON file holding either a whole tunelab config or a managed-service request (has source_model)."""
+    """A YAML/JSON file holding either a whole config (tunelab's, axolotl's or LLaMA-Factory's: the server converts
+    a peer's and answers its notes, printed here) or a managed-service request (has source_model)."""
     path = Path(args.file)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
@@ -38,6 +39,8 @@ def submit(client: Client, args) -> int:
         body["compute"] = {**(body.get("compute") or {}), **flags}
     job = client.request("POST", "/v1/tuningJobs", body)
     print(f"{job['id']} {job['state']}")
+    for line in (job.get("converted_from") or {}).get("notes", []):
+        print(line)
     return 0
 
 

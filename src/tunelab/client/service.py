@@ -102,9 +102,13 @@ class TuningJob:
     def __init__(self, name_or_id: str, data: dict | None = None):
         self.id = name_or_id.removeprefix("tuningJobs/")
         self._data = data or client().request("GET", f"/v1/tuningJobs/{self.id}")
+        # {"tool", "notes"} when the job's config was an axolotl / LLaMA-Factory one (the create response only)
+        self.converted_from: dict | None = self._data.get("converted_from")
 
     @classmethod
     def create(cls, body: dict) -> TuningJob:
+        """POST /v1/tuningJobs: a managed-service request, or {"config": CONFIG} where CONFIG is a tunelab config
+        or an axolotl / LLaMA-Factory one as a dict (converted by the server; its notes in `converted_from`)."""
         data = client().request("POST", "/v1/tuningJobs", body)
         return cls(data["id"], data)
 

@@ -1,7 +1,9 @@
 """Configs from the tools people arrive with: axolotl and LLaMA-Factory YAML files, recognised by their keys and
 mapped onto a tunelab config (one note per key mapped differently; what cannot be honoured is refused, named).
 
-`load(path, overrides, say)` reads any of the three; `convert_to_yaml(path)` writes the tunelab YAML for good."""
+`load(path_or_dict, overrides, say)` reads any of the three (the CLI and tunelab.api); `convert(data, where, locate)`
+is the mapping alone, with its notes (`summary`), for the service, which resolves the paths it names; and
+`convert_to_yaml(path)` writes the tunelab YAML for good."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Callable
 import yaml
 
 from ..config import Config, UserError, load_config
-from .common import Mapping
+from .common import Locate, Mapping, as_given
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -38,27 +40,38 @@ def tool_of(data: dict) -> str | None:
     return None
 
 
-def convert(data: dict, where: str) -> Mapping | None:
+def convert(data: dict, where: str, locate: Locate = as_given) -> Mapping | None:
+    """The mapping of a peer config (None for a tunelab one); `locate` resolves the paths it reads or names."""
     from . import axolotl, llamafactory
 
     tool = tool_of(data)
     if tool is None:
         return None
-    return (axolotl if tool == "axolotl" else llamafactory).convert(data, where)
+    return (axolotl if tool == "axolotl" else llamafactory).convert(data, where, locate)
 
 
-def load(path: str | Path, overrides: list[str] | None = None, say: Callable[[str], None] = print) -> Config:
-    """A tunelab, axolotl or LLaMA-Factory config file -> a validated Config; `say` gets one line per key that
-    maps differently. Overrides use tunelab's keys."""
-    mapping = convert(read_yaml(path), str(path))
-    if mapping is None:
-        return load_config(path, overrides)
+def summary(mapping: Mapping, file: bool) -> list[str]:
+    """What the CLI prints, the API says and the service returns: a first line naming the tool, then one line per
+    key that maps differently."""
     article = "an" if mapping.tool[0] in "aeiou" else "a"
-    say(f"{path}: read as {article} {mapping.tool} config ({len(mapping.notes)} keys map differently; "
-        f"`tunelab convert {path}` writes the tunelab YAML)")
-    for line in mapping.notes:
-        say(f"  {line}")
-    return load_config(overrides=overrides, data=mapping.config, source=f"{path} (converted from {mapping.tool})")
+    hint = f"; `tunelab convert {mapping.where}` writes the tunelab YAML" if file else ""
+    head = (f"{mapping.where}: read as {article} {mapping.tool} config ({len(mapping.notes)} keys map "
+            f"differently{hint})")
+    return [head, *(f"  {line}" for line in mapping.notes)]
+
+
+def load(config: str | Path | dict, overrides: list[str] | None = None, say: Callable[[str], None] = print,
+         where: str = "config") -> Config:
+    """A tunelab, axolotl or LLaMA-Factory config (a file, or a dict named `where` in messages) -> a validated
+    Config; `say` gets the summary lines of a peer config. Overrides use tunelab's keys."""
+    is_file = not isinstance(config, dict)
+    where = str(config) if is_file else where
+    mapping = convert(read_yaml(config) if is_file else config, where)
+    if mapping is None:
+        return load_config(config, overrides) if is_file else load_config(data=config, overrides=overrides)
+    for line in summary(mapping, is_file):
+        say(line)
+    return load_config(overrides=overrides, data=mapping.config, source=f"{where} (converted from {mapping.tool})")
 
 
 def convert_to_yaml(path: str | Path) -> str:

@@ -4,8 +4,8 @@ run is the one axolotl would have done."""
 
 from __future__ import annotations
 
-from .common import (Mapping, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer, precision, scheduler,
-                     template, trainer_arguments)
+from .common import (Locate, Mapping, as_given, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer,
+                     precision, scheduler, template, trainer_arguments)
 
 # Recognised by these keys (base_model plus one of the rest).
 MARKERS = ("datasets", "sequence_len", "micro_batch_size", "adapter", "lora_r", "num_epochs")
@@ -47,9 +47,9 @@ def looks_like(data: dict) -> bool:
     return "base_model" in data and any(key in data for key in MARKERS)
 
 
-def convert(source: dict, where: str) -> Mapping:
+def convert(source: dict, where: str, locate: Locate = as_given) -> Mapping:
     return convert_by_steps(source, "axolotl", where, (_model, _adapter, _method, _datasets, _training, _logging),
-                            DROPPABLE)
+                            DROPPABLE, locate)
 
 
 def _model(m: Mapping) -> None:

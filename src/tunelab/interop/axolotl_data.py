@@ -31,12 +31,20 @@ def dataset_source(m: Mapping, key: str, i: int, entry: dict, method: str) -> di
     path = files[0] if isinstance(files, list) and len(files) == 1 else files or entry["path"]
     if not isinstance(path, str):
         raise UserError(f"{where}: data_files with several files: list each as its own dataset")
+    path = m.locate(path, f"axolotl {key}[{i}].path")
     if not Path(path).exists() and not any(c in path for c in "*?["):
         m.note(f"{key}[{i}].path", f"{path} is not a local file: tunelab reads local files (jsonl, json, csv, "
                                    "parquet, a saved dataset dir); download it and point path at it")
     source = {"path": path, **_format(where, kind, entry, method)}
     if entry.get("drop_system_message"):
-        m.note(f"{key}[{i}].drop_system_message", "not applied: rows keep their system messages")
+        # axolotl drops the leading system turn in its chat_template strategy (SFT and bradley_terry); its other
+        # strategies (alpaca, DPO's chat_template.*) never read the key
+        base = kind.partition(".")[0]
+        if (base == "chat_template" and method == "sft") or base == "bradley_terry":
+            source["drop_system"] = True
+        else:
+            m.note(f"{key}[{i}].drop_system_message", f"ignored, as axolotl ignores it for type {kind} "
+                                                      f"(method {method})")
     if entry.get("split") not in (None, "train"):
         m.note(f"{key}[{i}].split", "a local file is read whole")
     return source

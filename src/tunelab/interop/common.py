@@ -4,9 +4,17 @@ honour. A key left unread is refused unless it is empty or listed as safe to dro
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..config import UserError
+
+# (a path the config names, the key it came from) -> the path to read. The CLI reads paths as they are; the service
+# passes its resolver, so a peer config's data paths are checked against its roots before anything is read.
+Locate = Callable[[str, str], str]
+
+
+def as_given(path: str, key: str) -> str:
+    return path
 
 
 def empty(value: Any) -> bool:
@@ -15,8 +23,8 @@ def empty(value: Any) -> bool:
 
 
 class Mapping:
-    def __init__(self, source: dict, tool: str, where: str):
-        self.source, self.tool, self.where = source, tool, where
+    def __init__(self, source: dict, tool: str, where: str, locate: Locate = as_given):
+        self.source, self.tool, self.where, self.locate = source, tool, where, locate
         self.config: dict = {}
         self.origin: dict[str, list[str]] = {}  # tunelab dotted key -> "source_key: value" it came from
         self.notes: list[str] = []  # "key: how it maps differently"
@@ -67,10 +75,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def convert_by_steps(source: dict, tool: str, where: str, steps: tuple, droppable: dict[str, str]) -> Mapping:
+def convert_by_steps(source: dict, tool: str, where: str, steps: tuple, droppable: dict[str, str],
+                     locate: Locate = as_given) -> Mapping:
     """Run each peer's section mappers in order (the order keys appear in the converted YAML), then the KTO batch
     fix-up and the unread-key check."""
-    m = Mapping(source, tool, where)
+    m = Mapping(source, tool, where, locate)
     for step in steps:
         step(m)
     kto_batch(m)

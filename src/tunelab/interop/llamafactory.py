@@ -5,8 +5,8 @@ alpha 2 x rank and no dropout; gradient checkpointing on; cutoff_len 2048; packi
 
 from __future__ import annotations
 
-from .common import (Mapping, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer, precision, scheduler,
-                     template, trainer_arguments)
+from .common import (Locate, Mapping, as_given, convert_by_steps, copy_keys, dpo_label_smoothing, optimizer,
+                     precision, scheduler, template, trainer_arguments)
 
 MARKERS = ("stage", "finetuning_type", "cutoff_len", "lora_target", "dataset")
 STAGES = {"sft": "sft", "pt": "pretrain", "rm": "reward", "dpo": "dpo", "kto": "kto"}
@@ -32,8 +32,9 @@ def looks_like(data: dict) -> bool:
     return "model_name_or_path" in data and any(key in data for key in MARKERS)
 
 
-def convert(source: dict, where: str) -> Mapping:
-    return convert_by_steps(source, "LLaMA-Factory", where, (_model, _method, _data, _training, _output), DROPPABLE)
+def convert(source: dict, where: str, locate: Locate = as_given) -> Mapping:
+    return convert_by_steps(source, "LLaMA-Factory", where, (_model, _method, _data, _training, _output), DROPPABLE,
+                            locate)
 
 
 def _model(m: Mapping) -> None:

@@ -23,10 +23,10 @@ OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
 def sources(m: Mapping, key: str, method: str) -> list[dict]:
     names = m.get(key)
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    directory = Path(m.get("dataset_dir", "data"))
+    directory = Path(m.locate(str(m.get("dataset_dir", "data")), "LLaMA-Factory dataset_dir"))
     info_path = directory / "dataset_info.json"
-    try:
-        info = json.loads(info_path.read_text())
+    try:  # located too: a dataset_info.json may be a link out of the folder
+        info = json.loads(Path(m.locate(str(info_path), "LLaMA-Factory dataset_dir")).read_text())
     except FileNotFoundError:
         raise m.refuse(key, f"{info_path} not found: set dataset_dir to the folder with dataset_info.json") from None
     except (OSError, json.JSONDecodeError) as e:

@@ -65,6 +65,9 @@ def create_job(body: JobRequest, request: Request):
                                          "live job; choose another name")
         run_dir.mkdir(parents=True)
         (run_dir / run_files.JOB_CONFIG).write_text(dump_config(cfg))
+        converted = summary["converted_from"]
+        if converted is not None:  # a peer config's notes open the job's log (GET .../logs), before the job can run
+            (run_dir / run_files.TRAIN_LOG).write_text("".join(line + "\n" for line in converted["notes"]))
         job = store.add_job({
             "id": job_id, "state": "PENDING", "display_name": name, "method": summary["method"],
             "source_model": summary["source_model"], "train_dataset": summary["train_dataset"],
@@ -73,7 +76,11 @@ def create_job(body: JobRequest, request: Request):
             "compute": compute_json(compute),
         })
     store.add_event(job_id, "state", job_json(job))
-    return job_json(job)
+    if converted is None:
+        return job_json(job)
+    for line in converted["notes"]:
+        store.add_event(job_id, "log", line)
+    return {**job_json(job), "converted_from": converted}
 
 
 def _state_filter(state: str | None) -> list[str] | None:

@@ -1,9 +1,10 @@
 """A tuning request -> a validated tunelab Config, the way `tunelab validate` checks it, plus a read of the data.
 
 Two request shapes: the managed service's fields (source_model, train_dataset, hyperparameters ...) mapped onto
-a LoRA config with tunelab's defaults, or a whole tunelab `config`. Either way every path the client names must
-resolve inside the server's roots, keys that would run code on the server need --allow-code, and the server
-chooses the run dir. Nothing here imports torch.
+a LoRA config with tunelab's defaults, or a whole `config`: tunelab's, or an axolotl / LLaMA-Factory one converted
+by tunelab.interop as `tunelab train FILE` does (its notes go back with the job). Either way every path the client
+names must resolve inside the server's roots, keys that would run code on the server (or send data off it) need
+--allow-code, and the server chooses the run dir. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from starlette.exceptions import HTTPException
 
 from tunelab.config import Config, Format, Method, UserError, load_config
 from tunelab.data.readers import load_rows, read_rows
+from tunelab.interop import convert as convert_peer
+from tunelab.interop import summary as peer_summary
 
 from .compute import ComputeRequest
 from .security import resolve_inside
@@ -73,6 +76,8 @@ def code_keys(cfg: Config) -> list[str]:
         keys.append("log.wandb")
     if cfg.log.mlflow is not None:
         keys.append("log.mlflow")
+    if cfg.output.hub_model_id is not None:  # an upload with the server's HF_TOKEN
+        keys.append("output.hub_model_id")
     return keys
 
 
@@ -143,14 +148,20 @@ class Resolver:
 
 
 def build_config(req: JobRequest, settings: ServeSettings, store, run_dir: Path) -> tuple[Config, dict]:
-    """(the job's config with output_dir = run_dir, the job's summary fields). Raises UserError/HTTPException."""
+    """(the job's config with output_dir = run_dir, the job's summary fields; `converted_from` {tool, notes} for a
+    peer config). Raises UserError/HTTPException."""
     resolver = Resolver(settings, store)
+    converted = None
     if req.config is not None:
         managed = [k for k in ("source_model", "train_dataset", "validation_dataset") if getattr(req, k) is not None]
         if managed or req.hyperparameters != Hyperparameters() or "method" in req.model_fields_set:
             raise UserError(f"give either 'config' (a whole tunelab config) or the managed fields "
                             f"(source_model, train_dataset, ...), not both (got config and {(managed or ['method/hyperparameters'])[0]})")
-        raw = _from_config(req.config, resolver, settings)
+        # a peer config's own paths (datasets, dataset_dir) are resolved inside the roots before they are read
+        mapping = convert_peer(req.config, "config", lambda name, what: resolver.dataset(name, what)[0])
+        if mapping is not None:
+            converted = {"tool": mapping.tool, "notes": peer_summary(mapping, file=False)}
+        raw = _from_config(mapping.config if mapping else req.config, resolver, settings)
     else:
         raw = _from_managed(req, resolver)
     raw["output_dir"] = str(run_dir)
@@ -169,6 +180,7 @@ def build_config(req: JobRequest, settings: ServeSettings, store, run_dir: Path)
         "train_dataset": req.train_dataset or cfg.data.train[0].path,
         "validation_dataset": req.validation_dataset or (cfg.data.eval[0].path if cfg.data.eval else None),
         "total_steps": estimate_steps(cfg, len(rows)),
+        "converted_from": converted,
     }
     return cfg, summary
 
