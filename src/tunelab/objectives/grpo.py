@@ -21,7 +21,7 @@ from tunelab.config import UserError
 from tunelab.objectives import losses as L
 from tunelab.objectives import policy_losses as PL
 from tunelab.objectives.base import move_to
-from tunelab.objectives.rewards import load_function, make_rewards
+from tunelab.objectives.rewards import function_options, load_function, make_rewards
 from tunelab.objectives.rl import RLObjective, _pad_right
 
 
@@ -33,7 +33,8 @@ class GRPO(RLObjective):
         super().__init__(cfg, tokenizer)
         for i, spec in enumerate(self.rc.rewards):
             if spec.function is not None:  # fail before loading models
-                load_function(spec.function, f"grpo.rewards[{i}].function")
+                key = f"grpo.rewards[{i}].function"
+                function_options(load_function(spec.function, key), spec.function, spec.args, key)
         graders = [(f"grpo.rewards[{i}].grader", s.grader) for i, s in enumerate(self.rc.rewards) if s.grader]
         graders += [(f"grpo.graders[{i}]", g) for i, g in enumerate(self.rc.graders)]
         if graders:
@@ -65,7 +66,7 @@ class GRPO(RLObjective):
         return train, evals
 
     def reward_source(self):
-        return make_rewards(self.rc, self.key, self.device)
+        return make_rewards(self.rc, self.key, self.device, tools=self.sampler.tools if self.sampler else None)
 
     def has_reward_source(self) -> bool:
         rc = self.rc
