@@ -76,7 +76,7 @@ def exact_match(prompt=None, response: str = "", answer=None, row: dict | None =
 
 # ---------------------------------------------------------------- numbers
 
-_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_NUMBER = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
 _SCIENTIFIC = re.compile(rf"^({_NUMBER})\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\{{?([-+]?\d+)\}}?$")
 _FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 _CANDIDATE = re.compile(r"[-+]?\\[dt]?frac\{[^{}]+\}\{[^{}]+\}|[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"
@@ -85,7 +85,7 @@ _CANDIDATE = re.compile(r"[-+]?\\[dt]?frac\{[^{}]+\}\{[^{}]+\}|[-+]?\d[\d,]*(?:\
 
 def _plain(text: str) -> float | None:
     text = text.strip()
-    if not text or not re.fullmatch(_NUMBER, text) or not re.search(r"\d", text):
+    if not re.fullmatch(_NUMBER, text):
         return None
     return float(text.replace(",", ""))
 
@@ -93,8 +93,8 @@ def _plain(text: str) -> float | None:
 def parse_number(text: str) -> list[float]:
     """The values a number written as text may mean: [] when it is not one. Thousands separators, LaTeX
     fractions, a/b, decimals, 1.5e3, 1.5 \\times 10^{3}, 10^{-2}; a percentage means p/100 or p (graders differ)."""
-    s = text.strip().strip("$").strip()
-    s = re.sub(r"\\[,!;: ]|\\left|\\right|\\text\{\s*\}", "", s).replace("\u2212", "-").strip()
+    s = text.replace("\\$", "").strip().strip("$").strip()  # math delimiters and a dollar sign
+    s = re.sub(r"\\[,!;: ]|\\left|\\right|\\text\{\s*\}", "", s).replace("{,}", ",").replace("\u2212", "-").strip()
     s = re.sub(r"(?<=\d)[ \u2009\u202f](?=\d{3}\b)", ",", s)  # 1 234 567 -> 1,234,567
     if s.endswith("%"):
         p = parse_number(s[:-1].rstrip("\\"))
