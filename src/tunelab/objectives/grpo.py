@@ -204,6 +204,8 @@ class GRPO(RLObjective):
                                                  batch_std=self._batch_std(scores))
         stats = self.rollout_stats(roll) if "logp" in roll else self._stats_without_logp(roll)
         stats.update(self._reward_stats(roll))
+        if self.rc.mask_truncated_completions:
+            stats["masked_completions"] = float((~roll["eos"]).sum())
         if "logp" in roll:
             roll["old_logp"] = roll.pop("logp")
         updates = list(self.split(roll, self.rc.steps_per_generation, self.rc.ppo_epochs, stats))
@@ -224,6 +226,14 @@ class GRPO(RLObjective):
         part = self.sampler.generate(model, batch, greedy=True)
         scores = self.score(part)
         return -scores.sum(), {"reward": scores.sum(), "response_length": part["response_mask"].sum().float()}
+
+    def idle_metrics(self, batches: list[dict]) -> dict[str, float] | None:
+        """Every loss type does nothing when no token carries loss (mask_truncated_completions with every
+        completion truncated): dapo would divide by 0 tokens, and the others would step the optimizer on zero
+        gradients, which AdamW's weight decay and moments turn into a change. The rollout's statistics are logged."""
+        if any("loss_mask" not in b or bool(b["loss_mask"].any()) for b in batches):
+            return None
+        return dict(batches[0]["stats"])
 
     def units(self, batch: dict) -> int:
         if "response_mask" not in batch:
