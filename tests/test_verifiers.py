@@ -47,6 +47,7 @@ def test_non_numbers_parse_to_nothing(text):
     ("<think>9*8 = 72</think><answer>72</answer>", "72", 1.0),
     ("Step 1: 1200 + 34 = 1234. Answer: 1,234", "1234", 1.0),
     ("so we get 1,234 apples", "1234", 1.0),  # no marker: the last number
+    ("the sides are 3, 4 and 5", "5", 1.0),
     ("Answer: 73", "72", 0.0),
     ("Answer: 12.5%", "0.125", 1.0),
     ("Answer: 1.5e3", "1500", 1.0),

@@ -79,7 +79,7 @@ def exact_match(prompt=None, response: str = "", answer=None, row: dict | None =
 _NUMBER = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?"
 _SCIENTIFIC = re.compile(rf"^({_NUMBER})\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\{{?([-+]?\d+)\}}?$")
 _FRACTION = re.compile(r"^([-+]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
-_CANDIDATE = re.compile(r"[-+]?\\[dt]?frac\{[^{}]+\}\{[^{}]+\}|[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_CANDIDATE = re.compile(r"[-+]?\\[dt]?frac\{[^{}]+\}\{[^{}]+\}|[-+]?\d(?:[\d,]*\d)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
                         r"(?:\s*/\s*\d+(?:\.\d+)?)?\s*(?:\\?%)?|[-+]?\.\d+")
 
 
@@ -104,11 +104,10 @@ def parse_number(text: str) -> list[float]:
         if top is None or bottom is None or bottom == 0:
             return []
         return [(-1 if m.group(1) == "-" else 1) * top / bottom]
-    if m := _SCIENTIFIC.match(s):
-        mantissa = _plain(m.group(1)) if m.group(1) else 1.0
-        return [] if mantissa is None else [mantissa * 10.0 ** int(m.group(2))]
+    if m := _SCIENTIFIC.match(s):  # float("1e999") is inf where 10.0 ** 999 would raise
+        return [_plain(m.group(1)) * float(f"1e{int(m.group(2))}")]
     if m := re.match(r"^10\s*\^\s*\{?([-+]?\d+)\}?$", s):
-        return [10.0 ** int(m.group(1))]
+        return [float(f"1e{int(m.group(1))}")]
     value = _plain(s)
     return [] if value is None else [value]
 
