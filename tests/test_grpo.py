@@ -177,3 +177,92 @@ def test_each_loss_type_raises_the_reward(base, prompts, tmp_path, loss_type, le
     rewards = [m["reward"] for m in ms]
     assert reward_rose(rewards, k=3), rewards
     assert all(m["updates"] == 2 for m in ms)
+
+
+# ---------------------------------------------------------------- every completion truncated
+
+def _truncate_all(monkeypatch, when=lambda roll: True):
+    """Every completion of the rollouts `when` picks ends as if cut at max_new_tokens (eos False)."""
+    from tunelab.objectives.grpo import GRPO
+
+    plan = GRPO.plan
+
+    def truncated(self, roll):
+        if when(roll):
+            roll["eos"] = torch.zeros_like(roll["eos"])
+        return plan(self, roll)
+
+    monkeypatch.setattr(GRPO, "plan", truncated)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "cispo"])
+def test_every_completion_masked_is_a_no_op_step(base, prompts, tmp_path, monkeypatch, loss_type):
+    """No token carries loss: every loss type leaves weights and optimizer alone (with weight decay and one update
+    per rollout, an optimizer step on zero gradients would still move them), counts the step, logs the rollout and
+    says what happened rather than 'non-finite'."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.training.loop import Trainer
+
+    _truncate_all(monkeypatch)
+    section = {"loss_type": loss_type, "mask_truncated_completions": True, "kl_coef": 0.0, "max_new_tokens": 4}
+    cfg = grpo(base, prompts, tmp_path / "t", section, max_steps=2, lr=1e-2, weight_decay=0.1)
+    said = []
+    trainer = Trainer(load_config(data=cfg), say=said.append)
+    trainer.run()
+    ms = metrics(tmp_path / "t")
+    assert [m["step"] for m in ms] == [1, 2]
+    for m in ms:
+        assert m["loss"] == 0.0 and m["grad_norm"] == 0.0 and m["updates_without_loss"] == 1
+        assert m["masked_completions"] == 8 and "skipped_steps" not in m and 0.0 <= m["reward"] <= 1.0
+    assert not any("non-finite" in s for s in said)
+    assert [s for s in said if "no token" in s] == [
+        f"step {n}: no token carried loss (e.g. every completion masked as truncated), so the weights did not change"
+        for n in (1, 2)]
+    reference = _weights(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    trained = _weights(trainer.module.model)
+    assert trained.keys() == reference.keys()
+    assert all(torch.equal(trained[k], reference[k]) for k in reference)
+    assert all(not s for s in trainer.optimizer.state.values())  # AdamW never stepped: no moments
+
+
+def test_resume_is_exact_across_steps_without_loss(base, prompts, tmp_path, monkeypatch):
+    import shutil
+
+    # the rollouts whose first prompt has an even length are all cut: a mix of idle and real steps
+    _truncate_all(monkeypatch, when=lambda roll: len(roll["items"][0].prompt) % 2 == 0)
+    section = {"mask_truncated_completions": True, "kl_coef": 0.0, "max_new_tokens": 4, "steps_per_generation": 2}
+    train = {"max_steps": 6, "save_every": 3, "keep_checkpoints": 5, "lr": 1e-2, "weight_decay": 0.1}
+    straight = run(grpo(base, prompts, tmp_path / "straight", section, **train))
+    partial = tmp_path / "partial"
+    run(grpo(base, prompts, partial, section, **train))
+    shutil.rmtree(partial / "checkpoints" / "step-00000006")
+    shutil.rmtree(partial / "final")
+    resumed = run(grpo(base, prompts, partial, section, **train), resume=True)
+    ms, mr = metrics(tmp_path / "straight"), metrics(partial)
+    idle = [m.get("updates_without_loss", 0) for m in ms]
+    assert 2 in idle[3:] and min(idle[3:]) < 2, idle  # after the checkpoint: a step without loss, one with some
+    assert [m["step"] for m in mr] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward", "loss", "grad_norm", "masked_completions"):
+        assert [m[key] for m in ms] == pytest.approx([m[key] for m in mr], abs=1e-6), key
+    ws, wr = _weights(straight.module.model), _weights(resumed.module.model)
+    assert max(float((ws[k] - wr[k]).abs().max()) for k in ws) < 1e-6
+
+
+def test_a_verifying_reward_drives_learning(base, prompts, tmp_path):
+    """tunelab.verifiers:format_match as a grpo.rewards entry with its options: 1 when the response holds at least
+    three 'e's (rare at the start: about 5 % of characters are 'e'), else 0, so only a policy that learned to write
+    more of them scores. Same run shape as the per-loss-type runs above."""
+    rewards = [{"function": "tunelab.verifiers:format_match", "args": {"pattern": "(.*e){3}.*"}, "name": "eee"}]
+    section = {"reward_function": None, "rewards": rewards, "kl_coef": 0.0, "group_size": 8, "max_new_tokens": 8,
+               "steps_per_generation": 2}
+    cfg = grpo(base, prompts, tmp_path / "v", section, micro_batch_size=2, max_steps=8, lr=1e-2, scheduler="constant")
+    run(cfg)
+    ms = metrics(tmp_path / "v")
+    rewards = [m["rewards/eee/mean"] for m in ms]
+    assert rewards == [m["reward"] for m in ms]  # the only reward source
+    assert reward_rose(rewards, k=3), rewards

@@ -25,6 +25,7 @@ LAYERS = [
     {
         "interop": ["interop"],
         "publish": ["modelcard", "hub"],
+        "verifiers": ["verifiers"],  # ready-made reward functions: data.tools' parser, graders' sandboxed runner
     },
     # What a model is and how it runs (modeling/): building one to train and loading one for inference, from-scratch
     # tokenizers and architectures, attention, MoE routers and their loss, gated MLPs, LoRA dropout, merging, number

@@ -252,6 +252,7 @@ class RewardSpec(Section):  # one of grpo.rewards: a source, its weight in the s
     model: str | None = None  # a reward model dir, as reward_model
     judge: dict[str, Any] | None = None  # as judge
     grader: dict[str, Any] | None = None  # an OpenAI grader (tunelab.graders)
+    args: dict[str, Any] = {}  # a function's options (its keyword parameters), checked against its signature
     weight: float = 1.0
     name: str | None = None
 
@@ -259,6 +260,8 @@ class RewardSpec(Section):  # one of grpo.rewards: a source, its weight in the s
     def _one_source(self):
         if sum(x is not None for x in (self.function, self.model, self.judge, self.grader)) != 1:
             raise ValueError("each grpo.rewards entry names exactly one of function, model, judge or grader")
+        if self.args and self.function is None:
+            raise ValueError("args are a function's options: only a grpo.rewards entry with a function takes them")
         return self
 
 

@@ -37,21 +37,32 @@ def check_source(source: str, where: str) -> None:
         raise GraderError(f"{where}: the source must define grade(sample, item) -> float at the top level")
 
 
-def run_source(source: str, sample: dict, item: dict) -> float:
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone: every process in it has exited
+        pass
+
+
+def run_source(source: str, sample: dict, item: dict, time_limit_s: float | None = None) -> float:
+    """grade(sample, item) of `source` in a fresh sandboxed child (the module's docstring); tunelab.verifiers'
+    code_execution runs model-written code through it too. Failed when it raises, dies or runs out of time."""
+    time_limit_s = TIME_LIMIT_S if time_limit_s is None else time_limit_s
     request = json.dumps({"source": source, "sample": sample, "item": item, "memory_bytes": MEMORY_BYTES})
     with tempfile.TemporaryDirectory(prefix="tunelab-grader-") as workdir:
         child = subprocess.Popen([sys.executable, "-I", str(RUNNER)], cwd=workdir, env={}, text=True,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  start_new_session=True)  # its own process group: a timeout kills what it started
         try:
-            out, err = child.communicate(request, timeout=TIME_LIMIT_S)
+            out, err = child.communicate(request, timeout=time_limit_s)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            _kill_group(child.pid)
             child.communicate()
             raise Failed({"unresponsive_reward_error": True, "python_grader_runtime_error": True,
                           "python_grader_runtime_error_details":
-                              f"grade() did not finish within {TIME_LIMIT_S:g} s; the child process was killed"},
-                         f"python grader: grade() did not finish within {TIME_LIMIT_S:g} s") from None
+                              f"grade() did not finish within {time_limit_s:g} s; the child process was killed"},
+                         f"python grader: grade() did not finish within {time_limit_s:g} s") from None
+        _kill_group(child.pid)  # a grandchild that let go of the pipes would outlive its parent otherwise
     try:
         answer = json.loads(out.strip().splitlines()[-1])
     except (IndexError, ValueError):

@@ -21,7 +21,7 @@ from tunelab.config import UserError
 from tunelab.objectives import losses as L
 from tunelab.objectives import policy_losses as PL
 from tunelab.objectives.base import move_to
-from tunelab.objectives.rewards import load_function, make_rewards
+from tunelab.objectives.rewards import function_options, load_function, make_rewards
 from tunelab.objectives.rl import RLObjective, _pad_right
 
 
@@ -33,7 +33,8 @@ class GRPO(RLObjective):
         super().__init__(cfg, tokenizer)
         for i, spec in enumerate(self.rc.rewards):
             if spec.function is not None:  # fail before loading models
-                load_function(spec.function, f"grpo.rewards[{i}].function")
+                key = f"grpo.rewards[{i}].function"
+                function_options(load_function(spec.function, key), spec.function, spec.args, key)
         graders = [(f"grpo.rewards[{i}].grader", s.grader) for i, s in enumerate(self.rc.rewards) if s.grader]
         graders += [(f"grpo.graders[{i}]", g) for i, g in enumerate(self.rc.graders)]
         if graders:
@@ -65,7 +66,7 @@ class GRPO(RLObjective):
         return train, evals
 
     def reward_source(self):
-        return make_rewards(self.rc, self.key, self.device)
+        return make_rewards(self.rc, self.key, self.device, tools=self.sampler.tools if self.sampler else None)
 
     def has_reward_source(self) -> bool:
         rc = self.rc
@@ -203,6 +204,8 @@ class GRPO(RLObjective):
                                                  batch_std=self._batch_std(scores))
         stats = self.rollout_stats(roll) if "logp" in roll else self._stats_without_logp(roll)
         stats.update(self._reward_stats(roll))
+        if self.rc.mask_truncated_completions:
+            stats["masked_completions"] = float((~roll["eos"]).sum())
         if "logp" in roll:
             roll["old_logp"] = roll.pop("logp")
         updates = list(self.split(roll, self.rc.steps_per_generation, self.rc.ppo_epochs, stats))
@@ -223,6 +226,14 @@ class GRPO(RLObjective):
         part = self.sampler.generate(model, batch, greedy=True)
         scores = self.score(part)
         return -scores.sum(), {"reward": scores.sum(), "response_length": part["response_mask"].sum().float()}
+
+    def idle_metrics(self, batches: list[dict]) -> dict[str, float] | None:
+        """Every loss type does nothing when no token carries loss (mask_truncated_completions with every
+        completion truncated): dapo would divide by 0 tokens, and the others would step the optimizer on zero
+        gradients, which AdamW's weight decay and moments turn into a change. The rollout's statistics are logged."""
+        if any("loss_mask" not in b or bool(b["loss_mask"].any()) for b in batches):
+            return None
+        return dict(batches[0]["stats"])
 
     def units(self, batch: dict) -> int:
         if "response_mask" not in batch:

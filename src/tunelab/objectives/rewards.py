@@ -7,7 +7,9 @@ tokens dropped, so the end-of-turn token is not part of the text).
 - `reward_function: module:function`: programmatic feedback. The module named by the user is imported
   (nothing is ever eval'ed) and the function is called once per response as
   `f(prompt=..., response=..., answer=...) -> float`; `prompt` is the user's text when the prompt is one
-  user message, else the list of messages; `answer` is the row's `answer` field (None when absent).
+  user message, else the list of messages; `answer` is the row's `answer` field (None when absent). A function
+  that takes `row` / `tools` (or **kwargs) also gets the data row and the environment's tool schemas, and a
+  grpo.rewards entry's `args` are its keyword options (tunelab.verifiers has ready-made ones).
 - `reward_model: DIR`: an `AutoModelForSequenceClassification` with one output (a run dir, a normal HF dir,
   or a LoRA adapter dir whose adapter carries the score head, as `method: reward` writes). Prompt and
   response are rendered as one conversation exactly as reward training rendered its pairs (the reward
@@ -100,16 +102,69 @@ def load_function(spec: str, key: str) -> Callable:
     return fn
 
 
+CALL_ARGUMENTS = ("prompt", "response", "answer", "row", "tools")
+
+
+def function_options(fn: Callable, spec: str, args: dict, key: str) -> dict:
+    """`args` checked against the function's keyword parameters: a name it does not take is refused with the
+    closest one it does, and a value is validated against the parameter's annotation (pydantic), so a typo or a
+    bad value stops the run before any model loads."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if not args:
+        return {}
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters
+    except (NameError, TypeError, ValueError):  # an annotation that does not evaluate: names are still checked
+        params = inspect.signature(fn).parameters
+    options = {name: p for name, p in params.items() if name not in CALL_ARGUMENTS and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    out = {}
+    for name, value in args.items():
+        if name not in options:
+            close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            takes = f"its options: {', '.join(options)}" if options else "it takes no options"
+            raise UserError(f"{key}.args: {spec} has no option {name!r}{hint} ({takes})")
+        annotation = options[name].annotation
+        if isinstance(annotation, str) or annotation is inspect.Parameter.empty:
+            out[name] = value
+            continue
+        try:
+            out[name] = TypeAdapter(annotation).validate_python(value)
+        except ValidationError as e:
+            raise UserError(f"{key}.args.{name}: {e.errors()[0]['msg']} (got {value!r})") from None
+    return out
+
+
+def accepted(fn: Callable, names: tuple[str, ...]) -> set[str]:
+    """Which of `names` the function takes, by name or through **kwargs."""
+    try:
+        params = inspect.signature(fn).parameters
+    except ValueError:
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set(names)
+    return {n for n in names if n in params}
+
+
 class FunctionReward:
-    def __init__(self, spec: str, key: str):
-        self.spec, self.key = spec, key
+    """A Python function per response: prompt, response and answer always; `row` (the data row) and `tools` (the
+    environment's tool schemas, None without one) when it takes them; the entry's `args` as keyword arguments."""
+
+    def __init__(self, spec: str, key: str, args: dict | None = None, tools: list | None = None):
+        self.spec, self.key, self.tools = spec, key, tools
         self.fn = load_function(spec, key)
+        self.options = function_options(self.fn, spec, args or {}, key)
+        self.extra = accepted(self.fn, ("row", "tools"))
 
     def __call__(self, items: list[PromptItem], responses: list[str]) -> torch.Tensor:
         scores = []
         for item, response in zip(items, responses):
+            extra = {"row": item.row, "tools": self.tools}
             try:
-                value = self.fn(prompt=item.prompt, response=response, answer=item.answer)
+                value = self.fn(prompt=item.prompt, response=response, answer=item.answer,
+                                **{k: v for k, v in extra.items() if k in self.extra}, **self.options)
             except Exception as e:  # noqa: BLE001
                 raise UserError(f"{self.key}: {self.spec} raised {type(e).__name__}: {e} "
                                 f"(prompt from {item.where or 'the data'}, response {response[:80]!r})") from e
@@ -278,9 +333,9 @@ def make_reward(section, key: str, device: torch.device):
     return JudgeReward(dict(section.judge), f"{key}.judge", device)
 
 
-def _source(spec, key: str, device: torch.device, grader_key: str | None = None):
+def _source(spec, key: str, device: torch.device, grader_key: str | None = None, tools: list | None = None):
     if spec.function is not None:
-        return FunctionReward(spec.function, f"{key}.function")
+        return FunctionReward(spec.function, f"{key}.function", spec.args, tools)
     if spec.model is not None:
         return ModelReward(spec.model, f"{key}.model", device)
     if spec.judge is not None:
@@ -310,8 +365,9 @@ class WeightedRewards:
         return parts, total
 
 
-def make_rewards(section, key: str, device: torch.device) -> WeightedRewards:
-    """GRPO's reward sources: the single-source keys (weight 1), grpo.rewards and grpo.graders (weight 1 each)."""
+def make_rewards(section, key: str, device: torch.device, tools: list | None = None) -> WeightedRewards:
+    """GRPO's reward sources: the single-source keys (weight 1), grpo.rewards and grpo.graders (weight 1 each).
+    `tools`: the environment's tool schemas, which function rewards that take `tools` receive."""
     from tunelab.config import RewardSpec
 
     named: list[tuple[str, float, Callable]] = []
@@ -320,7 +376,7 @@ def make_rewards(section, key: str, device: torch.device) -> WeightedRewards:
         spec = section.reward_function or ("reward_model" if section.reward_model is not None else "judge")
         named.append((spec.rpartition(":")[2], 1.0, source))
     for i, spec in enumerate(section.rewards):
-        named.append((_default_name(spec, i), spec.weight, _source(spec, f"{key}.rewards[{i}]", device)))
+        named.append((_default_name(spec, i), spec.weight, _source(spec, f"{key}.rewards[{i}]", device, tools=tools)))
     for i, grader in enumerate(section.graders):
         spec = RewardSpec(grader=grader)
         named.append((_default_name(spec, i), 1.0, _source(spec, "", device, f"{key}.graders[{i}]")))

@@ -60,10 +60,10 @@ def code_keys(cfg: Config) -> list[str]:
     if cfg.model.allow_pickle:
         keys.append("model.allow_pickle")
     for section in ("ppo", "grpo"):
-        if getattr(cfg, section).reward_function is not None:
+        if _imports_code(getattr(cfg, section).reward_function):
             keys.append(f"{section}.reward_function")
     for i, spec in enumerate(cfg.grpo.rewards):
-        if spec.function is not None:
+        if _imports_code(spec.function):
             keys.append(f"grpo.rewards[{i}].function")
         if spec.grader is not None and _runs_python(spec.grader):
             keys.append(f"grpo.rewards[{i}].grader")
@@ -79,6 +79,14 @@ def code_keys(cfg: Config) -> list[str]:
     if cfg.output.hub_model_id is not None:  # an upload with the server's HF_TOKEN
         keys.append("output.hub_model_id")
     return keys
+
+
+def _imports_code(function: str | None) -> bool:
+    """A function reward imports a module the request names, unless it is one of tunelab's verifiers that run
+    nothing from the request (code_execution runs the model's code, so it is not one of them)."""
+    from tunelab.verifiers import RUNS_NO_CODE
+
+    return function is not None and function not in RUNS_NO_CODE
 
 
 def _runs_python(grader) -> bool:

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -133,10 +134,22 @@ class Trainer:
     def _collate(self, indices: list[int], items: list) -> dict:
         return move_to(self.objective.collate([items[i] for i in indices]), self.device)
 
+    def _idle(self, batches: list[dict]) -> dict | None:
+        """When no token of the update carries loss on any rank (GRPO with every completion masked), the update
+        is a no-op whose metrics are the objective's (e.g. the rollout's rewards), averaged over ranks."""
+        idle = self.objective.idle_metrics(batches)
+        if self.dist.sum(int(idle is None), self.device):
+            return None
+        out = {k: self.dist.sum(v, self.device) / self.dist.world for k, v in idle.items()}
+        return {**out, "loss": 0.0, "grad_norm": 0.0, "tokens": 0, "idle": True}
+
     def _step(self, batches: list[dict]) -> dict | None:
         """One optimizer step over this rank's micro-batches; None when skipped as non-finite."""
+        idle = self._idle(batches)
+        if idle is not None:
+            return idle
         units = self.dist.sum(sum(self.objective.units(b) for b in batches), self.device)
-        if units == 0:
+        if units == 0:  # loss on a normaliser of 0 would be NaN: skipped (idle_metrics said some token counts)
             return None
         # DDP averages gradients over ranks; scaling by world makes that a sum, normalised by all units.
         scale = self.dist.world / units
@@ -181,11 +194,17 @@ class Trainer:
         done = [m for m in (self._step(batches) for batches in updates) if m is not None]
         if not done:
             return None
-        self.scheduler.step()
-        out = {k: sum(m[k] for m in done) / len(done) for k in done[0]}
+        with warnings.catch_warnings():  # a first step without loss steps no optimizer, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
+        idle = sum(bool(m.pop("idle", False)) for m in done)
+        keys = dict.fromkeys(k for m in done for k in m)  # an idle update logs no per-token metrics
+        out = {k: sum(m[k] for m in done if k in m) / sum(k in m for m in done) for k in keys}
         out["tokens"] = sum(m["tokens"] for m in done)
         if len(updates) > 1:
             out["updates"] = len(done)
+        if idle:
+            out["updates_without_loss"] = idle
         return out
 
     @torch.no_grad()
@@ -262,6 +281,9 @@ class Trainer:
                     continue
                 state.bad_steps = 0
                 state.step += 1
+                if self.dist.main and metrics.get("updates_without_loss") == len(updates):
+                    self.say(f"step {state.step}: no token carried loss (e.g. every completion masked as truncated), "
+                             "so the weights did not change")
                 state.tokens += metrics["tokens"]
                 metrics["tokens_per_s"] = metrics["tokens"] / max(time.time() - t0, 1e-9)
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
