@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from service_util import Server, free_port  # noqa: E402
@@ -142,6 +143,32 @@ def test_reinforcement_job_with_a_score_model_grader(served):
     assert "judge_endpoint" in config and served["server"].url in config and KEY not in config
     rewards = [e.data["train_reward_mean"] for e in events.data if e.type == "metrics"]
     assert len(rewards) == 3 and sum(rewards) / 3 >= 0.75, rewards
+
+
+def test_tuning_jobs_config_gets_this_server_as_judge(served):
+    """A whole tunelab config on /v1/tuningJobs: its model grader's judge is this server; a judge_endpoint of the
+    request's own would send the server's environment variable anywhere, so it needs --allow-code."""
+    import httpx
+
+    client, url = served["client"], served["server"].url
+    rows = write_jsonl(served["root"] / "tj.jsonl", [{"messages": [{"role": "user", "content": f"{i}"}],
+                                                     "kind": "fruit"} for i in range(10)])
+    file_id = client.files.create(file=open(rows, "rb"), purpose="fine-tune").id
+    config = {"model": {"path": "warm"}, "method": "grpo", "data": {"train": [{"path": file_id}]},
+              "grpo": {"graders": [SCORE]}, "train": {"max_steps": 1}}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    own = {**config, "grpo": {**config["grpo"], "judge_endpoint": {"base_url": "http://elsewhere:1/v1",
+                                                                   "api_key_env": "HOME"}}}
+    refused = httpx.post(f"{url}/v1/tuningJobs", json={"config": own}, headers=headers, timeout=60)
+    assert refused.status_code == 403 and "grpo.judge_endpoint" in refused.json()["error"]["message"]
+    unknown = {**config, "grpo": {"graders": [{**SCORE, "model": "nope"}]}}
+    response = httpx.post(f"{url}/v1/tuningJobs", json={"config": unknown}, headers=headers, timeout=60)
+    assert response.status_code == 400 and "grpo.graders[0].model" in response.json()["error"]["message"]
+    job = httpx.post(f"{url}/v1/tuningJobs", json={"config": config}, headers=headers, timeout=60).json()
+    httpx.post(f"{url}/v1/tuningJobs/{job['id']}:cancel", headers=headers, timeout=60)
+    saved = yaml.safe_load((run_dir(served, job["id"]) / "job.yaml").read_text())
+    assert saved["grpo"]["judge_endpoint"] == {"base_url": f"{url}/v1", "api_key_env": "TUNELAB_JUDGE_API_KEY",
+                                               "timeout_s": 120.0}
 
 
 # ---------------------------------------------------------------- the trainer's side, against a fake judge

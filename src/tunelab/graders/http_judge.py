@@ -34,7 +34,8 @@ class HttpJudge:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         url = f"{self.base_url}/chat/completions"
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
@@ -52,7 +53,7 @@ class HttpJudge:
                                            f"{self.retries + 1} times): is that server up, and reachable from "
                                            "where this run is?") from None
             time.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _reply_text(data) -> str:
