@@ -25,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from service_util import Server, free_port  # noqa: E402
-from test_openai_ft import ENDED, migration_script, run_dir, write_jsonl  # noqa: E402
+from test_openai_ft import migration_script, run_dir, write_jsonl  # noqa: E402
 from tiny import config_dict, make_base_model, run_cli  # noqa: E402
 
 from tunelab import tasks  # noqa: E402
