@@ -254,8 +254,8 @@ def test_reinforcement_migration_with_a_string_check_grader(env):
 
 
 def test_reinforcement_grader_errors(env):
-    """Bad grader JSON, a python grader without --allow-code and a model grader (training runs have no judge) are
-    refused at create (400, param the grader)."""
+    """Bad grader JSON, a python grader without --allow-code and a model grader whose judge this server does not
+    serve are refused at create (400, param the grader or its model)."""
     url = env["server"].url
     def upload(path):
         with open(path, "rb") as f:
@@ -269,13 +269,14 @@ def test_reinforcement_grader_errors(env):
     rft_id = upload(rows)
     for grader in ({"type": "string_check", "operation": "eqq", "name": "x", "input": "a", "reference": "b"},
                    {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"},
-                   {"type": "score_model", "name": "s", "model": "base",
+                   {"type": "score_model", "name": "s", "model": "gpt-4o",
                     "input": [{"role": "user", "content": "Score {{sample.output_text}} from 0 to 1."}]}):
         body = {"model": "base", "training_file": rft_id, "method": {"type": "reinforcement",
                                                                      "reinforcement": {"grader": grader}}}
         response = httpx.post(f"{url}/v1/fine_tuning/jobs", json=body, timeout=60)
-        error = assert_openai_error(response, 400, "method.reinforcement.grader")
-        expected = {"string_check": "operation", "python": "--allow-code", "score_model": "no judge model"}
+        param = "method.reinforcement.grader" + (".model" if grader["type"] == "score_model" else "")
+        error = assert_openai_error(response, 400, param)
+        expected = {"string_check": "operation", "python": "--allow-code", "score_model": "'gpt-4o' is not served"}
         assert expected[grader["type"]] in error["message"], error
     wrong = {"model": "base", "training_file": file_id, "method": {"type": "supervised", "supervised": {}}}
     wrong["method"]["supervised"]["grader"] = {"type": "string_check"}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from tunelab.serve.registry import Registry
+
 STRING_CHECK = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
                 "reference": "{{item.answer}}", "operation": "eq"}
 
@@ -71,7 +73,9 @@ def test_reinforcement_maps_to_grpo_with_the_grader(client, tmp_path, monkeypatc
     seen = {}
     monkeypatch.setattr(openai_spec, "_config", lambda raw, merge_from: seen.setdefault("raw", raw) and None)
     monkeypatch.setattr(openai_spec, "code_keys", lambda cfg: [])
-    _, record = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x")
+    monkeypatch.setattr(openai_spec, "with_judge", lambda cfg, settings, registry: cfg)
+    _, record = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x",
+                                                Registry(settings, store))
     raw = seen["raw"]
     assert raw["method"] == "grpo" and raw["grpo"] == {"group_size": 4, "graders": [STRING_CHECK], "max_new_tokens": 64}
     assert raw["data"]["train"][0]["format"] == "prompt"
@@ -86,5 +90,6 @@ def test_reinforcement_config_validates(client, tmp_path):
     from tunelab.serve import openai_spec
 
     req, settings, store = _reinforcement_request(tmp_path)
-    cfg, _ = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x")
+    cfg, _ = openai_spec.build_openai_config(req, settings, store, tmp_path / "run", "ftjob-x",
+                                             Registry(settings, store))
     assert cfg.method == "grpo" and cfg.grpo.graders == [STRING_CHECK]

@@ -265,6 +265,12 @@ class RewardSpec(Section):  # one of grpo.rewards: a source, its weight in the s
         return self
 
 
+class JudgeEndpoint(Section):  # grpo.judge_endpoint: the server score_model / label_model graders ask
+    base_url: str = Field(pattern=r"^https?://")  # an OpenAI-compatible API root, e.g. http://HOST:8321/v1
+    api_key_env: str | None = None  # the environment variable holding its API key: never the key itself
+    timeout_s: float = Field(120.0, gt=0)  # per request
+
+
 class GRPOConfig(RolloutConfig):  # the keys and their papers: README.md's GRPO section
     group_size: int = Field(4, gt=1)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
@@ -278,6 +284,7 @@ class GRPOConfig(RolloutConfig):  # the keys and their papers: README.md's GRPO 
     steps_per_generation: int = Field(1, gt=0)
     rewards: list[RewardSpec] = []
     graders: list[dict[str, Any]] = []
+    judge_endpoint: JudgeEndpoint | None = None  # where model graders' judge is served (README: GRPO)
     dynamic_sampling_rounds: int = Field(0, ge=0)
     environment: str | None = None  # module:Class, multi-turn tool rollouts (objectives/multiturn.py)
     max_turns: int = Field(4, gt=0)  # assistant turns per rollout with an environment

@@ -19,6 +19,12 @@ class GraderError(UserError):
     """Bad grader JSON (or a data row a template cannot read); the message names the field path."""
 
 
+class JudgeUnavailable(UserError):
+    """The judge cannot be asked at all (unreachable, refuses the API key, does not serve the model). Every sample
+    would fail the same way, so this is not one sample's failure: it stops a training run with this one line rather
+    than letting it learn from rewards that are all 0."""
+
+
 class Failed(Exception):
     """This one sample could not be graded (unparseable output, a judge that did not answer, grade() raising).
     Like OpenAI, such a sample scores 0 and the failure is reported in metadata.errors: a training run goes on."""

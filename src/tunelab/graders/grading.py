@@ -147,6 +147,17 @@ def _make(spec: GraderSpec, subs: dict, judge: Judge | None, where: str) -> Grad
     return kinds[type(spec)](spec, where)
 
 
+def judge_models(grader: dict, where: str = "grader") -> list[tuple[str, str]]:
+    """(field path, model name) of each model grader in a checked grader, a multi's sub-graders included: the
+    models its judge must serve, e.g. [("grader.graders.style.model", "judge")]."""
+    if grader.get("type") in ("score_model", "label_model"):
+        return [(f"{where}.model", grader["model"])]
+    if grader.get("type") == "multi":
+        return [found for name, sub in grader["graders"].items()
+                for found in judge_models(sub, f"{where}.graders.{name}")]
+    return []
+
+
 def run(grader: dict, sample: dict, item: dict, *, allow_code: bool = False, judge: Judge | None = None) -> dict:
     """What POST /v1/fine_tuning/alpha/graders/run answers (OpenAI's GraderRunResponse)."""
     built = build(grader, allow_code=allow_code, judge=judge)

@@ -21,7 +21,7 @@ from tunelab.config import UserError
 from tunelab.objectives import losses as L
 from tunelab.objectives import policy_losses as PL
 from tunelab.objectives.base import move_to
-from tunelab.objectives.rewards import function_options, load_function, make_rewards
+from tunelab.objectives.rewards import function_options, load_function, make_judge, make_rewards
 from tunelab.objectives.rl import RLObjective, _pad_right
 
 
@@ -38,13 +38,15 @@ class GRPO(RLObjective):
         graders = [(f"grpo.rewards[{i}].grader", s.grader) for i, s in enumerate(self.rc.rewards) if s.grader]
         graders += [(f"grpo.graders[{i}]", g) for i, g in enumerate(self.rc.graders)]
         if graders:
-            from tunelab.graders import GraderError, validate
+            from tunelab.graders import GraderError, judge_models, validate
 
             for key, grader in graders:
                 try:
                     validate(grader, allow_code=True)
                 except GraderError as e:
                     raise UserError(f"{key}: {e}") from None
+                if judge_models(grader):  # fail before loading models
+                    make_judge(self.rc.judge_endpoint, key)
         self.sampler = None
         if self.rc.environment is not None:
             from tunelab.objectives.multiturn import MultiTurnSampler

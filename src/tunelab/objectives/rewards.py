@@ -20,6 +20,8 @@ tokens dropped, so the end-of-turn token is not part of the text).
   judge's next-token distribution: a number in [0, 1], smooth in the judge's confidence, with no sampling
   and no parsing failures. `yes`/`no` default to "Yes"/"No"; the first tokens of the word with and
   without a leading space are counted (a first token both words share, e.g. a lone space, is not).
+- `grader: {...}` / `grpo.graders`: an OpenAI grader (tunelab.graders). score_model / label_model graders ask
+  the judge model at `grpo.judge_endpoint` (any OpenAI-compatible server) over HTTP.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -304,22 +307,50 @@ def grader_sample(response: str) -> dict:
 
 class GraderReward:
     """An OpenAI grader as a reward. Python graders run here unchecked: the training process is the operator's,
-    and the service refuses them in jobs unless started with --allow-code (serve/jobspec.code_keys)."""
+    and the service refuses them in jobs unless started with --allow-code (serve/jobspec.code_keys). Model graders
+    ask the judge at grpo.judge_endpoint, all of a rollout's samples at once (a serving engine batches them)."""
 
-    def __init__(self, grader: dict, key: str):
-        from tunelab.graders import GraderError, build
+    def __init__(self, grader: dict, key: str, endpoint=None):
+        from tunelab.graders import GraderError, build, judge_models
 
         self.key = key
+        needs_judge = bool(judge_models(grader))
+        self.workers = JUDGE_REQUESTS if needs_judge else 1
         try:
-            self.grader = build(grader, allow_code=True)
+            self.grader = build(grader, allow_code=True, judge=make_judge(endpoint, key) if needs_judge else None)
         except GraderError as e:
             raise UserError(f"{key}: {e}") from None
 
     def __call__(self, items: list[PromptItem], responses: list[str]) -> torch.Tensor:
-        scores = []
-        for item, response in zip(items, responses):
-            scores.append(float(self.grader(grader_sample(response), item.row)))
+        def score(pair) -> float:
+            item, response = pair
+            return float(self.grader(grader_sample(response), item.row))
+
+        if self.workers == 1:
+            scores = [score(pair) for pair in zip(items, responses)]
+        else:
+            with ThreadPoolExecutor(self.workers) as pool:
+                scores = list(pool.map(score, zip(items, responses)))
         return torch.tensor(scores, dtype=torch.float32)
+
+
+JUDGE_REQUESTS = 16  # a judge's requests in flight at once
+
+
+def make_judge(endpoint, key: str):
+    """The HTTP judge of grpo.judge_endpoint; UserError when there is none or its API key variable is unset."""
+    from tunelab.graders import HttpJudge
+
+    if endpoint is None:
+        raise UserError(f"{key}: a score_model / label_model grader asks a judge model; set grpo.judge_endpoint."
+                        "base_url to an OpenAI-compatible server that serves it (e.g. http://HOST:8321/v1)")
+    api_key = None
+    if endpoint.api_key_env is not None:
+        api_key = os.environ.get(endpoint.api_key_env)
+        if api_key is None:
+            raise UserError(f"grpo.judge_endpoint.api_key_env: the environment variable {endpoint.api_key_env} "
+                            "is not set (it holds the judge's API key)")
+    return HttpJudge(endpoint.base_url, api_key, endpoint.timeout_s)
 
 
 # ---------------------------------------------------------------- choosing and combining sources
@@ -333,14 +364,15 @@ def make_reward(section, key: str, device: torch.device):
     return JudgeReward(dict(section.judge), f"{key}.judge", device)
 
 
-def _source(spec, key: str, device: torch.device, grader_key: str | None = None, tools: list | None = None):
+def _source(spec, key: str, device: torch.device, grader_key: str | None = None, tools: list | None = None,
+            endpoint=None):
     if spec.function is not None:
         return FunctionReward(spec.function, f"{key}.function", spec.args, tools)
     if spec.model is not None:
         return ModelReward(spec.model, f"{key}.model", device)
     if spec.judge is not None:
         return JudgeReward(dict(spec.judge), f"{key}.judge", device)
-    return GraderReward(dict(spec.grader), grader_key or f"{key}.grader")
+    return GraderReward(dict(spec.grader), grader_key or f"{key}.grader", endpoint)
 
 
 def _default_name(spec, i: int) -> str:
@@ -376,10 +408,12 @@ def make_rewards(section, key: str, device: torch.device, tools: list | None = N
         spec = section.reward_function or ("reward_model" if section.reward_model is not None else "judge")
         named.append((spec.rpartition(":")[2], 1.0, source))
     for i, spec in enumerate(section.rewards):
-        named.append((_default_name(spec, i), spec.weight, _source(spec, f"{key}.rewards[{i}]", device, tools=tools)))
+        named.append((_default_name(spec, i), spec.weight,
+                      _source(spec, f"{key}.rewards[{i}]", device, tools=tools, endpoint=section.judge_endpoint)))
     for i, grader in enumerate(section.graders):
         spec = RewardSpec(grader=grader)
-        named.append((_default_name(spec, i), 1.0, _source(spec, "", device, f"{key}.graders[{i}]")))
+        named.append((_default_name(spec, i), 1.0,
+                      _source(spec, "", device, f"{key}.graders[{i}]", endpoint=section.judge_endpoint)))
     seen: dict[str, int] = {}
     for j, (name, weight, fn) in enumerate(named):  # two sources of one name are logged apart
         seen[name] = seen.get(name, 0) + 1

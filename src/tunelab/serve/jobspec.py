@@ -70,6 +70,8 @@ def code_keys(cfg: Config) -> list[str]:
     keys += [f"grpo.graders[{i}]" for i, g in enumerate(cfg.grpo.graders) if _runs_python(g)]
     if cfg.grpo.environment is not None:
         keys.append("grpo.environment")
+    if cfg.grpo.judge_endpoint is not None:  # would send a server environment variable to a URL of its choosing
+        keys.append("grpo.judge_endpoint")
     if ":" in cfg.eval.scorer:
         keys.append("eval.scorer")
     if cfg.log.wandb is not None:
@@ -178,6 +180,10 @@ def build_config(req: JobRequest, settings: ServeSettings, store, run_dir: Path)
     if not settings.allow_code and code_keys(cfg):
         raise HTTPException(403, f"config key {code_keys(cfg)[0]} would run code or load pickles on the server; "
                                  "the server accepts it only when started with --allow-code")
+    from .judge import with_judge
+    from .registry import Registry
+
+    cfg = with_judge(cfg, settings, Registry(settings, store))  # model graders: this server is their judge
     rows = load_rows(cfg.data.train, skip_bad_rows=cfg.data.skip_bad_rows)  # bad rows: file:line, as in training
     for sources in (cfg.data.eval, cfg.eval.data):
         if sources:

@@ -8,6 +8,7 @@ OpenAI's shape with `param` naming the field (errors.ApiError).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import threading
@@ -25,6 +26,7 @@ from .errors import ApiError
 from .jobspec import estimate_steps
 from .openai_ft_views import RESULTS_NAME, checkpoints, ft_job_json, event_json, results_csv
 from .openai_models import delete_model
+from .judge import EngineJudge, check_models
 from .openai_spec import FineTuneRequest, build_openai_config, check_grader
 from .views import ENDED, job_json
 
@@ -87,7 +89,8 @@ async def create_job(request: Request):
     run_dir = settings.home / "runs" / job_id
     try:
         # reads the training file: off the event loop
-        cfg, record = await run_in_threadpool(build_openai_config, req, settings, store, run_dir, job_id)
+        cfg, record = await run_in_threadpool(build_openai_config, req, settings, store, run_dir, job_id,
+                                              request.app.state.registry)
     except UserError as e:  # a row of a file, a config value: OpenAI's file checks name the line
         raise ApiError(400, str(e), "training_file" if ".jsonl:" in str(e) else None, "invalid_request") from None
     run_dir.mkdir(parents=True)
@@ -205,17 +208,24 @@ class _GraderValidate(BaseModel):
 async def validate_grader(request: Request):
     body = _parse(_GraderValidate, await _body(request))
     check_grader(body.grader, request.app.state.settings.allow_code, "grader")
+    check_models(body.grader, request.app.state.registry)
     return {"grader": body.grader}
 
 
 @router.post("/v1/fine_tuning/alpha/graders/run")
 async def run_grader(request: Request):
+    """Model graders ask this server's engine (judge.EngineJudge) from a worker thread; the event loop stays free
+    to run the engine's side, and the job queue is not involved."""
     body = _parse(_GraderRun, await _body(request))
-    allow = request.app.state.settings.allow_code
+    state = request.app.state
+    allow = state.settings.allow_code
     check_grader(body.grader, allow, "grader")
+    check_models(body.grader, state.registry)
     sample = {"output_text": body.model_sample, "output_json": _json_or_none(body.model_sample), "output_tools": []}
+    judge = EngineJudge(state.registry, state.engine, asyncio.get_running_loop())
     try:
-        return await run_in_threadpool(graders.run, body.grader, sample, body.item or {}, allow_code=allow)
+        return await run_in_threadpool(graders.run, body.grader, sample, body.item or {}, allow_code=allow,
+                                       judge=judge)
     except UserError as e:
         raise ApiError(400, str(e), "grader", "invalid_grader") from None
 

@@ -1,7 +1,8 @@
 """An OpenAI fine-tuning request -> the tunelab config of the job, with every "auto" hyperparameter chosen.
 
 supervised -> method sft, dpo -> method dpo, reinforcement -> method grpo with the request's grader as its reward
-(`grpo.graders`), each a LoRA run with tunelab's adapter defaults. The rules for "auto" (n rows in the training file):
+(`grpo.graders`; a score_model / label_model grader's judge is a model of this server, judge.py), each a LoRA run
+with tunelab's adapter defaults. The rules for "auto" (n rows in the training file):
 
 - n_epochs: 3, raised to ceil(100 / n) (at most 25) when that gives under 100 examples seen, lowered to
   25000 // n (at least 1) when over 25000 (the rule of OpenAI's data-preparation cookbook).
@@ -34,6 +35,7 @@ from tunelab.data.readers import load_rows
 
 from .errors import ApiError
 from .jobspec import DEFAULT_LR, Resolver, _validate, code_keys, file_format
+from .judge import check_models, with_judge
 from .openai_models import CKPT, KEEP_EPOCHS, resolve_checkpoint
 
 MIN_ROWS = 10  # OpenAI's minimum number of training examples
@@ -139,8 +141,10 @@ def method_of(req: FineTuneRequest) -> tuple[str, MethodBody]:
     return req.method.type, body
 
 
-def build_openai_config(req: FineTuneRequest, settings, store, run_dir: Path, job_id: str) -> tuple[Config, dict]:
-    """(the job's validated config, its `openai` record). Raises ApiError naming the field at fault."""
+def build_openai_config(req: FineTuneRequest, settings, store, run_dir: Path, job_id: str,
+                        registry) -> tuple[Config, dict]:
+    """(the job's validated config, its `openai` record). Raises ApiError naming the field at fault. A model
+    grader's judge is a model of this server (`registry`), which the job reaches over HTTP (judge.with_judge)."""
     kind, body = method_of(req)
     model_path, base_name, merge_from = _model(req.model, settings, store, run_dir)
     train = _file(req.training_file, "training_file", kind, store)
@@ -170,16 +174,16 @@ def build_openai_config(req: FineTuneRequest, settings, store, run_dir: Path, jo
         raw["dpo"] = {"beta": hp["beta"]}
     if kind == "reinforcement":
         check_grader(body.grader, settings.allow_code, "method.reinforcement.grader")
-        try:  # building without a judge refuses score_model / label_model: training runs have no judge model yet
-            graders.build(body.grader, allow_code=True)  # allow_code: check_grader has enforced the operator's flag
-        except graders.GraderError as e:
-            raise ApiError(400, f"{e} (reinforcement jobs on this server have no judge model yet)",
-                           "method.reinforcement.grader", "invalid_grader") from None
+        check_models(body.grader, registry, "method.reinforcement.grader")
         raw["grpo"] = {"group_size": max(2, round(4 * hp["compute_multiplier"])), "graders": [body.grader],
                        "max_new_tokens": REASONING_TOKENS[hp["reasoning_effort"]]}
     cfg = _config(raw, merge_from)
     if not settings.allow_code and code_keys(cfg):
         raise ApiError(403, f"config key {code_keys(cfg)[0]} would run code on the server; start it with --allow-code")
+    try:
+        cfg = with_judge(cfg, settings, registry)
+    except UserError as e:
+        raise ApiError(400, str(e), "method.reinforcement.grader", "invalid_grader") from None
     suffix = req.suffix or ""
     method = {"type": kind, kind: {"hyperparameters": hp, **({"grader": body.grader} if body.grader else {})}}
     record = {"model": req.model, "training_file": req.training_file, "validation_file": req.validation_file,

@@ -25,6 +25,7 @@ from pathlib import Path
 from tunelab import run_files
 
 from .backends.base import CANCELLED, EXITED, LOG_NAME, RUNNING, Backend, Compute, JobSpec, Status
+from .judge import job_env
 from .store import Store
 from .settings import ServeSettings
 from .views import job_json
@@ -183,7 +184,8 @@ class Scheduler:
         else:
             argv = ["train", str(config)]
         attempt = job["attempt"] + (job["phase"] == "train")
-        spec = JobSpec(job["id"], run_dir, argv, job_compute(job), resume=job["phase"] == "train", attempt=attempt)
+        spec = JobSpec(job["id"], run_dir, argv, job_compute(job), resume=job["phase"] == "train", attempt=attempt,
+                       env=job_env(job["config"], self.settings))
         run = self._follower(job, None)  # from the log's current end: earlier attempts are in the events already
         try:
             run.handle = self.backend.submit(spec)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import secrets
 import shlex
@@ -74,9 +75,11 @@ class SlurmBackend(Backend):
 
     # -- Slurm's commands
 
-    def _run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def _run(self, *cmd: str, check: bool = True, timeout: float = 60,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                 env={**os.environ, **env} if env else None)
         except FileNotFoundError:
             raise UserError(f"--backend slurm: {cmd[0]} not found; this machine needs Slurm's client commands "
                             "(Debian: slurm-client) and the cluster's slurm.conf") from None
@@ -145,8 +148,10 @@ class SlurmBackend(Backend):
     def submit(self, spec: JobSpec) -> dict:
         path = spec.run_dir / f"{spec.argv[0]}.sbatch"
         path.write_text(self.script(spec))
-        env_args = [f"--export=ALL,{','.join(f'{k}={v}' for k, v in spec.env.items())}"] if spec.env else []
-        out = self._run("sbatch", "--parsable", *env_args, *self.extra, str(path)).stdout
+        # the values travel in sbatch's own environment, named in --export: a secret (the judge's API key) never
+        # shows on a command line
+        env_args = [f"--export=ALL,{','.join(spec.env)}"] if spec.env else []
+        out = self._run("sbatch", "--parsable", *env_args, *self.extra, str(path), env=spec.env).stdout
         return {"job_id": out.strip().split(";")[0], "script": str(path)}
 
     def poll(self, handle: dict) -> Status:
