@@ -155,7 +155,7 @@ def summary(runs: list[dict], warmup: int) -> dict:
         mine = [r for r in runs if r["system"] == system]
         steps = [s for r in mine for s in r["steps"][warmup:]]
         out[system] = {k: [f(s[k] for s in steps) for f in (min, statistics.median, max)]
-                       for k in ("generate_s", "update_s", "step_s")}
+                       for k in ("generate_s", "update_s", "step_s", "generate_cpu_s", "update_cpu_s", "step_cpu_s")}
         rss = [r["peak_rss_mb"] for r in mine]
         out[system]["peak_rss_mb"] = [min(rss), statistics.median(rss), max(rss)]
         out[system]["steps"], out[system]["runs"] = len(steps), len(mine)
@@ -166,16 +166,17 @@ def table(s: dict) -> str:
     def cell(v, fmt):
         return f"{fmt.format(v[1])} ({fmt.format(v[0])}–{fmt.format(v[2])})"
 
-    lines = ["| system | generation s/step | update s/step | total s/step | peak RSS MB | steps (runs) |",
-             "|---|---|---|---|---|---|"]
+    keys = ("generate_s", "update_s", "step_s", "generate_cpu_s", "update_cpu_s", "step_cpu_s", "peak_rss_mb")
+    lines = ["| system | generation s/step | update s/step | total s/step | generation CPU s | update CPU s | "
+             "total CPU s | peak RSS MB | steps (runs) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in s.items():
-        lines.append(f"| {name} | {cell(r['generate_s'], '{:.2f}')} | {cell(r['update_s'], '{:.2f}')} | "
-                     f"{cell(r['step_s'], '{:.2f}')} | {cell(r['peak_rss_mb'], '{:.0f}')} | "
-                     f"{r['steps']} ({r['runs']}) |")
+        cells = [cell(r[k], "{:.0f}" if k == "peak_rss_mb" else "{:.2f}") for k in keys]
+        lines.append(f"| {name} | {' | '.join(cells)} | {r['steps']} ({r['runs']}) |")
     if {"tunelab", "trl"} <= set(s):
         a, b = s["tunelab"], s["trl"]
-        ratio = [b[k][1] / a[k][1] for k in ("generate_s", "update_s", "step_s", "peak_rss_mb")]
-        lines.append("| TRL / tunelab (medians) | {:.2f}× | {:.2f}× | **{:.2f}×** | {:.2f}× | |".format(*ratio))
+        ratio = " | ".join(f"{b[k][1] / a[k][1]:.2f}×" for k in keys)
+        lines.append(f"| TRL / tunelab (medians) | {ratio} | |")
+    lines.append("median (min–max) over the steps after warm-up; CPU s: the process's CPU time, all threads")
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ def test_clock_forces_full_length_and_counts_it(eager_stopper, style):
     assert (step["sequences"], step["generated_tokens"], step["prompt_tokens"], step["stopped_early"]) == (2, 12, 7, 0)
     assert 0 < step["generate_s"] <= step["step_s"] and step["update_s"] == pytest.approx(
         step["step_s"] - step["generate_s"])
+    assert 0 <= step["generate_cpu_s"] <= step["step_cpu_s"]
     assert clock.dtype == "torch.float32"
     opt.step()  # uninstalled: no second step recorded
     assert len(clock.steps) == 1

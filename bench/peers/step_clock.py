@@ -17,8 +17,8 @@ import time
 class StepClock:
     def __init__(self, min_new_tokens: int):
         self.steps: list[dict] = []
-        self._start = time.perf_counter()
-        self._gen = dict.fromkeys(("generate_s", "generated_tokens", "prompt_tokens", "sequences", "stopped_early"), 0)
+        self._start, self._start_cpu = time.perf_counter(), time.process_time()
+        self._gen = self._nothing_generated()
         self.min_new_tokens = min_new_tokens
         self.dtype = None  # the generating model's, seen at the first generate call
 
@@ -38,11 +38,12 @@ class StepClock:
             else:
                 kwargs["min_new_tokens"] = clock.min_new_tokens
             clock.dtype = str(model.dtype)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = original(model, *args, **kwargs)
             ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
             g = clock._gen
             g["generate_s"] += time.perf_counter() - start
+            g["generate_cpu_s"] += time.process_time() - cpu
             g["generated_tokens"] += (out.shape[1] - ids.shape[1]) * out.shape[0]
             g["prompt_tokens"] += int(mask.sum()) if mask is not None else ids.numel()
             g["sequences"] += out.shape[0]
@@ -59,12 +60,19 @@ class StepClock:
     def uninstall(self) -> None:  # for the test, which runs in a process that goes on
         self._undo()
 
+    @staticmethod
+    def _nothing_generated() -> dict:
+        keys = ("generate_s", "generate_cpu_s", "generated_tokens", "prompt_tokens", "sequences", "stopped_early")
+        return dict.fromkeys(keys, 0)
+
     def _optimizer_stepped(self, optimizer, args, kwargs) -> None:
-        now = time.perf_counter()
-        step_s = now - self._start
-        self.steps.append({"step_s": step_s, "update_s": step_s - self._gen["generate_s"], **self._gen})
-        self._start = now
-        self._gen = dict.fromkeys(("generate_s", "generated_tokens", "prompt_tokens", "sequences", "stopped_early"), 0)
+        # wall time, and the process's CPU time (all its threads): on a shared machine the second moves less
+        now, cpu = time.perf_counter(), time.process_time()
+        step_s, step_cpu_s = now - self._start, cpu - self._start_cpu
+        self.steps.append({"step_s": step_s, "update_s": step_s - self._gen["generate_s"], "step_cpu_s": step_cpu_s,
+                           "update_cpu_s": step_cpu_s - self._gen["generate_cpu_s"], **self._gen})
+        self._start, self._start_cpu = now, cpu
+        self._gen = self._nothing_generated()
 
     def write(self, path: str, **extra) -> None:
         with open(path, "w") as f:
