@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray llama-cpp test-export bench bench-estimate bench-serve bench-scheduler bench-peers clean
+.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray llama-cpp test-export bench bench-estimate bench-serve bench-scheduler bench-peers bench-grpo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -98,6 +98,10 @@ bench-scheduler: $(STAMP)
 # ~/.cache/tunelab/bench-peers (created on first use: about 90 minutes of installs)
 bench-peers: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peers.py
+
+# GRPO step time and peak RSS against TRL's GRPOTrainer (its venv under ~/.cache/tunelab/bench-peers/trl, made on first use)
+bench-grpo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/grpo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

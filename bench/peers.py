@@ -48,14 +48,15 @@ QUIET = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLIN
          "UNSLOTH_DISABLE_STATISTICS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def ensure_venv(name: str, say=print) -> Path:
+def ensure_venv(name: str, say=print, requirements: list[str] | None = None) -> Path:
+    """The peer's venv, installed with `requirements` (default: INSTALL[name]) when its `.ok` marker is missing."""
     venv = CACHE / name
     if not (venv / ".ok").is_file():
         say(f"installing {name} into {venv} (takes a while)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
         subprocess.run(pip + ["--upgrade", "pip"], check=True)
-        subprocess.run(pip + INSTALL[name], check=True)
+        subprocess.run(pip + (requirements or INSTALL[name]), check=True)
         (venv / ".ok").touch()
     return venv / "bin"
 
