@@ -61,7 +61,8 @@ def test_calculator_answers_every_task_family_by_the_tasks_checker():
         assert tasks.exact_reward(item["prompt"], conversation[-1]["content"], item["answer"]) == 1.0
         assert conversation[1]["tool_calls"][0]["function"] == call and conversation[2]["role"] == "tool"
     assert calculator_call("Tell me a story") is None
-    assert tasks.exact_reward("p", "The answer is 5.", "5") == 0.0 and tasks.correctness_reward("p", "The answer is 5.", "5") == 0.3
+    assert tasks.exact_reward("p", "The answer is 5.", "5") == 0.0
+    assert tasks.correctness_reward("p", "The answer is 5.", "5") == 0.3
 
 
 def test_tools_in_prompt_false_leaves_the_schemas_out(base, prompts, tmp_path):
