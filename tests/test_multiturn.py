@@ -12,7 +12,7 @@ from tunelab import tasks
 from tunelab.config import UserError, load_config
 from tunelab.data import render, tokenize_example
 from tunelab.data.tokenize import encode
-from tunelab.environments import Calculator, GuessTheNumber
+from tunelab.environments import Calculator, GuessTheNumber, calculator_call, tool_conversation
 from tunelab.objectives.multiturn import run_tool, tool_schemas
 
 
@@ -49,6 +49,31 @@ def test_environment_contract():
     assert "1 to 100" in game.reset(answer="42")
     assert [game.guess(n) for n in (50, 40, 42)] == ["lower", "higher", "correct"]
     assert game.get_reward() == pytest.approx(0.8)
+
+
+def test_calculator_answers_every_task_family_by_the_tasks_checker():
+    """The call calculator_call reads out of each family's prompt, run by the Calculator, gives the answer the
+    task generator computed (tasks.exact_match); tool_conversation is that trajectory in the chat format."""
+    for item in tasks.make_items(50, seed=11):
+        call = calculator_call(item["prompt"])
+        conversation = tool_conversation(item["prompt"], call)
+        assert tasks.exact_match(conversation[-1]["content"], item["answer"]) == 1.0, item
+        assert tasks.exact_reward(item["prompt"], conversation[-1]["content"], item["answer"]) == 1.0
+        assert conversation[1]["tool_calls"][0]["function"] == call and conversation[2]["role"] == "tool"
+    assert calculator_call("Tell me a story") is None
+    assert tasks.exact_reward("p", "The answer is 5.", "5") == 0.0
+    assert tasks.correctness_reward("p", "The answer is 5.", "5") == 0.3
+
+
+def test_tools_in_prompt_false_leaves_the_schemas_out(base, prompts, tmp_path):
+    with_schemas = trainer_for(env_config(base, prompts, tmp_path / "s", {})).objective
+    without = trainer_for(env_config(base, prompts, tmp_path / "n", {"tools_in_prompt": False})).objective
+    item = without.datasets()[0][0]
+    long, short = with_schemas.sampler._start(item).prompt_ids, without.sampler._start(item).prompt_ids
+    tok = without.tokenizer
+    assert "<tools>" in tok.decode(long) and "<tools>" not in tok.decode(short)
+    assert len(short) < len(long) // 5, (len(short), len(long))  # the five schemas are most of the prompt
+    assert without.sampler.tools is None and len(with_schemas.sampler.tools) == 5
 
 
 def test_tool_outputs_masked_exactly_as_sft(base, prompts, tmp_path, monkeypatch):

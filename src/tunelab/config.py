@@ -288,6 +288,7 @@ class GRPOConfig(RolloutConfig):  # the keys and their papers: README.md's GRPO 
     dynamic_sampling_rounds: int = Field(0, ge=0)
     environment: str | None = None  # module:Class, multi-turn tool rollouts (objectives/multiturn.py)
     max_turns: int = Field(4, gt=0)  # assistant turns per rollout with an environment
+    tools_in_prompt: bool = True  # False: the environment's tools run but are not described in the prompt
 
 
 class TeacherConfig(Section):

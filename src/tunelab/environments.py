@@ -5,6 +5,8 @@ get_reward(). Pure Python: nothing here imports torch or the rest of tunelab.
 
 from __future__ import annotations
 
+import re
+
 
 class Calculator:
     """Tools for the demo's task families (tunelab.tasks): each one computes what its family asks, so a policy that
@@ -61,6 +63,40 @@ class Calculator:
         self.calls += 1
         pairs = dict(part.strip().split("=", 1) for part in str(facts).split(",") if "=" in part)
         return pairs.get(str(key).strip(), f"no fact for {key!r}")
+
+
+# The tool call that answers each task family's prompt (tunelab.tasks), read back out of the prompt's text
+_CALLS = [
+    (re.compile(r"What is (\d+) \+ (\d+)\?"), lambda m: ("add", {"a": int(m[1]), "b": int(m[2])})),
+    (re.compile(r"Reverse the word: (\w+)"), lambda m: ("reverse", {"word": m[1]})),
+    (re.compile(r"Sort these numbers: ([\d ]+)"), 
+     lambda m: ("sort_numbers", {"numbers": [int(x) for x in m[1].split()]})),
+    (re.compile(r"Uppercase: (\w+)"), lambda m: ("uppercase", {"word": m[1]})),
+    (re.compile(r"Given (.*)\. What is (\w+)\?"), lambda m: ("lookup", {"facts": m[1], "key": m[2]})),
+]
+
+
+def calculator_call(prompt: str) -> dict | None:
+    """The Calculator call {"name", "arguments"} that answers a tunelab.tasks prompt; None for any other text."""
+    for pattern, call in _CALLS:
+        match = pattern.search(prompt)
+        if match:
+            name, arguments = call(match)
+            return {"name": name, "arguments": arguments}
+    return None
+
+
+def tool_conversation(prompt: str, call: dict) -> list[dict]:
+    """A tool-use trajectory for SFT in the chat format: the user's prompt, the assistant's `call`, the Calculator's
+    real result for it, and that result as the answer (a wrong call gives a wrong answer, as it would in a rollout)."""
+    env = Calculator()
+    env.reset()
+    result = getattr(env, call["name"])(**call["arguments"])
+    result = result if isinstance(result, str) else str(result)
+    return [{"role": "user", "content": prompt},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": result}]
 
 
 class GuessTheNumber:

@@ -116,3 +116,9 @@ def correctness_reward(prompt: str, response: str, answer: str | None = None, **
     if response == answer:
         return 1.0
     return 0.3 if answer in response else 0.0
+
+
+def exact_reward(prompt: str, response: str, answer: str | None = None, **_) -> float:
+    """A verifiable reward for PPO/GRPO: 1 for the exact answer (surrounding whitespace aside), else 0. Unlike
+    correctness_reward, a reply that merely contains the answer earns nothing."""
+    return 0.0 if answer is None else exact_match(response, answer)

@@ -7,7 +7,7 @@ The environment contract follows TRL's `environment_factory` so that its environ
   appended to the last user message;
 - every other public method is a tool. Its JSON schema comes from its signature and docstring (transformers'
   get_json_schema, as TRL does: type hints and an `Args:` section), and the schemas go into the prompt in the
-  template's tool format (data/tools.py);
+  template's tool format (data/tools.py), unless `grpo.tools_in_prompt` is false;
 - `get_reward() -> float`, when defined, scores the finished episode from the environment's state, as one more
   reward source of weight 1 named after the class (TRL's convention); the text reward sources score the last
   assistant turn.
@@ -99,7 +99,10 @@ class MultiTurnSampler:
     def __init__(self, obj, spec: str):
         self.obj, self.key = obj, "grpo.environment"
         self.cls = load_environment(spec, self.key)
-        self.tools = tool_schemas(self.cls, self.key)
+        schemas = tool_schemas(self.cls, self.key)  # built even when unused: a tool without a schema is refused
+        # tools_in_prompt false: a policy fine-tuned on these tools (or data whose system message names them) needs
+        # no schemas in every prompt, which for a small model or a short context are most of its tokens
+        self.tools = schemas if obj.rc.tools_in_prompt else None
 
     def _encode(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         from tunelab.data import render, tokenize_example
