@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium slurm demo test test-slow test-slurm test-ray llama-cpp test-export bench bench-estimate bench-serve bench-scheduler bench-peers bench-grpo clean
+.PHONY: venv chromium slurm demo test test-slow test-slurm test-rl test-ray llama-cpp test-export bench bench-estimate bench-serve bench-scheduler bench-peers bench-grpo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(STAMP) chromium
 # Marked slow (each job is a real Slurm job: about 5 minutes in all), so run here explicitly.
 test-slurm: $(STAMP) slurm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_slurm.py tests/test_multinode.py
+
+# Marked slow (an SFT warm start then multi-turn GRPO: ~45 s idle, minutes on a loaded CPU), so run here explicitly.
+test-rl: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow tests/test_multiturn_learning.py
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
