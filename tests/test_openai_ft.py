@@ -216,6 +216,42 @@ def test_dpo_continues_from_the_fine_tuned_model(env):
     assert not (run_dir(env, job.id) / "final").exists() and not (run_dir(env, job.id) / "checkpoints").exists()
 
 
+def test_over_long_rows_are_reported_at_create(env):
+    """OpenAI truncates examples over the model's limit rather than refusing the file: a job reports them at create
+    (a warn event), counted as the tokenizer itself counts the rendered conversation, the reference: a row exactly
+    at the limit passes, one token over does not. Create and cancel: nothing trains."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(env["base"])
+    limit = AutoConfig.from_pretrained(env["base"]).max_position_embeddings  # below data.max_length's default 1024
+
+    def count(messages):  # the tokenizer's own chat template and encoding
+        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False)).input_ids)
+
+    def chat(user, reply="ok"):
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+    sized = {count(chat("add " * n + tail)): chat("add " * n + tail) for n in range(100, 140) for tail in ("", "x")}
+    rows = [chat("add 1 and 2", "3")] * 10
+    rows[2], rows[4], rows[6] = sized[limit], sized[limit + 1], chat("hi", "add " * 140)  # lines 3, 5, 7
+    assert count(rows[6]) > limit
+    path = write_jsonl(env["root"] / "long.jsonl", [{"messages": m} for m in rows])
+    client = env["client"]
+    training_file = client.files.create(file=open(path, "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, method=sft_method())
+    client.fine_tuning.jobs.cancel(job.id)
+    events = client.fine_tuning.jobs.list_events(fine_tuning_job_id=job.id, limit=50).data
+    warnings = [e.message for e in events if e.level == "warn"]
+    assert warnings == [f"warning: training_file: 2 rows are over the job's limit of {limit} tokens (lines 5, 7): "
+                        "1 cut to fit (the prompt cut from the left, oldest turns first); 1 left out of training "
+                        "(the reply alone does not fit)"]
+    capped = [e for e in events if "context window" in e.message]
+    assert len(capped) == 1 and capped[0].level == "info" and f"to the model's context window, {limit}" in \
+        capped[0].message
+    config = httpx.get(f"{env['server'].url}/v1/tuningJobs/{job.id}").json()["config"]
+    assert config["data"]["max_length"] == limit
+
+
 def test_auto_hyperparameters_are_reported(env):
     client = env["client"]
     training_file = client.files.create(file=open(env["chat"], "rb"), purpose="fine-tune")

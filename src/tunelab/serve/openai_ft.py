@@ -25,6 +25,7 @@ from tunelab.config import UserError, dump_config
 from .errors import ApiError
 from .jobspec import estimate_steps
 from .openai_ft_views import RESULTS_NAME, checkpoints, ft_job_json, event_json, results_csv
+from .openai_lengths import check_lengths
 from .openai_models import delete_model
 from .judge import EngineJudge, check_models
 from .openai_spec import FineTuneRequest, build_openai_config, check_grader
@@ -91,6 +92,9 @@ async def create_job(request: Request):
         # reads the training file: off the event loop
         cfg, record = await run_in_threadpool(build_openai_config, req, settings, store, run_dir, job_id,
                                               request.app.state.registry)
+        # over-long rows: tokenized here, where the model is known (openai_lengths)
+        cfg, warnings = await run_in_threadpool(check_lengths, cfg, record["method"]["type"],
+                                                record["merge_from"] or cfg.model.path)
     except UserError as e:  # a row of a file, a config value: OpenAI's file checks name the line
         raise ApiError(400, str(e), "training_file" if ".jsonl:" in str(e) else None, "invalid_request") from None
     run_dir.mkdir(parents=True)
@@ -103,6 +107,8 @@ async def create_job(request: Request):
         "progress": {"step": 0, "total_steps": estimate_steps(cfg, record["rows"])},
     })
     store.add_event(job_id, "state", job_json(job))
+    for line in warnings:
+        store.add_event(job_id, "log", line)
     return ft_job_json(job)
 
 
