@@ -171,4 +171,5 @@ def test_service_trains_peer_configs_as_the_cli_would(env, tmp_path, capsys):
         log = httpx.get(f"{env['server'].url}/v1/tuningJobs/{job.id}/logs", params={"tail": 10_000}).text
         assert log.splitlines()[:len(said)] == said
         assert f"done at step {STEPS}/{STEPS}" in log  # (LLaMA-Factory's logging_steps 10: no metrics row before)
+        assert served["progress"]["step"] == STEPS, tool  # from that line when no metrics row came
         assert (Path(served["tuned_model"]["path"]) / "adapter_config.json").is_file()

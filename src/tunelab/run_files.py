@@ -32,3 +32,6 @@ EXIT_INTERRUPTED = 130  # stopped on request (SIGINT / SIGTERM) after saving a c
 # job's error.
 ERROR_PREFIX = "error:"
 STOPPED_PREFIX = "stopped:"
+# A finished run's summary starts with this line, `done at step N/T: ...`: the step it ended at, which the service
+# reads when no metrics row came (train.log_every above the run's steps).
+DONE_PREFIX = "done at step "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -327,8 +328,11 @@ class Scheduler:
             self.store.add_endpoint({"name": name, "job_id": job["id"], "source_model": job["source_model"],
                                      "path": str(final), "adapter": int(adapter), "create_time": time.time()})
         progress = {**job["progress"], "eta_seconds": 0}
-        if rows:
-            progress["step"] = rows[-1]["step"]
+        step = _final_step(run_dir / LOG_NAME)
+        if step is None and rows:
+            step = rows[-1]["step"]
+        if step is not None:
+            progress["step"] = step
         return self._set(job, "SUCCEEDED", end_time=time.time(), best_metrics=best, progress=progress,
                          final_metrics=final_metrics, tuned_model={"path": str(final), "adapter": adapter, "endpoint": name})
 
@@ -354,6 +358,18 @@ def _error_line(tail: list[str], code: int | None) -> str:
         return f"the backend lost the training process: {last}"
     return f"the training process exited with code {code}: {last}" if code > 0 else \
         f"the training process was killed by signal {-code}: {last}"
+
+
+def _final_step(log: Path, tail_bytes: int = 1 << 20) -> int | None:
+    """The step of the trainer's last `done at step N/T` line: metrics rows come only every train.log_every steps,
+    so a run shorter than that has none. Only the log's tail is read (an eval phase may follow the line)."""
+    if not log.is_file():
+        return None
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - tail_bytes))
+        text = f.read().decode("utf-8", "replace")
+    steps = re.findall(rf"^{re.escape(run_files.DONE_PREFIX)}(\d+)/", text, re.MULTILINE)
+    return int(steps[-1]) if steps else None
 
 
 def read_metrics(path: Path) -> list[dict]:

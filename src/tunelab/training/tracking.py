@@ -149,7 +149,7 @@ def summary(state, total_steps: int, elapsed: float, steps: int, tokens: int, fi
             plot: Path | None) -> str:
     """The lines a finished run ends with; `state` is the loop's TrainState."""
     lines = [
-        f"done at step {state.step}/{total_steps}: {steps} steps in {elapsed:.1f}s, {tokens:,} tokens "
+        f"{run_files.DONE_PREFIX}{state.step}/{total_steps}: {steps} steps in {elapsed:.1f}s, {tokens:,} tokens "
         f"({tokens / max(elapsed, 1e-9):,.0f} tok/s)",
     ]
     if state.best_eval < math.inf:
