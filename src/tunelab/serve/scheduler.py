@@ -368,7 +368,7 @@ def _final_step(log: Path, tail_bytes: int = 1 << 20) -> int | None:
     with open(log, "rb") as f:
         f.seek(max(0, log.stat().st_size - tail_bytes))
         text = f.read().decode("utf-8", "replace")
-    steps = re.findall(rf"^{re.escape(run_files.DONE_PREFIX)}(\d+)/", text, re.MULTILINE)
+    steps = re.findall(rf"{re.escape(run_files.DONE_PREFIX)}(\d+)/", text)  # a launcher may prefix lines
     return int(steps[-1]) if steps else None
 
 
