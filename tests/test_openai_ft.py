@@ -216,31 +216,40 @@ def test_dpo_continues_from_the_fine_tuned_model(env):
     assert not (run_dir(env, job.id) / "final").exists() and not (run_dir(env, job.id) / "checkpoints").exists()
 
 
+def rendered_length(tokenizer, messages, **kw) -> int:
+    """The reference count: the tokenizer's own chat template and encoding (with its special tokens)."""
+    return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, **kw)).input_ids)
+
+
+def create_and_cancel(env, path: Path, model: str, method: dict) -> list:
+    """The job's events right after create (it is cancelled at once: nothing trains)."""
+    client = env["client"]
+    training_file = client.files.create(file=open(path, "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=model, training_file=training_file.id, method=method)
+    client.fine_tuning.jobs.cancel(job.id)
+    config = httpx.get(f"{env['server'].url}/v1/tuningJobs/{job.id}").json()["config"]
+    return client.fine_tuning.jobs.list_events(fine_tuning_job_id=job.id, limit=50).data, config
+
+
 def test_over_long_rows_are_reported_at_create(env):
     """OpenAI truncates examples over the model's limit rather than refusing the file: a job reports them at create
     (a warn event), counted as the tokenizer itself counts the rendered conversation, the reference: a row exactly
-    at the limit passes, one token over does not. Create and cancel: nothing trains."""
+    at the limit passes, one token over does not."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(env["base"])
     limit = AutoConfig.from_pretrained(env["base"]).max_position_embeddings  # below data.max_length's default 1024
 
-    def count(messages):  # the tokenizer's own chat template and encoding
-        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False)).input_ids)
-
     def chat(user, reply="ok"):
         return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
-    sized = {count(chat("add " * n + tail)): chat("add " * n + tail) for n in range(100, 140) for tail in ("", "x")}
+    sized = {rendered_length(tokenizer, chat("add " * n + tail)): chat("add " * n + tail)
+             for n in range(100, 140) for tail in ("", "x")}
     rows = [chat("add 1 and 2", "3")] * 10
     rows[2], rows[4], rows[6] = sized[limit], sized[limit + 1], chat("hi", "add " * 140)  # lines 3, 5, 7
-    assert count(rows[6]) > limit
+    assert rendered_length(tokenizer, rows[6]) > limit
     path = write_jsonl(env["root"] / "long.jsonl", [{"messages": m} for m in rows])
-    client = env["client"]
-    training_file = client.files.create(file=open(path, "rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="base", training_file=training_file.id, method=sft_method())
-    client.fine_tuning.jobs.cancel(job.id)
-    events = client.fine_tuning.jobs.list_events(fine_tuning_job_id=job.id, limit=50).data
+    events, config = create_and_cancel(env, path, "base", sft_method())
     warnings = [e.message for e in events if e.level == "warn"]
     assert warnings == [f"warning: training_file: 2 rows are over the job's limit of {limit} tokens (lines 5, 7): "
                         "1 cut to fit (the prompt cut from the left, oldest turns first); 1 left out of training "
@@ -248,8 +257,44 @@ def test_over_long_rows_are_reported_at_create(env):
     capped = [e for e in events if "context window" in e.message]
     assert len(capped) == 1 and capped[0].level == "info" and f"to the model's context window, {limit}" in \
         capped[0].message
-    config = httpx.get(f"{env['server'].url}/v1/tuningJobs/{job.id}").json()["config"]
     assert config["data"]["max_length"] == limit
+
+
+def test_over_long_prompts_and_pairs_are_reported_at_create(env):
+    """Reinforcement: a prompt and its sampled reply share the limit, so a prompt with room for exactly
+    grpo.max_new_tokens passes and one token more is left out (the reference: the tokenizer's own count of the
+    prompt with the generation prompt). dpo: a pair whose reply alone is over the limit is left out."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(env["base"])
+    limit = AutoConfig.from_pretrained(env["base"]).max_position_embeddings
+    room = limit - 16  # reasoning_effort low: grpo.max_new_tokens 16
+
+    def prompt(text):
+        return [{"role": "user", "content": text}]
+
+    texts = ["add " * n + tail for n in range(90, 140) for tail in ("", "x")]
+    sized = {rendered_length(tokenizer, prompt(t), add_generation_prompt=True): prompt(t) for t in texts}
+    prompts = [prompt("add 1 and 2")] * 10
+    prompts[1], prompts[3] = sized[room], sized[room + 1]  # lines 2 and 4
+    path = write_jsonl(env["root"] / "long-rft.jsonl", [{"messages": m, "answer": "3"} for m in prompts])
+    grader = {"type": "string_check", "name": "eq", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+              "operation": "eq"}
+    method = {"type": "reinforcement", "reinforcement": {"grader": grader,
+                                                        "hyperparameters": {"reasoning_effort": "low"}}}
+    events, _ = create_and_cancel(env, path, "base", method)
+    assert [e.message for e in events if e.level == "warn"] == [
+        f"warning: training_file: 1 rows are over the job's limit of {room} prompt tokens (data.max_length less "
+        "grpo.max_new_tokens) (lines 4): 1 left out of training (no room left for the sampled reply)"]
+
+    pairs = [{"input": {"messages": prompt("add 1 and 2")}, "preferred_output": [{"role": "assistant", "content": "3"}],
+              "non_preferred_output": [{"role": "assistant", "content": "4"}]}] * 10
+    pairs[8] = {**pairs[8], "non_preferred_output": [{"role": "assistant", "content": "add " * 140}]}  # line 9
+    path = write_jsonl(env["root"] / "long-prefs.jsonl", pairs)
+    events, _ = create_and_cancel(env, path, "base", {"type": "dpo"})
+    assert [e.message for e in events if e.level == "warn"] == [
+        f"warning: training_file: 1 rows are over the job's limit of {limit} tokens (lines 9): 1 left out of "
+        "training (the reply alone does not fit)"]
 
 
 def test_auto_hyperparameters_are_reported(env):

@@ -90,8 +90,9 @@ def _report(param: str, source: DataSource, kind: str, tokenizer, cfg: Config) -
     lines = ", ".join(over[:SHOW_LINES]) + (", ..." if len(over) > SHOW_LINES else "")
     how = "the prompt cut from the left, oldest turns first" if cfg.data.truncation == "keep_response" else \
         "cut at the end"
+    why = "no room left for the sampled reply" if kind == "reinforcement" else "the reply alone does not fit"
     did = [f"{fate['cut']} cut to fit ({how})" if fate["cut"] else "",
-           f"{fate['dropped']} left out of training (the reply alone does not fit)" if fate["dropped"] else ""]
+           f"{fate['dropped']} left out of training ({why})" if fate["dropped"] else ""]
     more = f"; rows after the first {MAX_CHECKED} were not checked ({unchecked} rows)" if unchecked else ""
     return (f"{param}: {len(over)} rows are over the job's limit of {limit} {what} (lines {lines}): "
             f"{'; '.join(d for d in did if d)}{more}")
