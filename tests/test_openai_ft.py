@@ -284,8 +284,8 @@ def test_over_long_prompts_and_pairs_are_reported_at_create(env):
                                                         "hyperparameters": {"reasoning_effort": "low"}}}
     events, _ = create_and_cancel(env, path, "base", method)
     assert [e.message for e in events if e.level == "warn"] == [
-        f"warning: training_file: 1 rows are over the job's limit of {room} prompt tokens (data.max_length less "
-        "grpo.max_new_tokens) (lines 4): 1 left out of training (no room left for the sampled reply)"]
+        f"warning: training_file: 1 row is over the job's limit of {room} prompt tokens (data.max_length less "
+        "grpo.max_new_tokens) (line 4): 1 left out of training (no room left for the sampled reply)"]
 
     pairs = [{"input": {"messages": prompt("add 1 and 2")}, "preferred_output": [{"role": "assistant", "content": "3"}],
               "non_preferred_output": [{"role": "assistant", "content": "4"}]}] * 10
@@ -293,7 +293,7 @@ def test_over_long_prompts_and_pairs_are_reported_at_create(env):
     path = write_jsonl(env["root"] / "long-prefs.jsonl", pairs)
     events, _ = create_and_cancel(env, path, "base", {"type": "dpo"})
     assert [e.message for e in events if e.level == "warn"] == [
-        f"warning: training_file: 1 rows are over the job's limit of {limit} tokens (lines 9): 1 left out of "
+        f"warning: training_file: 1 row is over the job's limit of {limit} tokens (line 9): 1 left out of "
         "training (the reply alone does not fit)"]
 
 

@@ -94,7 +94,8 @@ def _report(param: str, source: DataSource, kind: str, tokenizer, cfg: Config) -
     did = [f"{fate['cut']} cut to fit ({how})" if fate["cut"] else "",
            f"{fate['dropped']} left out of training ({why})" if fate["dropped"] else ""]
     more = f"; rows after the first {MAX_CHECKED} were not checked ({unchecked} rows)" if unchecked else ""
-    return (f"{param}: {len(over)} rows are over the job's limit of {limit} {what} (lines {lines}): "
+    count = f"{len(over)} row is" if len(over) == 1 else f"{len(over)} rows are"
+    return (f"{param}: {count} over the job's limit of {limit} {what} (line{'s' * (len(over) > 1)} {lines}): "
             f"{'; '.join(d for d in did if d)}{more}")
 
 
