@@ -1,7 +1,8 @@
 """SFT's token accuracy (issue 18: OpenAI's train/valid mean token accuracy) against the plain full-logits one,
 `(logits[:, :-1].argmax(-1) == labels[:, 1:])[labels[:, 1:] != -100]` of `model(input_ids).logits`: per forward on
 every head path, and as the trainer logs it (padded and padding-free batches, full and LoRA, accumulated, eval).
-Ties between top logits would make argmax ambiguous; with float weights they have probability zero."""
+Ours counts a label whose logit is the largest; the two differ only where the top logits tie exactly, which with
+float32 logits of float weights has probability zero (none here: the counts are compared exactly)."""
 
 from __future__ import annotations
 

@@ -116,16 +116,18 @@ def chunk_ce(hidden, targets, head):
 
 
 def chunk_ce_correct(hidden, targets, head):
-    """(summed cross-entropy of one chunk of rows, how many rows' argmax is their target)."""
+    """(summed cross-entropy of one chunk of rows, how many rows' target has the largest logit; ties count, as in
+    losses.chunked_cross_entropy)."""
     logits = head(hidden).float()
     with torch.no_grad():
-        correct = (logits.argmax(-1) == targets).sum()
+        correct = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) == logits.amax(-1)).sum()
     return F.cross_entropy(logits, targets, reduction="sum"), correct
 
 
 def causal_lm_loss_and_correct(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over label positions, their count, and how many of them the logits' argmax
-    predicts (an int64 count: the token accuracy's numerator, found on each chunk's logits as they pass).
+    """Summed next-token cross-entropy over label positions, their count, and how many of them have the largest
+    logit (an int64 count: the token accuracy's numerator, found on each chunk's logits as they pass; equal to
+    argmax == label but at exact ties for the top, which fp32 logits practically never have).
 
     With a plain linear head, losses.chunked_cross_entropy forms each chunk's gradients during the forward (one
     head matmul per chunk fewer than recomputing it, and no weight gradient for a frozen head); any other head

@@ -155,8 +155,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     softmax: the chunk peaks at 4 bytes per logit, +2 for a 16-bit copy as it enters or leaves the
     16-bit matmuls (+4 with a softcap, whose derivative needs tanh kept).
     This is the "fused linear cross-entropy" of Liger Kernel (Hsu et al. 2024) and Cut Cross-Entropy
-    (Wijmans et al. 2024), in plain PyTorch. It also returns how many rows' argmax is their target (token accuracy):
-    the max that logsumexp's shift needs gives the argmax in the same pass.
+    (Wijmans et al. 2024), in plain PyTorch. It also returns how many rows' target has the largest logit (token
+    accuracy) from the shift by the max that logsumexp takes anyway: no extra pass over the logits.
     """
 
     @staticmethod
@@ -174,10 +174,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 t = torch.tanh(z.div_(softcap))
                 z = t * softcap
             # logsumexp as torch computes it (shift by the max, exp, sum, log), in place over z
-            top, best = z.max(-1, keepdim=True)  # ties: the first index, as argmax
-            correct += (best.squeeze(-1) == yc).sum()
-            z = z.sub_(top)
+            z = z.sub_(z.amax(-1, keepdim=True))
             target = z.gather(-1, yc.unsqueeze(-1)).squeeze(-1)
+            correct += (target == 0).sum()  # the target's logit is the max: exactly 0 after the shift
             total = z.exp_().sum(-1)  # z is now exp(z - max)
             loss += (total.log() - target).sum()
             if not (need_h or need_w or need_b):
@@ -217,7 +216,8 @@ def chunked_cross_entropy(
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy from final hidden states, the number of target tokens, and how many of
-    them are the logits' argmax (first index on ties, as torch.argmax; an int64 count, no gradient).
+    them have the largest logit (an int64 count, no gradient): `logits.argmax(-1) == target`, except that a target
+    tied for the top counts whichever index argmax would pick (float ties; with fp32 logits practically never).
 
     hidden [B, T, H], lm_head_weight [V, H], labels [B, T] (unshifted, -100 = ignore). Only rows whose
     shifted label is kept go through the LM head, `chunk_size` rows at a time, so the [tokens, V]
