@@ -134,11 +134,14 @@ def test_logged_token_accuracy_is_the_steps_and_the_eval_sets(base, data, tmp_pa
 
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and len(steps) == 3 and len(evals) == 2
+    unweighted = []
     for row, counts in zip(rows, steps):
         assert len(counts) == 2
         weighted = sum(c for c, _ in counts) / sum(n for _, n in counts)
+        unweighted.append(abs(sum(c / n for c, n in counts) / 2 - weighted))
         assert 0 < weighted < 1
         assert row["token_accuracy"] == pytest.approx(weighted, abs=1e-12)
+    assert max(unweighted) > 1e-3  # the mean of the micro-batches' fractions would be another number
     for row, counts in zip([rows[1], rows[2]], evals):
         want = sum(c for c, _ in counts) / sum(n for _, n in counts)
         assert 0 < want < 1

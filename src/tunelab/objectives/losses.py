@@ -217,7 +217,8 @@ def chunked_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy from final hidden states, the number of target tokens, and how many of
     them have the largest logit (an int64 count, no gradient): `logits.argmax(-1) == target`, except that a target
-    tied for the top counts whichever index argmax would pick (float ties; with fp32 logits practically never).
+    tied with another token for the top counts as correct whichever of them argmax would pick (exact float ties:
+    with fp32 logits practically never).
 
     hidden [B, T, H], lm_head_weight [V, H], labels [B, T] (unshifted, -100 = ignore). Only rows whose
     shifted label is kept go through the LM head, `chunk_size` rows at a time, so the [tokens, V]
