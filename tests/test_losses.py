@@ -367,12 +367,16 @@ def test_chunked_cross_entropy_equals_full_ce_and_grads(dtype, tol, use_bias):
     weight = (0.3 * torch.randn(V, H, generator=g, dtype=dtype)).requires_grad_()
     bias = (0.1 * torch.randn(V, generator=g, dtype=dtype)).requires_grad_() if use_bias else None
     labels = _labels(B, T, V, g)
+    logits = F.linear(hidden, weight, bias)[:, :-1]
+    labels[:, 1::2] = logits[:, ::2].argmax(-1)  # every other target is the model's top token: accuracy near 1/2
     labels[2, 5:9] = -100  # a hole in the middle
 
-    loss, n = chunked_cross_entropy(hidden, weight, labels, chunk_size=7, bias=bias)
-    logits = F.linear(hidden, weight, bias)[:, :-1]
+    loss, n, correct = chunked_cross_entropy(hidden, weight, labels, chunk_size=7, bias=bias)
     ref = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum", ignore_index=-100)
-    assert int(n) == int((labels[:, 1:] != -100).sum())
+    target = labels[:, 1:]
+    assert int(n) == int((target != -100).sum())
+    assert correct.dtype == torch.long and not correct.requires_grad
+    assert int(correct) == int((logits.argmax(-1) == target)[target != -100].sum()) > int(n) // 3
     torch.testing.assert_close(loss, ref, atol=tol, rtol=tol)
 
     params = [hidden, weight] + ([bias] if use_bias else [])
@@ -390,17 +394,20 @@ def test_chunked_cross_entropy_softcap_frozen_head_and_no_grad():
     weight = torch.randn(V, H, generator=g, dtype=F64)  # frozen head (LoRA): no weight grad computed
     labels = _labels(B, T, V, g)
     cap = 3.0
-    loss, _ = chunked_cross_entropy(hidden, weight, labels, chunk_size=4, softcap=cap)
     logits = cap * torch.tanh(F.linear(hidden, weight)[:, :-1] / cap)
+    labels[:, 1::2] = logits[:, ::2].argmax(-1)
+    loss, _, correct = chunked_cross_entropy(hidden, weight, labels, chunk_size=4, softcap=cap)
+    assert int(correct) == int((logits.argmax(-1) == labels[:, 1:]).sum()) > 0
     ref = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
     _close(loss, ref, tol=1e-10)
     _close(torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(ref, hidden)[0], tol=1e-10)
     with torch.no_grad():
-        l2, _ = chunked_cross_entropy(hidden, weight, labels, chunk_size=4, softcap=cap)
+        l2, _, c2 = chunked_cross_entropy(hidden, weight, labels, chunk_size=4, softcap=cap)
     _close(l2, ref, tol=1e-10)
+    assert int(c2) == int(correct)
     empty = torch.full_like(labels, -100)
-    l3, n3 = chunked_cross_entropy(hidden, weight, empty)
-    assert l3.item() == 0.0 and int(n3) == 0
+    l3, n3, c3 = chunked_cross_entropy(hidden, weight, empty)
+    assert l3.item() == 0.0 and int(n3) == 0 and int(c3) == 0
     assert torch.autograd.grad(l3, hidden)[0].abs().sum() == 0
 
 

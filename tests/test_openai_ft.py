@@ -50,11 +50,13 @@ def env(tmp_path_factory):
     server.stop()
 
 
-def migration_script(client, path: Path, model: str, method: dict, suffix: str):
+def migration_script(client, path: Path, model: str, method: dict, suffix: str, validation: Path | None = None):
     """What OpenAI's docs show, unchanged: upload, create, poll, events, checkpoints, chat with the tuned model."""
     training_file = client.files.create(file=open(path, "rb"), purpose="fine-tune")
+    extra = {"validation_file": client.files.create(file=open(validation, "rb"), purpose="fine-tune").id} \
+        if validation else {}
     job = client.fine_tuning.jobs.create(model=model, training_file=training_file.id, method=method, suffix=suffix,
-                                         seed=7)
+                                         seed=7, **extra)
     while job.status not in ENDED:
         time.sleep(1)
         job = client.fine_tuning.jobs.retrieve(job.id)
@@ -82,7 +84,8 @@ def run_dir(env, job_id: str) -> Path:
 
 def test_supervised_migration_checkpoints_results_and_delete(env):
     client = env["client"]
-    job, events, checkpoints, reply = migration_script(client, env["chat"], "base", sft_method(), "tasks")
+    job, events, checkpoints, reply = migration_script(client, env["chat"], "base", sft_method(), "tasks",
+                                                       validation=env["chat"])
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:base:tasks:{job.id}" and job.seed == 7
     assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 1
@@ -96,6 +99,15 @@ def test_supervised_migration_checkpoints_results_and_delete(env):
     assert [c.step_number for c in checkpoints.data] == [72, 48, 24]
     by_step = {r["step"]: r for r in metrics}
     assert all(c.metrics.train_loss == pytest.approx(by_step[c.step_number]["loss"]) for c in checkpoints.data)
+    # token accuracies (the trainer's token_accuracy / eval_token_accuracy; test_token_accuracy.py checks those
+    # against full-logits argmax): the step's, and the last evaluation's (one per epoch with a validation file)
+    for c in checkpoints.data:
+        row = by_step[c.step_number]
+        assert c.metrics.train_mean_token_accuracy == pytest.approx(row["token_accuracy"])
+        assert c.metrics.valid_mean_token_accuracy == pytest.approx(row["eval_token_accuracy"])
+        assert 0 <= c.metrics.train_mean_token_accuracy <= 1 and 0 <= c.metrics.valid_mean_token_accuracy <= 1
+        assert c.metrics.valid_loss == pytest.approx(row["eval_loss"])
+    assert steps[0].data["train_mean_token_accuracy"] == pytest.approx(metrics[-1]["token_accuracy"])
     names = {m.id for m in client.models.list().data}
     early = checkpoints.data[-1].fine_tuned_model_checkpoint
     assert early == f"{job.fine_tuned_model}:ckpt-step-24" and {early, job.fine_tuned_model} <= names

@@ -115,8 +115,19 @@ def chunk_ce(hidden, targets, head):
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over label positions, and their count.
+def chunk_ce_correct(hidden, targets, head):
+    """(summed cross-entropy of one chunk of rows, how many rows' target has the largest logit; ties count, as in
+    losses.chunked_cross_entropy)."""
+    logits = head(hidden).float()
+    with torch.no_grad():
+        correct = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) == logits.amax(-1)).sum()
+    return F.cross_entropy(logits, targets, reduction="sum"), correct
+
+
+def causal_lm_loss_and_correct(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over label positions, their count, and how many of them have the largest
+    logit (an int64 count: the token accuracy's numerator, found on each chunk's logits as they pass; equal to
+    argmax == label but at exact ties for the top, which fp32 logits practically never have).
 
     With a plain linear head, losses.chunked_cross_entropy forms each chunk's gradients during the forward (one
     head matmul per chunk fewer than recomputing it, and no weight gradient for a frozen head); any other head
@@ -130,7 +141,15 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return chunked_cross_entropy(hidden, linear.weight, batch["labels"], rows, bias=linear.bias)
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    return summed(head_chunks(chunk_ce, rows, (hidden[:, :-1][keep], labels[keep]), head), hidden), keep.sum()
+    parts = head_chunks(chunk_ce_correct, rows, (hidden[:, :-1][keep], labels[keep]), head)
+    correct = sum((c for _, c in parts), torch.zeros((), dtype=torch.long, device=hidden.device))
+    return summed([ce for ce, _ in parts], hidden), keep.sum(), correct
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over label positions, and their count (causal_lm_loss_and_correct without
+    the accuracy count, for callers that log none)."""
+    return causal_lm_loss_and_correct(model, batch)[:2]
 
 
 def chunk_logprobs(hidden, targets, head):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tunelab.config import Config, UserError
 from tunelab.objectives.base import Objective
-from tunelab.objectives.forward import add_router_loss, causal_lm_loss, router_loss
+from tunelab.objectives.forward import add_router_loss, causal_lm_loss_and_correct, router_loss
 
 
 class SFT(Objective):
@@ -75,13 +75,15 @@ class SFT(Objective):
         self.router = router_loss(model, self.cfg.train.router_aux_loss_coef)
 
     def loss(self, model, batch):
+        # token_accuracy is summed like the loss (correct predictions per loss token): the loop's division by the
+        # window's loss tokens makes it the fraction over the step's (or the eval set's) tokens
         router = getattr(self, "router", None)
         if router is None:
-            total, n = causal_lm_loss(model, batch)
-            return total, {"loss": total.detach()}
+            total, n, correct = causal_lm_loss_and_correct(model, batch)
+            return total, {"loss": total.detach(), "token_accuracy": correct}
         with router.record():
-            total, n = causal_lm_loss(model, batch)
-        return add_router_loss(router, total, n, batch, {"loss": total.detach()})
+            total, n, correct = causal_lm_loss_and_correct(model, batch)
+        return add_router_loss(router, total, n, batch, {"loss": total.detach(), "token_accuracy": correct})
 
     def eval_cross_entropy(self, averaged):
         return averaged["eval_loss"]
