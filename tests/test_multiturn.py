@@ -76,6 +76,13 @@ def test_tools_in_prompt_false_leaves_the_schemas_out(base, prompts, tmp_path):
     assert without.sampler.tools is None and len(with_schemas.sampler.tools) == 5
 
 
+def test_tools_in_prompt_false_without_an_environment_is_refused(base, prompts, tmp_path):
+    cfg = env_config(base, prompts, tmp_path, {"tools_in_prompt": False})
+    cfg["grpo"].pop("environment")
+    with pytest.raises(UserError, match="grpo.tools_in_prompt: false needs grpo.environment"):
+        load_config(data=cfg)
+
+
 def test_tool_outputs_masked_exactly_as_sft(base, prompts, tmp_path, monkeypatch):
     """A scripted policy writes the assistant turns of a tool conversation; the rollout's tokens must be the SFT
     tokenization of that conversation, and the tokens that carry loss exactly SFT's labelled ones."""

@@ -403,6 +403,9 @@ class Config(Section):
         if g.overlong_buffer is not None and g.overlong_buffer > g.max_new_tokens:
             raise ValueError(f"grpo.overlong_buffer ({g.overlong_buffer}) must not exceed grpo.max_new_tokens "
                              f"({g.max_new_tokens}): it is the last stretch of the generation limit")
+        if not g.tools_in_prompt and g.environment is None:
+            raise ValueError("grpo.tools_in_prompt: false needs grpo.environment: without one there are no tools to "
+                             "leave out of the prompt")
         if self.method == "ppo":
             section = self.ppo
             sources = [section.reward_model, section.reward_function, section.judge]
