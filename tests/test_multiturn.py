@@ -67,13 +67,17 @@ def test_calculator_answers_every_task_family_by_the_tasks_checker():
 
 def test_tools_in_prompt_false_leaves_the_schemas_out(base, prompts, tmp_path):
     with_schemas = trainer_for(env_config(base, prompts, tmp_path / "s", {})).objective
-    without = trainer_for(env_config(base, prompts, tmp_path / "n", {"tools_in_prompt": False})).objective
+    without = trainer_for(env_config(base, prompts, tmp_path / "n", {
+        "tools_in_prompt": False, "rewards": [{"function": "tunelab.verifiers:tool_call_validity"}]})).objective
     item = without.datasets()[0][0]
     long, short = with_schemas.sampler._start(item).prompt_ids, without.sampler._start(item).prompt_ids
     tok = without.tokenizer
     assert "<tools>" in tok.decode(long) and "<tools>" not in tok.decode(short)
     assert len(short) < len(long) // 5, (len(short), len(long))  # the five schemas are most of the prompt
-    assert without.sampler.tools is None and len(with_schemas.sampler.tools) == 5
+    assert without.sampler.prompt_tools is None and len(with_schemas.sampler.prompt_tools) == 5
+    # the tools still run, so rewards that check calls against their schemas still get them
+    rewards = without.reward_source().named
+    assert [fn.tools for name, _, fn in rewards if name == "tool_call_validity"] == [with_schemas.sampler.tools]
 
 
 def test_tools_in_prompt_false_without_an_environment_is_refused(base, prompts, tmp_path):
@@ -92,7 +96,7 @@ def test_tool_outputs_masked_exactly_as_sft(base, prompts, tmp_path, monkeypatch
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
     conversation = item.messages + [{"role": "assistant", "content": "", "tool_calls": [call]},
                                     {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5"}]
-    segments = render(conversation, obj.cfg.data.template, tok, tools=obj.sampler.tools)
+    segments = render(conversation, obj.cfg.data.template, tok, tools=obj.sampler.prompt_tools)
     sft = tokenize_example(segments, tok, max_length=10**9, train_on_prompt=False)
     turns = [encode(text, tok, at_start=False) for text, is_assistant in segments if is_assistant]
     assert len(turns) == 2

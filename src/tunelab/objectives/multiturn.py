@@ -99,16 +99,16 @@ class MultiTurnSampler:
     def __init__(self, obj, spec: str):
         self.obj, self.key = obj, "grpo.environment"
         self.cls = load_environment(spec, self.key)
-        schemas = tool_schemas(self.cls, self.key)  # built even when unused: a tool without a schema is refused
+        self.tools = tool_schemas(self.cls, self.key)  # what rewards that take `tools` check calls against
         # tools_in_prompt false: a policy fine-tuned on these tools (or data whose system message names them) needs
         # no schemas in every prompt, which for a small model or a short context are most of its tokens
-        self.tools = schemas if obj.rc.tools_in_prompt else None
+        self.prompt_tools = self.tools if obj.rc.tools_in_prompt else None
 
     def _encode(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         from tunelab.data import render, tokenize_example
 
         segments = render(messages, self.obj.cfg.data.template, self.obj.tokenizer,
-                          add_generation_prompt=generation_prompt, tools=self.tools)
+                          add_generation_prompt=generation_prompt, tools=self.prompt_tools)
         return tokenize_example(segments, self.obj.tokenizer, max_length=10**9, train_on_prompt=True).input_ids
 
     def _start(self, item) -> Episode:
@@ -129,7 +129,7 @@ class MultiTurnSampler:
         ep.messages = ep.messages + [{"role": "assistant", "content": content, "tool_calls": call_msgs}]
         ep.messages += [{"role": "tool", "content": run_tool(ep.env, c)} for c in calls]
         segments = render(ep.messages, self.obj.cfg.data.template, self.obj.tokenizer, add_generation_prompt=True,
-                          tools=self.tools)
+                          tools=self.prompt_tools)
         last = max(i for i, (_, is_assistant) in enumerate(segments) if is_assistant)
         return [t for text, _ in segments[last + 1:] for t in encode(text, self.obj.tokenizer, at_start=False)]
 
