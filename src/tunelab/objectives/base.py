@@ -50,10 +50,11 @@ class Objective:
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def idle_metrics(self, batches: list[dict]) -> dict[str, float] | None:
-        """None when some token of an update's micro-batches carries loss. Otherwise the update is a no-op (no
-        forward, no optimizer step, weights and optimizer state unchanged) and this is what it logs."""
-        return None if any(self.units(b) for b in batches) else {}
+    def idle_metrics(self, batches: list[dict], units: int) -> dict[str, float] | None:
+        """None when some token of an update's micro-batches (`units` of this objective on this rank) carries
+        loss. Otherwise the update is a no-op (no forward, no optimizer step, weights and optimizer state
+        unchanged) and this is what it logs."""
+        return None if units else {}
 
     def setup(self, model: nn.Module, dist=None, padding_free: bool | None = None) -> None:
         """Called once the trainable model exists, before any batch. `dist`: the loop's process group (a

@@ -229,7 +229,7 @@ class GRPO(RLObjective):
         scores = self.score(part)
         return -scores.sum(), {"reward": scores.sum(), "response_length": part["response_mask"].sum().float()}
 
-    def idle_metrics(self, batches: list[dict]) -> dict[str, float] | None:
+    def idle_metrics(self, batches: list[dict], units: int) -> dict[str, float] | None:
         """Every loss type does nothing when no token carries loss (mask_truncated_completions with every
         completion truncated): dapo would divide by 0 tokens, and the others would step the optimizer on zero
         gradients, which AdamW's weight decay and moments turn into a change. The rollout's statistics are logged."""

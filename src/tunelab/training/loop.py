@@ -134,10 +134,10 @@ class Trainer:
     def _collate(self, indices: list[int], items: list) -> dict:
         return move_to(self.objective.collate([items[i] for i in indices]), self.device)
 
-    def _idle(self, batches: list[dict]) -> dict | None:
+    def _idle(self, batches: list[dict], units: int) -> dict | None:
         """When no token of the update carries loss on any rank (GRPO with every completion masked), the update
         is a no-op whose metrics are the objective's (e.g. the rollout's rewards), averaged over ranks."""
-        idle = self.objective.idle_metrics(batches)
+        idle = self.objective.idle_metrics(batches, units)
         if self.dist.sum(int(idle is None), self.device):
             return None
         out = {k: self.dist.sum(v, self.device) / self.dist.world for k, v in idle.items()}
@@ -145,10 +145,11 @@ class Trainer:
 
     def _step(self, batches: list[dict]) -> dict | None:
         """One optimizer step over this rank's micro-batches; None when skipped as non-finite."""
-        idle = self._idle(batches)
+        units = sum(self.objective.units(b) for b in batches)  # this rank's (RL: a sum over a GPU mask)
+        idle = self._idle(batches, units)
         if idle is not None:
             return idle
-        units = self.dist.sum(sum(self.objective.units(b) for b in batches), self.device)
+        units = self.dist.sum(units, self.device)
         if units == 0:  # loss on a normaliser of 0 would be NaN: skipped (idle_metrics said some token counts)
             return None
         # DDP averages gradients over ranks; scaling by world makes that a sum, normalised by all units.
