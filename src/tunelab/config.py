@@ -290,6 +290,11 @@ class GRPOConfig(RolloutConfig):  # the keys and their papers: README.md's GRPO 
     max_turns: int = Field(4, gt=0)  # assistant turns per rollout with an environment
     tools_in_prompt: bool = True  # False: the environment's tools run but are not described in the prompt
 
+    def grader_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """(config key, grader JSON) of every OpenAI grader here: grpo.rewards[i].grader, then grpo.graders[i]."""
+        found = [(f"grpo.rewards[{i}].grader", s.grader) for i, s in enumerate(self.rewards) if s.grader]
+        return found + [(f"grpo.graders[{i}]", g) for i, g in enumerate(self.graders)]
+
 
 class TeacherConfig(Section):
     path: str

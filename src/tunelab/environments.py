@@ -69,7 +69,7 @@ class Calculator:
 _CALLS = [
     (re.compile(r"What is (\d+) \+ (\d+)\?"), lambda m: ("add", {"a": int(m[1]), "b": int(m[2])})),
     (re.compile(r"Reverse the word: (\w+)"), lambda m: ("reverse", {"word": m[1]})),
-    (re.compile(r"Sort these numbers: ([\d ]+)"), 
+    (re.compile(r"Sort these numbers: ([\d ]+)"),
      lambda m: ("sort_numbers", {"numbers": [int(x) for x in m[1].split()]})),
     (re.compile(r"Uppercase: (\w+)"), lambda m: ("uppercase", {"word": m[1]})),
     (re.compile(r"Given (.*)\. What is (\w+)\?"), lambda m: ("lookup", {"facts": m[1], "key": m[2]})),

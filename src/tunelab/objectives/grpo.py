@@ -35,8 +35,7 @@ class GRPO(RLObjective):
             if spec.function is not None:  # fail before loading models
                 key = f"grpo.rewards[{i}].function"
                 function_options(load_function(spec.function, key), spec.function, spec.args, key)
-        graders = [(f"grpo.rewards[{i}].grader", s.grader) for i, s in enumerate(self.rc.rewards) if s.grader]
-        graders += [(f"grpo.graders[{i}]", g) for i, g in enumerate(self.rc.graders)]
+        graders = self.rc.grader_entries()
         if graders:
             from tunelab.graders import GraderError, judge_models, validate
 

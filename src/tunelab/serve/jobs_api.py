@@ -55,7 +55,8 @@ def create_job(body: JobRequest, request: Request):
     job_id = f"job-{secrets.token_hex(6)}"
     run_dir = settings.home / "runs" / job_id
     compute = resolve_compute(body.compute, request.app.state.backend.capacity())
-    cfg, summary = build_config(body, settings, store, run_dir)  # every check, before anything is created
+    # every check, before anything is created
+    cfg, summary = build_config(body, settings, store, run_dir, request.app.state.registry)
     with _submit_lock:
         if name is not None:
             taken = (store.get_endpoint(name) is not None or name in settings.models

@@ -157,9 +157,10 @@ class Resolver:
         return str(resolve_inside(name, self.settings.roots, what)), None
 
 
-def build_config(req: JobRequest, settings: ServeSettings, store, run_dir: Path) -> tuple[Config, dict]:
+def build_config(req: JobRequest, settings: ServeSettings, store, run_dir: Path, registry) -> tuple[Config, dict]:
     """(the job's config with output_dir = run_dir, the job's summary fields; `converted_from` {tool, notes} for a
-    peer config). Raises UserError/HTTPException."""
+    peer config). `registry`: the server's models, a model grader's judge among them. Raises
+    UserError/HTTPException."""
     resolver = Resolver(settings, store)
     converted = None
     if req.config is not None:
@@ -181,9 +182,8 @@ def build_config(req: JobRequest, settings: ServeSettings, store, run_dir: Path)
         raise HTTPException(403, f"config key {code_keys(cfg)[0]} would run code or load pickles on the server; "
                                  "the server accepts it only when started with --allow-code")
     from .judge import with_judge
-    from .registry import Registry
 
-    cfg = with_judge(cfg, settings, Registry(settings, store))  # model graders: this server is their judge
+    cfg = with_judge(cfg, settings, registry)  # model graders: this server is their judge
     rows = load_rows(cfg.data.train, skip_bad_rows=cfg.data.skip_bad_rows)  # bad rows: file:line, as in training
     for sources in (cfg.data.eval, cfg.eval.data):
         if sources:

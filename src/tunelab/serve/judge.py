@@ -50,11 +50,18 @@ class EngineJudge:
 
 def check_models(grader: dict, registry, where: str = "grader") -> None:
     """ApiError 400 naming the field (e.g. grader.graders.style.model) of a judge model this server does not serve."""
-    for path, model in graders.judge_models(grader, where):
-        if registry.resolve(model) is None:
-            served = ", ".join(ref.name for ref in registry.list()) or "none"
-            raise ApiError(400, f"{path}: the judge model {model!r} is not served here; a model grader's judge is a "
-                                f"model of this server (served: {served})", path, "model_not_found")
+    missing = unserved(grader, registry, where)
+    if missing is not None:
+        path, model = missing
+        served = ", ".join(ref.name for ref in registry.list()) or "none"
+        raise ApiError(400, f"{path}: the judge model {model!r} is not served here; a model grader's judge is a "
+                            f"model of this server (served: {served})", path, "model_not_found")
+
+
+def unserved(grader: dict, registry, where: str) -> tuple[str, str] | None:
+    """(field path, model) of the first judge model of `grader` this server does not serve, or None."""
+    return next(((path, model) for path, model in graders.judge_models(grader, where)
+                 if registry.resolve(model) is None), None)
 
 
 def own_url(settings) -> str:
@@ -87,15 +94,13 @@ def _this_address(backend: str) -> str:
 def with_judge(cfg: Config, settings, registry) -> Config:
     """A job's config with this server as the judge of its model graders (checked to be served here). UserError
     for a server its jobs cannot reach. A config that names its own grpo.judge_endpoint keeps it."""
-    found = [(f"grpo.rewards[{i}].grader", s.grader) for i, s in enumerate(cfg.grpo.rewards) if s.grader]
-    found += [(f"grpo.graders[{i}]", g) for i, g in enumerate(cfg.grpo.graders)]
-    found = [(key, g) for key, g in found if graders.judge_models(g)]
+    found = [(key, g) for key, g in cfg.grpo.grader_entries() if graders.judge_models(g)]
     if cfg.method != "grpo" or not found or cfg.grpo.judge_endpoint is not None:
         return cfg
     for key, grader in found:
-        for path, model in graders.judge_models(grader, key):
-            if registry.resolve(model) is None:
-                raise UserError(f"{path}: the judge model {model!r} is not served by this server")
+        missing = unserved(grader, registry, key)
+        if missing is not None:
+            raise UserError(f"{missing[0]}: the judge model {missing[1]!r} is not served by this server")
     endpoint = JudgeEndpoint(base_url=own_url(settings), api_key_env=JUDGE_KEY_ENV)
     return cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"judge_endpoint": endpoint})})
 

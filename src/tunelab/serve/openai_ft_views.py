@@ -67,8 +67,9 @@ def event_json(event_id: int, created: float, kind: str, data, total_steps: int 
     head = {"id": f"ftevent-{event_id}", "object": "fine_tuning.job.event", "created_at": int(created)}
     if kind == "metrics":
         metrics = {"step": data["step"], "train_loss": data.get("loss"), "total_steps": total_steps,
-                   "train_mean_token_accuracy": data.get("token_accuracy"),
-                   "valid_mean_token_accuracy": data.get("eval_token_accuracy"), "valid_loss": data.get("eval_loss"), "learning_rate": data.get("lr"), "tokens": data.get("tokens"),
+                   "train_mean_token_accuracy": data.get("token_accuracy"), "valid_loss": data.get("eval_loss"),
+                   "valid_mean_token_accuracy": data.get("eval_token_accuracy"), "learning_rate": data.get("lr"),
+                   "tokens": data.get("tokens"),
                    "train_reward_mean": data.get("reward")}  # reinforcement jobs: the step's mean grader reward
         metrics = {k: v for k, v in metrics.items() if v is not None}
         loss = f"training loss={data['loss']:.4f}" if isinstance(data.get("loss"), (int, float)) else "metrics"
