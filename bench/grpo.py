@@ -110,7 +110,7 @@ def run_one(system: str, spec: dict, work: Path, timeout: float) -> dict:
     with (out / "log.txt").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out)
         try:
-            _, status, usage = os.wait4(proc.pid, 0) if timeout <= 0 else _wait(proc, timeout)
+            status, usage = peers.wait_with_usage(proc, timeout)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -121,17 +121,6 @@ def run_one(system: str, spec: dict, work: Path, timeout: float) -> dict:
     result = json.loads(Path(spec["result"]).read_text())
     return {**result, "system": system, "wall_s": time.perf_counter() - start,
             "peak_rss_mb": usage.ru_maxrss / 1024, "load": os.getloadavg()[0]}
-
-
-def _wait(proc, timeout: float):
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            return pid, status, usage
-        time.sleep(0.1)
-    proc.kill()
-    return os.wait4(proc.pid, 0)
 
 
 def check_equal_work(runs: list[dict], spec: dict) -> None:

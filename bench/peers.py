@@ -115,6 +115,23 @@ def command(name: str, ctx: dict, out: Path) -> tuple[list[str], dict]:
     raise SystemExit(f"unknown system {name!r}: use tunelab, trl or one of {', '.join(PEERS)}")
 
 
+def wait_with_usage(proc: subprocess.Popen, timeout: float) -> tuple[int, os.struct_rusage]:
+    """(wait status, resource usage: ru_maxrss is the peak RSS) of `proc`, killed past `timeout` seconds (<= 0:
+    no limit), with its process group when it leads one."""
+    deadline = time.perf_counter() + timeout if timeout > 0 else float("inf")
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return status, usage
+        if time.perf_counter() > deadline:
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, 9)
+            else:
+                proc.kill()
+            return os.wait4(proc.pid, 0)[1:]
+        time.sleep(0.05)
+
+
 def run_one(name: str, ctx: dict, timeout: float) -> dict:
     out = Path(ctx["work"]) / name
     cmd, extra = command(name, ctx, out)
@@ -127,16 +144,7 @@ def run_one(name: str, ctx: dict, timeout: float) -> dict:
     start = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=out, start_new_session=True)
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                os.killpg(proc.pid, 9)
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
+        status, usage = wait_with_usage(proc, timeout)
     wall = time.perf_counter() - start
     rc = os.waitstatus_to_exitcode(status)
     tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
