@@ -264,6 +264,21 @@ def test_model_grader_without_a_judge_endpoint_is_refused_before_loading(tmp_pat
     assert done.returncode == 2 and "grpo.graders[0]" in done.stderr and "grpo.judge_endpoint.base_url" in done.stderr
 
 
+def test_bad_judge_endpoints_are_refused_with_the_key_named(tmp_path, monkeypatch):
+    from tunelab.config import UserError, load_config
+
+    config = grpo_config(tmp_path, {"base_url": "ftp://judge/v1"})
+    with pytest.raises(UserError, match="grpo.judge_endpoint.base_url"):
+        load_config(config)
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    (tmp_path / "k").mkdir()
+    config = grpo_config(tmp_path / "k", {"base_url": "http://127.0.0.1:1/v1", "api_key_env": "NO_SUCH_JUDGE_KEY"})
+    done = run_cli("train", str(config), timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "grpo.judge_endpoint.api_key_env" in last and "NO_SUCH_JUDGE_KEY is not set" in last, last
+
+
 def test_cluster_jobs_cannot_reach_a_loopback_judge(tmp_path):
     from tunelab.config import UserError
     from tunelab.serve.judge import own_url
